@@ -1,0 +1,40 @@
+// Python bindings of the CPU kernels (module fastft._C). The torch.library ops in fastft/ops call these.
+#include <torch/extension.h>
+
+#include "nf4_cpu.h"
+
+namespace fastft {
+namespace {
+
+#define FASTFT_PACKED_PARAMS                                                                              \
+  const at::Tensor &packed, const at::Tensor &absmax, const at::Tensor &code, int64_t blocksize,          \
+      const std::optional<at::Tensor>&nested_absmax, const std::optional<at::Tensor>&nested_code,        \
+      int64_t nested_blocksize, double nested_offset
+#define FASTFT_PACKED_ARGS \
+  PackedArgs { packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset }
+
+at::Tensor dequantize(FASTFT_PACKED_PARAMS, std::vector<int64_t> shape, at::ScalarType dtype,
+                      const std::optional<at::Tensor>& out) {
+  return dequantize_4bit_cpu(FASTFT_PACKED_ARGS, shape, dtype, out);
+}
+
+at::Tensor linear(const at::Tensor& x, FASTFT_PACKED_PARAMS, int64_t out_features,
+                  const std::optional<at::Tensor>& bias) {
+  return linear_4bit_cpu(x, FASTFT_PACKED_ARGS, out_features, bias);
+}
+
+at::Tensor linear_grad_input(const at::Tensor& grad_out, FASTFT_PACKED_PARAMS, int64_t in_features) {
+  return linear_4bit_grad_input_cpu(grad_out, FASTFT_PACKED_ARGS, in_features);
+}
+
+}  // namespace
+}  // namespace fastft
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastft CPU kernels";
+  m.def("has_avx2", &fastft::cpu_has_avx2, "whether the vectorized AVX2 paths run on this CPU");
+  m.def("quantize_4bit", &fastft::quantize_4bit_cpu, "4-bit blockwise quantize (bitsandbytes-exact)");
+  m.def("dequantize_4bit", &fastft::dequantize, "4-bit blockwise dequantize");
+  m.def("linear_4bit", &fastft::linear, "y = x @ W^T (+ bias) with a packed 4-bit W");
+  m.def("linear_4bit_grad_input", &fastft::linear_grad_input, "dx = dy @ W with a packed 4-bit W");
+}

@@ -1,0 +1,230 @@
+"""4-bit weights in bitsandbytes' NF4/FP4 format: quantize, dequantize and matmul, bit-exact with bitsandbytes.
+
+    packed, state = fastft.nf4.quantize(weight, blocksize=64, double_quant=True)
+    y = fastft.nf4.matmul(x, packed, state, bias)        # x @ dequantize(packed, state)^T + bias, differentiable in x
+
+`packed` is uint8 of shape ((numel+1)//2, 1) like bitsandbytes' `Params4bit`; `NF4State` holds the rest and
+converts to and from a bitsandbytes `QuantState` sharing the same tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastft.ops import nf4 as ops
+from fastft.ops.backend import backend_for, native_extension
+from fastft.reference import nf4 as ref
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_STATE_KEY = "quant_state.bitsandbytes__"
+
+
+@dataclass
+class NF4State:
+    """What, besides the packed codes, describes a 4-bit weight.
+
+    absmax: fp32 (blocks,) per-block scale, or uint8 (blocks,) codes of it when double-quantized.
+    nested_absmax: fp32 (ceil(blocks / 256),) scales of those codes; nested_code: the 256-value dynamic map;
+    nested_offset: the mean absmax subtracted before quantizing it (an fp32 value).
+    """
+
+    absmax: Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    quant_type: str = "nf4"
+    code: Tensor = field(default=None)  # type: ignore[assignment]
+    nested_absmax: Tensor | None = None
+    nested_code: Tensor | None = None
+    nested_offset: float = 0.0
+    nested_blocksize: int = ref.NESTED_BLOCKSIZE
+
+    def __post_init__(self):
+        self.shape = torch.Size(self.shape)
+        if self.code is None:
+            self.code = ref.lut(self.quant_type).to(self.absmax.device)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    def op_args(self) -> tuple:
+        """The weight statistics in the order the fastft::nf4_* ops take them after `packed`."""
+        return (self.absmax, self.code, self.blocksize, self.nested_absmax, self.nested_code,
+                self.nested_blocksize, self.nested_offset)
+
+    def to(self, device) -> NF4State:
+        move = (lambda t: None if t is None else t.to(device))
+        return replace(self, absmax=move(self.absmax), code=move(self.code), nested_absmax=move(self.nested_absmax),
+                       nested_code=move(self.nested_code))
+
+    def validate(self, packed: Tensor, name: str = "packed") -> None:
+        """Raise ValueError/TypeError if `packed` and this state do not describe one weight."""
+        if not isinstance(packed, Tensor) or packed.dtype != torch.uint8:
+            raise TypeError(f"{name} must be a uint8 tensor of packed 4-bit codes, got "
+                            f"{getattr(packed, 'dtype', type(packed).__name__)}")
+        if packed.numel() != (self.numel + 1) // 2:
+            raise ValueError(f"{name} holds {packed.numel()} bytes but state.shape {tuple(self.shape)} needs "
+                             f"{(self.numel + 1) // 2}")
+        if self.blocksize not in ref.BLOCKSIZES:
+            raise ValueError(f"state.blocksize must be one of {ref.BLOCKSIZES}, got {self.blocksize}")
+        if self.absmax.numel() != self.blocks:
+            raise ValueError(f"state.absmax has {self.absmax.numel()} entries, expected {self.blocks} blocks of "
+                             f"{self.blocksize} for shape {tuple(self.shape)}")
+        if self.code.numel() != 16 or self.code.dtype != torch.float32:
+            raise ValueError(f"state.code must be 16 fp32 values, got {self.code.numel()} of {self.code.dtype}")
+        expected = torch.uint8 if self.double_quant else torch.float32
+        if self.absmax.dtype != expected:
+            raise TypeError(f"state.absmax must be {expected} {'(double quant)' if self.double_quant else ''}, "
+                            f"got {self.absmax.dtype}")
+        if self.double_quant and self.nested_absmax.numel() != -(-self.blocks // self.nested_blocksize):
+            raise ValueError(f"state.nested_absmax has {self.nested_absmax.numel()} entries, expected "
+                             f"{-(-self.blocks // self.nested_blocksize)}")
+        for key, tensor in (("absmax", self.absmax), ("code", self.code), ("nested_absmax", self.nested_absmax),
+                            ("nested_code", self.nested_code)):
+            if tensor is not None and tensor.device != packed.device:
+                raise ValueError(f"state.{key} is on {tensor.device} but {name} is on {packed.device}")
+
+    # bitsandbytes interop ------------------------------------------------------------------------------------
+    def to_bnb(self):
+        """A bitsandbytes QuantState sharing this state's tensors."""
+        from bitsandbytes.functional import QuantState
+
+        state2 = offset = None
+        if self.double_quant:
+            state2 = QuantState(absmax=self.nested_absmax, code=self.nested_code,
+                                blocksize=self.nested_blocksize, dtype=torch.float32)
+            offset = torch.tensor(self.nested_offset, dtype=torch.float32, device=self.absmax.device)
+        return QuantState(absmax=self.absmax, shape=self.shape, code=self.code, blocksize=self.blocksize,
+                          quant_type=self.quant_type, dtype=self.dtype, offset=offset, state2=state2)
+
+    @classmethod
+    def from_bnb(cls, quant_state) -> NF4State:
+        """The state of a bitsandbytes QuantState, sharing its tensors."""
+        nested = quant_state.state2 if quant_state.nested else None
+        return cls(absmax=quant_state.absmax, shape=quant_state.shape, dtype=quant_state.dtype,
+                   blocksize=quant_state.blocksize, quant_type=quant_state.quant_type, code=quant_state.code,
+                   nested_absmax=None if nested is None else nested.absmax,
+                   nested_code=None if nested is None else nested.code,
+                   nested_offset=0.0 if nested is None else float(quant_state.offset),
+                   nested_blocksize=ref.NESTED_BLOCKSIZE if nested is None else nested.blocksize)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """bitsandbytes' serialized keys (without the 'weight.' prefix): absmax, quant_map, nested_*, quant_state.*"""
+        meta: dict[str, Any] = {"quant_type": self.quant_type, "blocksize": self.blocksize,
+                                "dtype": str(self.dtype).removeprefix("torch."), "shape": tuple(self.shape)}
+        tensors = {"absmax": self.absmax, "quant_map": self.code}
+        if self.double_quant:
+            tensors.update(nested_absmax=self.nested_absmax, nested_quant_map=self.nested_code.clone())
+            meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
+                        nested_offset=self.nested_offset)
+        payload = json.dumps(meta).encode("utf-8")
+        tensors[_STATE_KEY + self.quant_type] = torch.tensor(list(payload), dtype=torch.uint8)
+        return tensors
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, Tensor]) -> NF4State:
+        """Inverse of `state_dict` (keys without the 'weight.' prefix)."""
+        keys = [k for k in tensors if k.startswith(_STATE_KEY)]
+        if len(keys) != 1:
+            raise ValueError(f"expected exactly one '{_STATE_KEY}nf4|fp4' entry in the state dict, found {keys}")
+        meta = json.loads(bytes(tensors[keys[0]].cpu().tolist()).decode("utf-8"))
+        nested = "nested_absmax" in tensors
+        return cls(absmax=tensors["absmax"], shape=torch.Size(meta["shape"]), dtype=getattr(torch, meta["dtype"]),
+                   blocksize=int(meta["blocksize"]), quant_type=meta["quant_type"], code=tensors["quant_map"],
+                   nested_absmax=tensors["nested_absmax"] if nested else None,
+                   nested_code=tensors["nested_quant_map"] if nested else None,
+                   nested_offset=float(meta["nested_offset"]) if nested else 0.0,
+                   nested_blocksize=int(meta.get("nested_blocksize", ref.NESTED_BLOCKSIZE)))
+
+
+def _check_weight_to_quantize(weight: Tensor, blocksize: int, quant_type: str) -> None:
+    if not isinstance(weight, Tensor) or weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight must be a float32, float16 or bfloat16 tensor, got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
+    if weight.numel() == 0:
+        raise ValueError("weight must not be empty")
+    if isinstance(blocksize, bool) or blocksize not in ref.BLOCKSIZES:
+        raise ValueError(f"blocksize must be a power of two in {ref.BLOCKSIZES[0]}..{ref.BLOCKSIZES[-1]}, got "
+                         f"{blocksize!r}")
+    if quant_type not in ref.QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {ref.QUANT_TYPES}, got {quant_type!r}")
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()
+        first = tuple(bad[0].tolist())
+        raise ValueError(f"weight has {bad.shape[0]} NaN/Inf values (first at index {first}); "
+                         "4-bit quantization needs finite weights")
+
+
+@torch.no_grad()
+def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False,
+             quant_type: str = "nf4") -> tuple[Tensor, NF4State]:
+    """Quantize `weight` (fp32/fp16/bf16, any shape) to bitsandbytes' 4-bit format: (packed uint8, NF4State).
+
+    Bit-exact with `bitsandbytes.functional.quantize_4bit(weight, blocksize, compress_statistics=double_quant,
+    quant_type=quant_type)`; with double quant the 8-bit absmax codes may differ from bitsandbytes' CPU quantizer
+    on a few entries, their dequantized values agree.
+    """
+    _check_weight_to_quantize(weight, blocksize, quant_type)
+    midpoints, order = ref.quantize_tables(quant_type)
+    if backend_for(weight.device.type) == "native":
+        packed, absmax = native_extension().quantize_4bit(weight.contiguous(), blocksize, midpoints, order)
+    else:
+        packed, absmax = ref.quantize_4bit_ref(weight, blocksize, quant_type)
+    state = NF4State(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
+                     quant_type=quant_type, code=ref.lut(quant_type).to(weight.device))
+    if double_quant:
+        offset = absmax.mean()
+        codes, nested_absmax = ref.quantize_blockwise_8bit_ref(absmax - offset)
+        state = replace(state, absmax=codes, nested_absmax=nested_absmax,
+                        nested_code=ref.dynamic_map().to(weight.device), nested_offset=float(offset))
+    return packed, state
+
+
+def dequantize(packed: Tensor, state: NF4State, dtype: torch.dtype | None = None) -> Tensor:
+    """The dense weight of `state.shape` in `dtype` (default: the quantized weight's dtype), bit-exact with bnb."""
+    state.validate(packed)
+    dtype = state.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    return ops.nf4_dequantize(packed, *state.op_args(), list(state.shape), dtype)
+
+
+def matmul(x: Tensor, packed: Tensor, state: NF4State, bias: Tensor | None = None) -> Tensor:
+    """y = x @ dequantize(packed, state)^T + bias for x (..., in_features); autograd gives dx (and dbias).
+
+    The weight is dequantized in x's dtype, as `bitsandbytes.matmul_4bit` does; it is never materialized whole
+    on the native and Triton paths, and gets no gradient.
+    """
+    state.validate(packed)
+    if len(state.shape) != 2:
+        raise ValueError(f"state.shape must be 2-D (out_features, in_features) for matmul, got {tuple(state.shape)}")
+    out_features, in_features = state.shape
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x's last dim must equal the weight's in_features {in_features}, got shape {tuple(x.shape)}")
+    if x.device != packed.device:
+        raise ValueError(f"x is on {x.device} but packed is on {packed.device}")
+    if bias is not None:
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must equal x's dtype {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    return ops.nf4_linear(x, packed, *state.op_args(), out_features, bias)

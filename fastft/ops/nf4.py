@@ -1,0 +1,166 @@
+"""torch.library ops on packed 4-bit weights (bitsandbytes NF4/FP4 layout).
+
+Every op takes the weight as the same 8 arguments, the "packed weight" W:
+    packed (uint8, ((N*K+1)//2, 1)), absmax (fp32 per block, or uint8 codes when double-quantized), code (16 fp32),
+    blocksize, nested_absmax (fp32 per 256 blocks, or None), nested_code (256 fp32, or None), nested_blocksize,
+    nested_offset.
+- fastft::nf4_dequantize(W, shape, dtype) -> the dense weight.
+- fastft::nf4_linear(x, W, out_features, bias) -> x @ W^T + bias, any leading dims of x. Autograd: dx via
+  nf4_linear_grad_input, dbias = sum of dy (fp32 accumulation); W gets no gradient. Saved for backward: nothing
+  per token (0 bytes/token): W's own tensors and the bias are referenced, not copied.
+- fastft::nf4_linear_grad_input(dy, W, in_features) -> dy @ W. Its own backward is nf4_linear, so double backward works.
+The CPU kernel is the C++ extension, the CUDA kernel Triton; `fastft.ops.backend` picks or forces them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastft.ops.backend import backend_for, native_extension
+from fastft.reference import nf4 as ref
+
+
+def _block_absmax(absmax, nested_absmax, nested_code, nested_blocksize, nested_offset) -> Tensor:
+    if nested_absmax is None:
+        return absmax
+    return ref.nested_absmax_ref(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
+
+
+def _dequantize_reference(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize,
+                          nested_offset, shape, dtype) -> Tensor:
+    scales = _block_absmax(absmax, nested_absmax, nested_code, nested_blocksize, nested_offset)
+    return ref.dequantize_4bit_ref(packed, scales, code, blocksize, shape, dtype)
+
+
+def _triton():
+    from fastft.kernels import nf4 as triton_nf4
+
+    return triton_nf4
+
+
+@torch.library.custom_op("fastft::nf4_dequantize", mutates_args=())
+def nf4_dequantize(
+    packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor], nested_blocksize: int, nested_offset: float, shape: list[int], dtype: torch.dtype,
+) -> Tensor:
+    return _dequantize_reference(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize,
+                                 nested_offset, shape, dtype)
+
+
+@nf4_dequantize.register_kernel(("cpu", "cuda"))
+def _(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset, shape, dtype):
+    weight = (packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset)
+    backend = backend_for(packed.device.type)
+    if backend == "native":
+        return native_extension().dequantize_4bit(*weight, list(shape), dtype, None)
+    if backend == "triton":
+        return _triton().nf4_dequantize(*weight, shape, dtype)
+    return _dequantize_reference(*weight, shape, dtype)
+
+
+@nf4_dequantize.register_fake
+def _(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+def _as_rows(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+@torch.library.custom_op("fastft::nf4_linear", mutates_args=())
+def nf4_linear(
+    x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor], nested_blocksize: int, nested_offset: float, out_features: int,
+    bias: Optional[Tensor],
+) -> Tensor:
+    weight = _dequantize_reference(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize,
+                                   nested_offset, [out_features, x.shape[-1]], x.dtype)
+    return ref.nf4_linear_ref(x, weight, bias)
+
+
+@nf4_linear.register_kernel(("cpu", "cuda"))
+def _(x, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset, out_features,
+      bias):
+    weight = (packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset)
+    backend = backend_for(x.device.type)
+    if backend == "reference":
+        dense = _dequantize_reference(*weight, [out_features, x.shape[-1]], x.dtype)
+        return ref.nf4_linear_ref(x, dense, bias)
+    rows = _as_rows(x)
+    if backend == "native":
+        y = native_extension().linear_4bit(rows, *weight, out_features, bias)
+    else:
+        y = _triton().nf4_matmul(rows, *weight, out_features, bias)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@nf4_linear.register_fake
+def _(x, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset, out_features,
+      bias):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("fastft::nf4_linear_grad_input", mutates_args=())
+def nf4_linear_grad_input(
+    grad_out: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor], nested_blocksize: int, nested_offset: float, in_features: int,
+) -> Tensor:
+    weight = _dequantize_reference(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize,
+                                   nested_offset, [grad_out.shape[-1], in_features], grad_out.dtype)
+    return grad_out @ weight
+
+
+@nf4_linear_grad_input.register_kernel(("cpu", "cuda"))
+def _(grad_out, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset,
+      in_features):
+    weight = (packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset)
+    backend = backend_for(grad_out.device.type)
+    if backend == "reference":
+        return grad_out @ _dequantize_reference(*weight, [grad_out.shape[-1], in_features], grad_out.dtype)
+    rows = _as_rows(grad_out)
+    if backend == "native":
+        dx = native_extension().linear_4bit_grad_input(rows, *weight, in_features)
+    else:
+        dx = _triton().nf4_matmul_grad_input(rows, *weight, in_features)
+    return dx.reshape(*grad_out.shape[:-1], in_features)
+
+
+@nf4_linear_grad_input.register_fake
+def _(grad_out, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset,
+      in_features):
+    return grad_out.new_empty(*grad_out.shape[:-1], in_features)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, *weight, out_features, bias = inputs
+    ctx.weight = tuple(weight)
+    ctx.in_features = x.shape[-1]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_backward(ctx, grad_out):
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = nf4_linear_grad_input(grad_out, *ctx.weight, ctx.in_features)
+    if ctx.needs_input_grad[10]:
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_bias = rows.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return (grad_x,) + (None,) * 9 + (grad_bias,)
+
+
+def _grad_input_setup_context(ctx, inputs, output):
+    grad_out, *weight, in_features = inputs
+    ctx.weight = tuple(weight)
+    ctx.out_features = grad_out.shape[-1]
+
+
+def _grad_input_backward(ctx, grad_grad_x):
+    grad = nf4_linear(grad_grad_x, *ctx.weight, ctx.out_features, None) if ctx.needs_input_grad[0] else None
+    return (grad,) + (None,) * 9
+
+
+nf4_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+nf4_linear_grad_input.register_autograd(_grad_input_backward, setup_context=_grad_input_setup_context)

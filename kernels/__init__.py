@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers (installed as `fastft.kernels`). No autograd here: see fastft.ops."""
