@@ -1,5 +1,6 @@
 // 4-bit blockwise quantization, bit-exact with bitsandbytes: codes count the midpoints strictly below the scaled
-// value; full blocks scale by fp32(1 / absmax), a partial last block divides by absmax (as bitsandbytes does).
+// value; full blocks scale by fp32(1 / absmax), a partial last block divides by absmax and stores it clamped
+// to >= 1e-38 (as bitsandbytes does).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -28,10 +29,10 @@ void quantize_blocks(const T* x, int64_t n, int64_t blocksize, const float* midp
       const int64_t end = std::min(n, start + blocksize);
       float amax = 0.f;
       for (int64_t e = start; e < end; ++e) amax = std::max(amax, std::fabs(static_cast<float>(x[e])));
-      absmax[b] = amax;
       const float safe = std::max(amax, 1e-38f);
       const float inv = 1.0f / safe;
       const bool partial = b >= full_blocks;
+      absmax[b] = partial ? safe : amax;
       auto code = [&](int64_t e) {
         if (e >= n) return pad_code;
         const float v = static_cast<float>(x[e]);

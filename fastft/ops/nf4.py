@@ -6,7 +6,7 @@ Every op takes the weight as the same 8 arguments, the "packed weight" W:
     nested_offset.
 - fastft::nf4_dequantize(W, shape, dtype) -> the dense weight.
 - fastft::nf4_linear(x, W, out_features, bias) -> x @ W^T + bias, any leading dims of x. Autograd: dx via
-  nf4_linear_grad_input, dbias = sum of dy (fp32 accumulation); W gets no gradient. Saved for backward: nothing
+  nf4_linear_grad_input, dbias = sum of dy (at least fp32 accumulation); W gets no gradient. Saved for backward: nothing
   per token (0 bytes/token): W's own tensors and the bias are referenced, not copied.
 - fastft::nf4_linear_grad_input(dy, W, in_features) -> dy @ W. Its own backward is nf4_linear, so double backward works.
 The CPU kernel is the C++ extension, the CUDA kernel Triton; `fastft.ops.backend` picks or forces them.
@@ -147,7 +147,7 @@ def _linear_backward(ctx, grad_out):
         grad_x = nf4_linear_grad_input(grad_out, *ctx.weight, ctx.in_features)
     if ctx.needs_input_grad[10]:
         rows = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_bias = rows.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        grad_bias = rows.sum(0, dtype=torch.promote_types(rows.dtype, torch.float32)).to(ctx.bias_dtype)
     return (grad_x,) + (None,) * 9 + (grad_bias,)
 
 

@@ -59,12 +59,12 @@ def dynamic_map() -> torch.Tensor:
 
 
 def block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """fp32 max |x| of each block of `flat` (a partial last block gets its own)."""
+    """fp32 max |x| of each block of `flat`; a partial last block gets its own, clamped to >= 1e-38 (as in bnb)."""
     n = flat.numel()
     full = n - n % blocksize
     absmax = flat[:full].reshape(-1, blocksize).abs().amax(dim=1)
     if full < n:
-        absmax = torch.cat([absmax, flat[full:].abs().amax().reshape(1)])
+        absmax = torch.cat([absmax, flat[full:].abs().amax().clamp(min=1e-38).reshape(1)])
     return absmax
 
 

@@ -1,0 +1,25 @@
+"""`fastft bench`: side-by-side benchmarks against the peer libraries (CPU figures on CPU machines)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastft.bench.harness import Machine, Row, markdown, write_results
+
+SUITES = {"quick": "NF4 dequantize and matmul vs bitsandbytes and dense fp32 (4096x4096)"}
+
+
+def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repeats: int = 5,
+              command: str = "fastft bench") -> tuple[Machine, list[Row], list[Path]]:
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
+    from fastft.bench import nf4
+
+    print("measuring the machine's copy bandwidth and fp32 GEMM rate ...", flush=True)
+    machine = Machine.measure()
+    rows = nf4.run(machine, repeats=repeats, progress=lambda what: print(f"  running {what} ...", flush=True))
+    paths = write_results(out_dir, suite, machine, rows, command)
+    return machine, rows, paths
+
+
+__all__ = ["SUITES", "Machine", "Row", "markdown", "run_suite"]

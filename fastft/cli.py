@@ -1,0 +1,56 @@
+"""Command line: `fastft bench` (side-by-side benchmarks) and `fastft info` (which kernels run here and why)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def _info(_args) -> int:
+    import torch
+
+    import fastft
+    from fastft.ops import describe
+
+    print(f"fastft {fastft.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
+    for device, line in describe().items():
+        print(f"  {device}: {line}")
+    print("  ops: " + ", ".join(f"fastft::{name}" for name in ("nf4_dequantize", "nf4_linear", "nf4_linear_grad_input")))
+    return 0
+
+
+def _bench(args) -> int:
+    import torch
+
+    from fastft.bench import SUITES, markdown, run_suite
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"fastft bench: suite '{args.suite}' ({SUITES[args.suite]}), CPU, {torch.get_num_threads()} threads")
+    command = "fastft bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    machine, rows, paths = run_suite(args.suite, Path(args.out), args.repeats, command.strip())
+    print()
+    print(markdown(machine, rows, command.strip()))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="run a benchmark suite side by side with the peers")
+    bench.add_argument("--suite", default="quick", choices=["quick"], help="which suite (default: quick)")
+    bench.add_argument("--out", default="bench/results", help="where JSON, Markdown and PNG results go")
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    bench.set_defaults(func=_bench)
+    info = sub.add_parser("info", help="which implementation each op uses on this machine, and why")
+    info.set_defaults(func=_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

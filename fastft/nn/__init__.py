@@ -1,0 +1,5 @@
+"""Drop-in nn.Modules built on fastft's ops."""
+
+from fastft.nn.nf4_linear import NF4Linear
+
+__all__ = ["NF4Linear"]

@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from fastft.ops import use_backend
+
+CPU_BACKENDS = ("native", "reference")
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, computed in fp64; NaN anywhere gives inf."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if torch.isnan(actual).any() or torch.isnan(expected).any():
+        return float("inf")
+    scale = expected.abs().max().clamp(min=1e-30)
+    return float((actual - expected).abs().max() / scale)
+
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    with use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
