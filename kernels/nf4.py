@@ -38,20 +38,40 @@ def _dequantize_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested
 
 
 @triton.jit
+def _to_bf16_rtne(values):
+    """fp32 -> bf16 rounded to nearest even with integer ops: the same bits on GPUs and in the interpreter
+    (whose float cast truncates). Inputs are finite."""
+    bits = values.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset,
                            out_ptr, numel, blocksize, nested_blocksize, NESTED: tl.constexpr, BLOCK: tl.constexpr):
     elem = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = elem < numel
     values = _dequantize_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset,
                               elem, mask, blocksize, nested_blocksize, NESTED)
-    tl.store(out_ptr + elem, values.to(out_ptr.dtype.element_ty), mask=mask)
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(out_ptr + elem, _to_bf16_rtne(values), mask=mask)
+    else:
+        tl.store(out_ptr + elem, values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr):
-    # fp32 operands use IEEE fp32 products (no TF32) to match the reference; UPCAST works around the
-    # interpreter's wrong bf16 tl.dot (the operands are already rounded to bf16, so the result is unchanged).
-    if UPCAST:
+def _to_dtype(values, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    # The interpreter's fp32 -> bf16 cast truncates; round to nearest even as GPUs do.
+    if INTERPRET_BF16:
+        return _to_bf16_rtne(values)
+    return values.to(dtype)
+
+
+@triton.jit
+def _dot(a, b, acc, INTERPRET_BF16: tl.constexpr):
+    # fp32 operands use IEEE fp32 products (no TF32) to match the reference. The interpreter computes bf16
+    # tl.dot wrongly: there the bf16 operands go through an fp32 dot (same products, fp32 accumulation).
+    if INTERPRET_BF16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     if a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision="ieee")
@@ -61,7 +81,7 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 @triton.jit
 def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset,
                        bias_ptr, y_ptr, M, N, K, blocksize, nested_blocksize, NESTED: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
     """y[M, N] = x[M, K] @ W[N, K]^T (+ bias): one (BLOCK_M, BLOCK_N) tile of y per program."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -74,18 +94,19 @@ def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_pt
         w_mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
         elem = offs_n[None, :] * K + offs_k[:, None]  # (BLOCK_K, BLOCK_N): W^T tile
         w = _dequantize_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset,
-                             elem, w_mask, blocksize, nested_blocksize, NESTED).to(x.dtype)
-        acc = _dot(x, w, acc, UPCAST)
+                             elem, w_mask, blocksize, nested_blocksize, NESTED)
+        acc = _dot(x, _to_dtype(w, x.dtype, INTERPRET_BF16), acc, INTERPRET_BF16)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    y = _to_dtype(acc, y_ptr.dtype.element_ty, INTERPRET_BF16)
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], y, mask=y_mask)
 
 
 @triton.jit
 def _nf4_matmul_grad_input_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
                                   nested_offset, dx_ptr, M, N, K, blocksize, nested_blocksize, NESTED: tl.constexpr,
-                                  UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  INTERPRET_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                   BLOCK_K: tl.constexpr):
     """dx[M, K] = dy[M, N] @ W[N, K]: one (BLOCK_M, BLOCK_K) tile of dx per program, looping over N."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -98,10 +119,11 @@ def _nf4_matmul_grad_input_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, nest
         w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
         elem = offs_n[:, None] * K + offs_k[None, :]
         w = _dequantize_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset,
-                             elem, w_mask, blocksize, nested_blocksize, NESTED).to(dy.dtype)
-        acc = _dot(dy, w, acc, UPCAST)
+                             elem, w_mask, blocksize, nested_blocksize, NESTED)
+        acc = _dot(dy, _to_dtype(w, dy.dtype, INTERPRET_BF16), acc, INTERPRET_BF16)
     dx_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+    dx = _to_dtype(acc, dx_ptr.dtype.element_ty, INTERPRET_BF16)
+    tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], dx, mask=dx_mask)
 
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
@@ -150,7 +172,7 @@ def nf4_matmul(x, packed, absmax, code, blocksize, nested_absmax, nested_code, n
     _nf4_matmul_kernel[grid](
         x, packed, absmax, code, nested_absmax_arg, nested_code_arg, offset, bias if bias is not None else x, y,
         M, N, K, blocksize, nested_blocksize, NESTED=nested, HAS_BIAS=bias is not None,
-        UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        INTERPRET_BF16=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return y
 
 
@@ -167,6 +189,6 @@ def nf4_matmul_grad_input(grad_out, packed, absmax, code, blocksize, nested_absm
     grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
     _nf4_matmul_grad_input_kernel[grid](
         grad_out, packed, absmax, code, nested_absmax_arg, nested_code_arg, offset, dx, M, N, K, blocksize,
-        nested_blocksize, NESTED=nested, UPCAST=_INTERPRET and grad_out.dtype == torch.bfloat16,
+        nested_blocksize, NESTED=nested, INTERPRET_BF16=_INTERPRET and grad_out.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return dx

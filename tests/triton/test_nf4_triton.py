@@ -1,0 +1,74 @@
+"""kernels/nf4.py under the Triton interpreter (run with TRITON_INTERPRET=1 in its own process: `make test`)."""
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels run on CPU only under TRITON_INTERPRET=1, set before triton is imported",
+                allow_module_level=True)
+
+from fastft import nf4  # noqa: E402
+from fastft.kernels import nf4 as kernels  # noqa: E402
+from fastft.ops import use_backend  # noqa: E402
+
+
+def rel_error(actual, expected):
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert not torch.isnan(actual).any()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-30))
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("double_quant", (False, True))
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+def test_dequantize_kernel_is_bit_exact(double_quant, quant_type, dtype):
+    torch.manual_seed(0)
+    for shape, blocksize in (((100, 72), 32), ((33, 77), 64), ((5, 301), 128)):
+        packed, state = nf4.quantize(torch.randn(shape), blocksize, double_quant, quant_type)
+        with use_backend("reference"):
+            expected = nf4.dequantize(packed, state, dtype)
+        out = kernels.nf4_dequantize(packed, *state.op_args(), list(shape), dtype)
+        assert torch.equal(out, expected), shape
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("double_quant", (False, True))
+def test_matmul_kernels_match_reference(dtype, double_quant):
+    torch.manual_seed(0)
+    for (out_features, in_features, blocksize) in ((130, 72, 32), (33, 77, 64), (64, 160, 64)):
+        packed, state = nf4.quantize(torch.randn(out_features, in_features) / 8, blocksize, double_quant)
+        weight = nf4.dequantize(packed, state, dtype).double()
+        for rows in (1, 17, 70):
+            x = torch.randn(rows, in_features).to(dtype)
+            bias = torch.randn(out_features).to(dtype)
+            y = kernels.nf4_matmul(x, packed, *state.op_args(), out_features, bias)
+            assert rel_error(y, x.double() @ weight.t() + bias.double()) < TOLERANCE[dtype], rows
+            dy = torch.randn(rows, out_features).to(dtype)
+            dx = kernels.nf4_matmul_grad_input(dy, packed, *state.op_args(), in_features)
+            assert rel_error(dx, dy.double() @ weight) < TOLERANCE[dtype], rows
+
+
+def test_op_autograd_on_the_triton_path():
+    torch.manual_seed(0)
+    packed, state = nf4.quantize(torch.randn(40, 96), 64, double_quant=True)
+    x = torch.randn(2, 3, 96, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True)
+    grad = torch.randn(2, 3, 40)
+    with use_backend("triton"):
+        y = nf4.matmul(x, packed, state, bias)
+        y.backward(grad)
+    weight = nf4.dequantize(packed, state).double()
+    assert rel_error(y, x.double() @ weight.t() + bias.double()) < 1e-5
+    assert rel_error(x.grad, grad.double() @ weight) < 1e-5
+    assert rel_error(bias.grad, grad.double().sum((0, 1))) < 1e-5
+
+
+def test_launchers_reject_unsupported_dtypes():
+    packed, state = nf4.quantize(torch.randn(8, 32), 32)
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
+        kernels.nf4_matmul(torch.randn(2, 32, dtype=torch.float64), packed, *state.op_args(), 8, None)
