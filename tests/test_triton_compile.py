@@ -1,0 +1,49 @@
+"""The Triton kernels of kernels/nf4.py compile for an H100 (sm_90) down to a cubin, without a GPU.
+
+The interpreter tests check the arithmetic; this checks what only the real compiler sees (tl.dot operand
+shapes and dtypes, layouts, constexpr branches)."""
+
+import pytest
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastft.kernels import nf4 as kernels
+
+POINTERS = {"packed_ptr": "*u8", "code_ptr": "*fp32", "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32"}
+SCALARS = {"nested_offset": "fp32", "M": "i32", "N": "i32", "K": "i32", "numel": "i64", "blocksize": "i32",
+           "nested_blocksize": "i32"}
+
+
+def compile_for_h100(kernel, dtype: str, constexprs: dict, nested: bool):
+    names = kernel.arg_names
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name == "absmax_ptr":
+            signature[name] = "*u8" if nested else "*fp32"
+        elif name in POINTERS:
+            signature[name] = POINTERS[name]
+        elif name.endswith("_ptr"):
+            signature[name] = f"*{dtype}"
+        else:
+            signature[name] = SCALARS[name]
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ("bf16", "fp32"))
+def test_kernels_compile_for_sm90(dtype):
+    nested = dtype == "bf16"
+    matmul = compile_for_h100(kernels._nf4_matmul_kernel, dtype, {
+        "NESTED": nested, "HAS_BIAS": True, "INTERPRET_BF16": False, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64},
+        nested)
+    grad_input = compile_for_h100(kernels._nf4_matmul_grad_input_kernel, dtype, {
+        "NESTED": nested, "INTERPRET_BF16": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, nested)
+    dequantize = compile_for_h100(kernels._nf4_dequantize_kernel, dtype, {"NESTED": nested, "BLOCK": 1024}, nested)
+    for compiled in (matmul, grad_input, dequantize):
+        assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
+    if dtype == "bf16":  # half-precision tiles go to Hopper's tensor cores; fp32 stays IEEE (no TF32) by design
+        assert "wgmma" in matmul.asm["ptx"] and "wgmma" in grad_input.asm["ptx"]
