@@ -46,4 +46,5 @@ def test_kernels_compile_for_sm90(dtype):
     for compiled in (matmul, grad_input, dequantize):
         assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
     if dtype == "bf16":  # half-precision tiles go to Hopper's tensor cores; fp32 stays IEEE (no TF32) by design
-        assert "wgmma" in matmul.asm["ptx"] and "wgmma" in grad_input.asm["ptx"]
+        assert "wgmma" in matmul.asm["ptx"]  # 64-row tiles: warpgroup MMA
+        assert "mma" in grad_input.asm["ptx"]  # 16-row tiles: mma.sync
