@@ -195,12 +195,26 @@ def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False,
     return packed, state
 
 
-def dequantize(packed: Tensor, state: NF4State, dtype: torch.dtype | None = None) -> Tensor:
-    """The dense weight of `state.shape` in `dtype` (default: the quantized weight's dtype), bit-exact with bnb."""
+def dequantize(packed: Tensor, state: NF4State, dtype: torch.dtype | None = None, out: Tensor | None = None) -> Tensor:
+    """The dense weight of `state.shape` in `dtype` (default: the quantized weight's dtype), bit-exact with bnb.
+
+    `out`: a contiguous tensor of that shape and dtype to write into (and return). Reusing one buffer skips
+    the page faults that a fresh tensor of this size costs on CPU.
+    """
     state.validate(packed)
+    if out is not None:
+        dtype = out.dtype if dtype is None else dtype
+        if out.shape != state.shape or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(state.shape)}, got "
+                             f"{'' if out.is_contiguous() else 'non-contiguous '}{out.dtype} {tuple(out.shape)}")
+        if out.device != packed.device:
+            raise ValueError(f"out is on {out.device} but packed is on {packed.device}")
     dtype = state.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES + (torch.float64,):
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    if out is not None:
+        ops.nf4_dequantize_into(out, packed, *state.op_args())
+        return out
     return ops.nf4_dequantize(packed, *state.op_args(), list(state.shape), dtype)
 
 

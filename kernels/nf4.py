@@ -145,9 +145,11 @@ def _nested_args(absmax, nested_absmax, nested_code, nested_offset):
 
 
 def nf4_dequantize(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset,
-                   shape, dtype) -> torch.Tensor:
-    """The dense weight of `shape` in `dtype` (bit-exact: no FMA contraction in this kernel)."""
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
+                   shape, dtype, out=None) -> torch.Tensor:
+    """The dense weight of `shape` in `dtype`, written into `out` (contiguous) if given. Bit-exact: no FMA
+    contraction in this kernel."""
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
     numel = out.numel()
     nested_absmax_arg, nested_code_arg, offset, nested = _nested_args(absmax, nested_absmax, nested_code,
                                                                       nested_offset)

@@ -115,6 +115,21 @@ def test_state_dict_has_bitsandbytes_keys_and_values(double_quant):
     assert torch.equal(nf4.dequantize(packed, loaded), nf4.dequantize(packed, state))
 
 
+def test_dequantize_into_out_reuses_the_buffer(backend):
+    weight = torch.randn(33, 77)
+    packed, state = nf4.quantize(weight, 64, double_quant=True)
+    for dtype in DTYPES:
+        out = torch.full((33, 77), float("nan"), dtype=dtype)
+        result = nf4.dequantize(packed, state, out=out)
+        assert result is out and torch.equal(out, nf4.dequantize(packed, state, dtype))
+    torch.library.opcheck(torch.ops.fastft.nf4_dequantize_into.default,
+                          (torch.empty(33, 77), packed, *state.op_args()))
+    with pytest.raises(ValueError, match=r"out must be a contiguous torch.float32 tensor of shape \(33, 77\)"):
+        nf4.dequantize(packed, state, out=torch.empty(77, 33).t())
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        nf4.dequantize(packed, state, out=torch.empty(33, 78))
+
+
 def test_bad_inputs_raise_clear_errors():
     weight = torch.randn(8, 64)
     with pytest.raises(ValueError, match="blocksize"):

@@ -7,7 +7,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +31,20 @@ def compare_ms(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def saved_for_backward_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves while running fn() (each storage counted once)."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())
 
 
 @dataclass
@@ -80,7 +94,8 @@ class Row:
     bound_ms: float | None = None
     target: str = ""
     met: bool | None = None
-    notes: dict = field(default_factory=dict)
+    fastft_saved_bytes: int | None = None  # saved for backward, when the case has a backward
+    peer_saved_bytes: int | None = None
 
     @property
     def speedup(self) -> float:
@@ -97,14 +112,17 @@ def markdown(machine: Machine, rows: list[Row], command: str) -> str:
         f"copy bandwidth {machine.copy_gbps:.1f} GB/s, fp32 GEMM {machine.gemm_gflops:.0f} GFLOP/s. "
         f"Command: `{command}`",
         "",
-        "| case | fastft ms | peer | peer ms | peer / fastft | of machine bound | target | met |",
-        "|---|---:|---|---:|---:|---:|---|---|",
+        "| case | fastft ms | peer | peer ms | peer / fastft | of machine bound | saved for backward MiB "
+        "(fastft / peer) | target | met |",
+        "|---|---:|---|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         bound = "" if r.of_bound is None else f"{100 * r.of_bound:.0f}%"
         met = "" if r.met is None else ("yes" if r.met else "no")
+        saved = ("" if r.fastft_saved_bytes is None
+                 else f"{r.fastft_saved_bytes / 2**20:.1f} / {r.peer_saved_bytes / 2**20:.1f}")
         lines.append(f"| {r.case} | {r.fastft_ms:.2f} | {r.peer} | {r.peer_ms:.2f} | {r.speedup:.2f}x | {bound} "
-                     f"| {r.target} | {met} |")
+                     f"| {saved} | {r.target} | {met} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,8 @@ Every op takes the weight as the same 8 arguments, the "packed weight" W:
     blocksize, nested_absmax (fp32 per 256 blocks, or None), nested_code (256 fp32, or None), nested_blocksize,
     nested_offset.
 - fastft::nf4_dequantize(W, shape, dtype) -> the dense weight.
+- fastft::nf4_dequantize_into(out, W): the same, written into a preallocated contiguous `out` (reusing memory
+  avoids the page faults of a fresh large tensor, which on CPU cost more than the dequantization itself).
 - fastft::nf4_linear(x, W, out_features, bias) -> x @ W^T + bias, any leading dims of x. Autograd: dx via
   nf4_linear_grad_input, dbias = sum of dy (at least fp32 accumulation); W gets no gradient. Saved for backward: nothing
   per token (0 bytes/token): W's own tensors and the bias are referenced, not copied.
@@ -64,6 +66,32 @@ def _(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocks
 @nf4_dequantize.register_fake
 def _(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset, shape, dtype):
     return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("fastft::nf4_dequantize_into", mutates_args=("out",))
+def nf4_dequantize_into(
+    out: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor], nested_blocksize: int, nested_offset: float,
+) -> None:
+    out.copy_(_dequantize_reference(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize,
+                                    nested_offset, list(out.shape), out.dtype))
+
+
+@nf4_dequantize_into.register_kernel(("cpu", "cuda"))
+def _(out, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset):
+    weight = (packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset)
+    backend = backend_for(packed.device.type)
+    if backend == "native":
+        native_extension().dequantize_4bit(*weight, list(out.shape), out.dtype, out)
+    elif backend == "triton":
+        _triton().nf4_dequantize(*weight, list(out.shape), out.dtype, out=out)
+    else:
+        out.copy_(_dequantize_reference(*weight, list(out.shape), out.dtype))
+
+
+@nf4_dequantize_into.register_fake
+def _(out, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset):
+    return None
 
 
 def _as_rows(x: Tensor) -> Tensor:

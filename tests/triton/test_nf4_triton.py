@@ -34,6 +34,10 @@ def test_dequantize_kernel_is_bit_exact(double_quant, quant_type, dtype):
             expected = nf4.dequantize(packed, state, dtype)
         out = kernels.nf4_dequantize(packed, *state.op_args(), list(shape), dtype)
         assert torch.equal(out, expected), shape
+        buffer = torch.full(shape, float("nan"), dtype=dtype)
+        with use_backend("triton"):
+            assert nf4.dequantize(packed, state, out=buffer) is buffer
+        assert torch.equal(buffer, expected), shape
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
