@@ -1,0 +1,47 @@
+"""fastft without its C++ extension, and quantize_model without bitsandbytes (fresh interpreters)."""
+
+import subprocess
+import sys
+
+import pytest
+
+BLOCK_IMPORTS = "import sys; sys.modules['fastft._C'] = None; sys.modules['bitsandbytes'] = None\n"
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-W", "always::RuntimeWarning", "-c", BLOCK_IMPORTS + code],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_without_extension_runs_reference_path_and_warns_once():
+    result = run_python(
+        "import torch, fastft\n"
+        "from fastft.ops import backend_for, describe\n"
+        "w = torch.randn(16, 64)\n"
+        "packed, state = fastft.nf4.quantize(w, 32, double_quant=True)\n"
+        "x = torch.randn(3, 64, requires_grad=True)\n"
+        "fastft.nf4.matmul(x, packed, state).sum().backward()\n"
+        "fastft.nf4.dequantize(packed, state)\n"
+        "print('backend', backend_for('cpu'))\n"
+        "print('info', describe()['cpu'])\n"
+        "print('grad', bool(x.grad.abs().sum() > 0))\n")
+    assert result.returncode == 0, result.stderr
+    assert "backend reference" in result.stdout
+    assert "info reference (C++ extension not built" in result.stdout
+    assert "grad True" in result.stdout
+    assert result.stderr.count("C++ extension is not available") == 1
+
+
+@pytest.mark.slow
+def test_quantize_model_needs_no_bitsandbytes():
+    result = run_python(
+        "import torch, fastft\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,\n"
+        "                     num_attention_heads=2, num_key_value_heads=1)\n"
+        "model = fastft.quantize_model(LlamaForCausalLM(config))\n"
+        "print(type(model.model.layers[0].mlp.down_proj).__name__)\n"
+        "print(model(torch.randint(0, 64, (1, 5))).logits.shape)\n")
+    assert result.returncode == 0, result.stderr
+    assert "NF4Linear" in result.stdout and "torch.Size([1, 5, 64])" in result.stdout
