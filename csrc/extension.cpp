@@ -1,6 +1,7 @@
 // Python bindings of the CPU kernels (module fastft._C). The torch.library ops in fastft/ops call these.
 #include <torch/extension.h>
 
+#include "lora_cpu.h"
 #include "nf4_cpu.h"
 
 namespace fastft {
@@ -37,4 +38,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_4bit", &fastft::dequantize, "4-bit blockwise dequantize");
   m.def("linear_4bit", &fastft::linear, "y = x @ W^T (+ bias) with a packed 4-bit W");
   m.def("linear_4bit_grad_input", &fastft::linear_grad_input, "dx = dy @ W with a packed 4-bit W");
+  m.def("lora_dropout", &fastft::lora_dropout_cpu, "counter-based dropout: x * keep(seed, index) / (1 - p)");
 }

@@ -1,0 +1,208 @@
+"""`fastft.patch(model)` for peft LoRA models: swaps the class of peft's `lora.Linear` / `lora.Linear4bit`
+instances for fastft subclasses whose forward runs the fused LoRA op (and, for 4-bit bases, fastft's fused
+NF4 matmul on bitsandbytes' own storage). No parameter or buffer is added, so peft's save/merge/adapter
+machinery works unchanged; whatever the fused path does not cover runs peft's own forward.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fastft import nf4
+from fastft.ops import lora as lora_ops
+
+try:  # peft is a dependency; bitsandbytes is optional
+    from peft.tuners.lora import layer as peft_lora
+except ImportError:  # pragma: no cover - peft is in fastft's install requirements
+    peft_lora = None
+
+
+@dataclass
+class PatchReport:
+    """What `patch` fused (counts by kind) and which LoRA modules stay on peft's path, with the reason."""
+
+    fused: Counter = field(default_factory=Counter)
+    unfused: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"fastft.patch: fused {sum(self.fused.values())} module(s)"]
+        lines += [f"  {kind}: {count}" for kind, count in sorted(self.fused.items())]
+        if self.unfused:
+            lines.append(f"left on peft's forward: {len(self.unfused)}")
+            lines += [f"  {name}: {reason}" for name, reason in sorted(self.unfused.items())]
+        return "\n".join(lines)
+
+
+def _new_seed() -> int:
+    # Drawn from torch's CPU generator: torch.manual_seed makes runs reproducible, and activation
+    # checkpointing (which restores the RNG state) replays the same dropout masks.
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+
+
+def _dropout_p(module: nn.Module, training: bool) -> float:
+    return float(module.p) if isinstance(module, nn.Dropout) and training else 0.0
+
+
+def _static_reason(layer) -> str | None:
+    """Why this LoRA layer can never take the fused path, or None."""
+    for name in layer.lora_A:
+        if name in getattr(layer, "lora_variant", {}):
+            return f"adapter '{name}' uses a LoRA variant ({type(layer.lora_variant[name]).__name__}, e.g. DoRA)"
+        if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
+            return f"adapter '{name}' has dropout {type(layer.lora_dropout[name]).__name__}"
+        if type(layer.lora_A[name]) is not nn.Linear or type(layer.lora_B[name]) is not nn.Linear:
+            return f"adapter '{name}' has non-Linear lora_A/lora_B"
+    return None
+
+
+def _runs_fused(layer, kwargs) -> bool:
+    """Call-time conditions of peft's plain path: adapters on, unmerged, no mixed batch, no variant kwargs."""
+    return (not layer.disable_adapters and not layer.merged and kwargs.get("adapter_names") is None
+            and all(kwargs.get(k) is None for k in peft_lora.VARIANT_KWARG_KEYS)
+            and not any(name in layer.lora_variant for name in layer.active_adapters))
+
+
+def _add_lora(layer, x, result, cast_result_per_adapter: bool):
+    cast_enabled = getattr(layer, "cast_input_dtype_enabled", True)
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name]
+        if not cast_enabled and x.dtype != lora_A.dtype:
+            raise TypeError(f"input dtype casting is disabled but x is {x.dtype} and lora_A is {lora_A.dtype}")
+        delta, _ = lora_ops.lora_delta(x, lora_A, lora_B.weight, float(layer.scaling[name]),
+                                       _dropout_p(layer.lora_dropout[name], layer.training), _new_seed(),
+                                       lora_B.bias)
+        result = result + (delta.to(result.dtype) if cast_result_per_adapter else delta)
+    return result
+
+
+def _lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if not _runs_fused(self, kwargs):
+        return self._fastft_peft_class.forward(self, x, *args, **kwargs)
+    self._check_forward_args(x, *args, **kwargs)
+    for key in ("adapter_names", *peft_lora.VARIANT_KWARG_KEYS):
+        kwargs.pop(key, None)
+    result = self.base_layer(x, *args, **kwargs)
+    result_dtype = result.dtype
+    return _add_lora(self, x, result, cast_result_per_adapter=False).to(result_dtype)
+
+
+def _linear4bit_base(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes Linear4bit.forward with the fused NF4 matmul on its own storage (no dequantized copy)."""
+    if not base.compute_type_is_set:
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    input_dtype = x.dtype
+    if base.compute_dtype is not None:
+        x = x.to(base.compute_dtype)
+    bias = None if base.bias is None else base.bias.to(x.dtype)
+    state = nf4.NF4State.from_bnb(base.weight.quant_state)
+    return nf4.matmul(x, base.weight.data, state, bias).to(input_dtype)
+
+
+def _lora_linear4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    base = self.get_base_layer()
+    if not _runs_fused(self, kwargs) or args or kwargs or torch.is_autocast_enabled():
+        return self._fastft_peft_class.forward(self, x, *args, **kwargs)
+    self._check_forward_args(x)
+    result = _linear4bit_base(base, x)
+    return _add_lora(self, x, result, cast_result_per_adapter=True)
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _fused_class(peft_class: type, forward) -> type:
+    if peft_class not in _FUSED_CLASSES:
+        _FUSED_CLASSES[peft_class] = type(f"Fastft{peft_class.__name__}", (peft_class,), {
+            "forward": forward, "_fastft_peft_class": peft_class,
+            "__doc__": f"{peft_class.__name__} whose forward runs fastft's fused LoRA op (class swapped by "
+                       "fastft.patch; fastft.unpatch restores it)."})
+    return _FUSED_CLASSES[peft_class]
+
+
+def _bnb_linear4bit_lora_class():
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return None
+    return Linear4bit
+
+
+def _plain_bnb_4bit_layers(model: nn.Module):
+    """(parent, child name, full name, module) of bitsandbytes Linear4bit layers not wrapped by a LoRA layer."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if type(child) is bnb.nn.Linear4bit and not isinstance(module, peft_lora.LoraLayer):
+                yield module, child_name, f"{name}.{child_name}" if name else child_name, child
+
+
+def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True) -> PatchReport:
+    """Fuse the LoRA layers of `model` (a PeftModel, or a transformers model with adapters) in place, and
+    (nf4=True) run bitsandbytes 4-bit layers through fastft's fused NF4 matmul on their own storage.
+
+    Per instance and reversible (`unpatch`): other models and torch.nn.functional are untouched.
+    """
+    from fastft.nn import NF4Linear
+
+    report = PatchReport()
+    peft_4bit = _bnb_linear4bit_lora_class()
+    if nf4:
+        for parent, child_name, full_name, layer in list(_plain_bnb_4bit_layers(model)):
+            try:
+                fused = NF4Linear.from_bnb(layer)
+            except (TypeError, ValueError) as error:
+                report.unfused[full_name] = str(error)
+                continue
+            fused.__dict__["_fastft_replaced"] = layer  # not a submodule: keeps state_dict keys unchanged
+            setattr(parent, child_name, fused)
+            report.fused["bnb.Linear4bit -> NF4Linear"] += 1
+    for name, module in model.named_modules():
+        peft_class = getattr(type(module), "_fastft_peft_class", None)
+        if peft_class is not None:
+            report.fused[f"lora.{peft_class.__name__}"] += 1
+            continue
+        if not lora or not isinstance(module, peft_lora.LoraLayer):
+            continue
+        if type(module) is peft_lora.Linear:
+            forward = _lora_linear_forward
+        elif peft_4bit is not None and type(module) is peft_4bit and nf4:
+            forward = _lora_linear4bit_forward
+            if module.get_base_layer().weight.data.dtype != torch.uint8:
+                report.unfused[name] = "4-bit weight stored in a dtype other than uint8"
+                continue
+        else:
+            report.unfused[name] = f"{type(module).__name__} has no fused path"
+            continue
+        reason = _static_reason(module)
+        if reason is not None:
+            report.unfused[name] = reason
+            continue
+        module.__class__ = _fused_class(type(module), forward)
+        report.fused[f"lora.{type(module)._fastft_peft_class.__name__}"] += 1
+    return report
+
+
+def unpatch(model: nn.Module) -> int:
+    """Undo `patch` on `model`: peft's classes and bitsandbytes layers come back; returns how many modules."""
+    restored = 0
+    for module in list(model.modules()):
+        original = getattr(type(module), "_fastft_peft_class", None)
+        if original is not None:
+            module.__class__ = original
+            restored += 1
+        for child_name, child in list(module.named_children()):
+            replaced = child.__dict__.get("_fastft_replaced")
+            if replaced is not None:
+                setattr(module, child_name, replaced)
+                restored += 1
+    return restored
