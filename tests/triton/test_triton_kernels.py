@@ -1,4 +1,4 @@
-"""kernels/nf4.py under the Triton interpreter (run with TRITON_INTERPRET=1 in its own process: `make test`)."""
+"""kernels/nf4.py and kernels/lora.py under the Triton interpreter (run with TRITON_INTERPRET=1 in its own process: `make test`)."""
 
 import os
 
@@ -76,3 +76,16 @@ def test_launchers_reject_unsupported_dtypes():
     packed, state = nf4.quantize(torch.randn(8, 32), 32)
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
         kernels.nf4_matmul(torch.randn(2, 32, dtype=torch.float64), packed, *state.op_args(), 8, None)
+
+
+def test_lora_dropout_kernel_is_bit_exact():
+    from fastft.kernels import lora as lora_kernels
+    from fastft.reference.lora import lora_dropout_ref
+
+    x = torch.randn(301, 67)
+    for p, seed in ((0.05, 0), (0.5, 1), (0.9, 2**31 + 7), (0.3, 2**32 - 1)):
+        assert torch.equal(lora_kernels.lora_dropout(x, p, seed), lora_dropout_ref(x, p, seed))
+        # bf16: the same mask; values within bf16 rounding (the interpreter's fp32 -> bf16 cast truncates).
+        ours, expected = lora_kernels.lora_dropout(x.bfloat16(), p, seed), lora_dropout_ref(x.bfloat16(), p, seed)
+        assert torch.equal(ours == 0, expected == 0)
+        assert rel_error(ours, expected) < 1e-2

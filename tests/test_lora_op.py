@@ -1,0 +1,96 @@
+"""fastft::lora_delta and fastft::lora_dropout vs the reference; the dropout's statistics."""
+
+import pytest
+import torch
+
+from conftest import TOLERANCE, rel_error
+from fastft.ops import lora as ops
+from fastft.ops import use_backend
+from fastft.reference import lora as ref
+
+
+def run(x, A, B, bias, scale, p, seed, grad):
+    delta, _ = ops.lora_delta(x, A, B, scale, p, seed, bias)
+    delta.backward(grad)
+    return delta
+
+
+@pytest.mark.parametrize("x_dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("p", (0.0, 0.1))
+@pytest.mark.parametrize("shape", ((1, 64, 48, 8), (3, 77, 130, 16), (17, 40, 33, 4)))
+def test_lora_delta_matches_reference(backend, x_dtype, p, shape):
+    rows, in_features, out_features, rank = shape
+    x = torch.randn(2, rows, in_features).to(x_dtype).requires_grad_()
+    A = torch.randn(rank, in_features, requires_grad=True)  # peft keeps adapters in fp32
+    B = torch.randn(out_features, rank, requires_grad=True)
+    bias = torch.randn(out_features, requires_grad=True)
+    grad = torch.randn(2, rows, out_features)
+    delta = run(x, A, B, bias, 0.75, p, 1234, grad)
+
+    x64 = x.detach().double().requires_grad_()
+    A64, B64, b64 = (t.detach().double().requires_grad_() for t in (A, B, bias))
+    expected = ref.lora_delta_ref(x64, A64, B64, 0.75, p, 1234, b64)  # x64 holds x's values exactly
+    expected.backward(grad.double())
+    assert delta.dtype == torch.float32 and delta.shape == (2, rows, out_features)
+    assert rel_error(delta, expected) < 1e-5
+    assert x.grad.dtype == x_dtype
+    assert rel_error(x.grad, x64.grad) < TOLERANCE[x_dtype]
+    for ours, theirs in ((A.grad, A64.grad), (B.grad, B64.grad), (bias.grad, b64.grad)):
+        assert rel_error(ours, theirs) < 1e-5
+
+
+def test_lora_delta_gradcheck(backend):
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(4, 24, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, A, B, b: ops.lora_delta(x, A, B, 0.5, 0.3, 99, b)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, A, B, bias))
+
+
+def test_lora_opcheck():
+    x = torch.randn(6, 24, requires_grad=True)
+    A = torch.randn(4, 24, requires_grad=True)
+    B = torch.randn(10, 4, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastft.lora_delta.default, (x, A, B, 2.0, 0.2, 5, None))
+    torch.library.opcheck(torch.ops.fastft.lora_dropout.default, (torch.randn(7, 9), 0.25, 3))
+
+
+def test_native_dropout_mask_is_bit_exact(backend):
+    x = torch.randn(301, 67)
+    for p, seed in ((0.05, 0), (0.5, 1), (0.9, 2**31 + 7), (0.3, 2**32 - 1)):
+        assert torch.equal(ops.lora_dropout(x, p, seed), ref.lora_dropout_ref(x, p, seed))
+
+
+def test_dropout_statistics():
+    n, p = 1_000_000, 0.1
+    ones = torch.ones(n)
+    first = ops.lora_dropout(ones, p, 11)
+    kept = first != 0
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * sigma  # keep rate
+    assert torch.allclose(first[kept], torch.full_like(first[kept], 1 / (1 - p)))  # scaling of kept values
+    second = ops.lora_dropout(ones, p, 12) != 0  # a new call (seed) gives an independent mask
+    both = (kept & second).float().mean().item()
+    assert abs(both - (1 - p) ** 2) < 5 * sigma
+    neighbours = (kept[:-1] & kept[1:]).float().mean().item()  # independent across adjacent elements
+    assert abs(neighbours - (1 - p) ** 2) < 5 * sigma
+    rows = kept.view(1000, 1000)  # ... and across rows / columns
+    assert abs((rows[:-1] & rows[1:]).float().mean().item() - (1 - p) ** 2) < 5 * sigma * 2
+    assert torch.equal(ops.lora_dropout(ones, p, 11), first)  # same seed, same mask
+
+
+def test_backward_uses_the_forward_mask():
+    x = torch.randn(50, 64, requires_grad=True)
+    A = torch.randn(8, 64)
+    B = torch.randn(16, 8)
+    delta, _ = ops.lora_delta(x, A, B, 1.0, 0.5, 77, None)
+    delta.sum().backward()
+    kept = ref.dropout_keep_ref(x.numel(), 0.5, 77).view(50, 64)
+    assert torch.equal(x.grad != 0, kept)
+    assert torch.equal(ops.lora_delta(x, A, B, 1.0, 0.5, 77, None)[0], delta)
+
+
+def test_bad_dropout_probability():
+    with pytest.raises(ValueError, match=r"dropout p must be in \[0, 1\)"):
+        ops.lora_dropout(torch.randn(4), 1.0, 0)
