@@ -1,0 +1,83 @@
+"""fastft.patch on QLoRA (peft lora.Linear4bit over bitsandbytes 4-bit layers) and on plain 4-bit models,
+and a patched model under transformers' Trainer."""
+
+import bitsandbytes as bnb
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import bnb as peft_bnb
+from torch.utils.data import Dataset
+from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Trainer,
+                          TrainingArguments)
+
+import fastft
+from fastft.nn import NF4Linear
+from test_lora_patch import VOCAB, batch, lora_config, losses_over_steps, outputs
+
+
+def four_bit_llama(tmp_path):
+    if not (tmp_path / "dense" / "config.json").exists():
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=quantization,
+                                                dtype=torch.float32)
+
+
+def test_qlora_training_matches_peft_with_bitsandbytes(tmp_path):
+    models = []
+    for _ in range(2):
+        base = four_bit_llama(tmp_path)
+        torch.manual_seed(1)  # the same adapter init in both
+        models.append(get_peft_model(base, lora_config("llama")))
+    reference, patched = models
+    report = fastft.patch(patched)
+    assert report.fused["lora.Linear4bit"] == 14 and not report.unfused
+    assert all(type(m) is not peft_bnb.Linear4bit for m in patched.modules())
+    assert torch.allclose(outputs(patched), outputs(reference), rtol=1e-5, atol=1e-6)
+    ours, theirs = losses_over_steps(patched, 30), losses_over_steps(reference, 30)
+    for a, b in zip(ours, theirs):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    assert fastft.unpatch(patched) == 14
+    assert sum(type(m) is peft_bnb.Linear4bit for m in patched.modules()) == 14
+
+
+def test_plain_4bit_model_runs_on_nf4linear_and_unpatches(tmp_path):
+    model = four_bit_llama(tmp_path)
+    expected = outputs(model)
+    keys = list(model.state_dict())
+    report = fastft.patch(model)
+    assert report.fused["bnb.Linear4bit -> NF4Linear"] == 14
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 14
+    assert list(model.state_dict()) == keys
+    assert torch.allclose(outputs(model), expected, rtol=1e-5, atol=1e-6)
+    assert fastft.unpatch(model) == 14
+    assert sum(type(m) is bnb.nn.Linear4bit for m in model.modules()) == 14
+
+
+class TokenDataset(Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        ids = batch(index)[0]
+        return {"input_ids": ids, "labels": ids}
+
+
+def test_trainer_runs_a_patched_model_unmodified(tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
+                                                                target_modules="all-linear"))
+    fastft.patch(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=4,
+                             learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
+                             use_cpu=True, dataloader_num_workers=0)
+    result = Trainer(model=model, args=args, train_dataset=TokenDataset()).train()
+    assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert len(changed) == len(before)
