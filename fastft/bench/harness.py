@@ -40,13 +40,16 @@ def compare_ms(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def saved_for_backward_bytes(fn) -> int:
-    """Bytes of the tensors autograd saves while running fn() (each storage counted once)."""
+def saved_for_backward_bytes(fn, exclude=()) -> int:
+    """Bytes of the tensors autograd saves while running fn() (each storage counted once), leaving out the
+    storages of the tensors in `exclude` (e.g. a model's parameters, which exist anyway)."""
     storages = {}
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
