@@ -17,7 +17,9 @@ def _info(_args) -> int:
     print(f"fastft {fastft.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
     for device, line in describe().items():
         print(f"  {device}: {line}")
-    print("  ops: " + ", ".join(f"fastft::{name}" for name in ("nf4_dequantize", "nf4_linear", "nf4_linear_grad_input")))
+    names = ("nf4_dequantize", "nf4_dequantize_into", "nf4_linear", "nf4_linear_grad_input", "lora_dropout",
+             "lora_delta")
+    print("  ops: " + ", ".join(f"fastft::{name}" for name in names))
     return 0
 
 
@@ -41,9 +43,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run a benchmark suite side by side with the peers")
-    bench.add_argument("--suite", default="quick", choices=["quick"], help="which suite (default: quick)")
+    bench.add_argument("--suite", default="quick", choices=["quick", "lora"], help="which suite (default: quick)")
     bench.add_argument("--out", default="bench/results", help="where JSON, Markdown and PNG results go")
-    bench.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
+    bench.add_argument("--repeats", type=int, default=5,
+                       help="timed runs per case, median reported (lora suite: training steps per case)")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     bench.set_defaults(func=_bench)
     info = sub.add_parser("info", help="which implementation each op uses on this machine, and why")

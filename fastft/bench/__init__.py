@@ -6,14 +6,17 @@ from pathlib import Path
 
 from fastft.bench.harness import Machine, Row, markdown, write_results
 
-SUITES = {"quick": "NF4 dequantize and matmul vs bitsandbytes and dense fp32 (4096x4096); one LoRA layer vs peft"}
+SUITES = {
+    "quick": "NF4 dequantize and matmul vs bitsandbytes and dense fp32 (4096x4096); one LoRA layer vs peft",
+    "lora": "a mini Llama LoRA training step, fp32 and 4-bit base, vs peft (one process per case; minutes)",
+}
 
 
 def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repeats: int = 5,
               command: str = "fastft bench") -> tuple[Machine, list[Row], list[Path]]:
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
-    from fastft.bench import lora, nf4
+    from fastft.bench import lora, lora_step, nf4
 
     print("measuring the machine's copy bandwidth and fp32 GEMM rate ...", flush=True)
     machine = Machine.measure()
@@ -21,8 +24,11 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
     def progress(what):
         print(f"  running {what} ...", flush=True)
 
-    rows = nf4.run(machine, repeats=repeats, progress=progress)
-    rows += lora.run_layer(machine, repeats=repeats, progress=progress)
+    if suite == "quick":
+        rows = nf4.run(machine, repeats=repeats, progress=progress)
+        rows += lora.run_layer(machine, repeats=repeats, progress=progress)
+    else:
+        rows = lora_step.run(machine, steps=repeats, progress=progress)
     paths = write_results(out_dir, suite, machine, rows, command)
     return machine, rows, paths
 
