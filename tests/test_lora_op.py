@@ -5,7 +5,6 @@ import torch
 
 from conftest import TOLERANCE, rel_error
 from fastft.ops import lora as ops
-from fastft.ops import use_backend
 from fastft.reference import lora as ref
 
 

@@ -168,3 +168,19 @@ def test_dropout_is_off_in_eval_and_replays_under_checkpointing():
         assert torch.allclose(dict(patched.named_parameters())[name].grad, grad, rtol=1e-6, atol=1e-7), name
     torch.manual_seed(124)
     assert patched(input_ids=ids, labels=ids).loss.item() != plain.item()  # a new step draws new masks
+
+
+def test_transformers_add_adapter_models_are_patched():
+    reference = base_model("llama")
+    torch.manual_seed(2)
+    reference.add_adapter(lora_config("llama"))
+    patched = copy.deepcopy(reference)
+    report = fastft.patch(patched)
+    assert report.fused["lora.Linear"] == 14
+    ids = batch(3)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    patched(input_ids=ids, labels=ids).loss.backward()
+    assert torch.equal(outputs(patched), outputs(reference))
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert grads and all(torch.allclose(p.grad, grads[n], rtol=1e-6, atol=1e-8)
+                         for n, p in patched.named_parameters() if p.grad is not None)

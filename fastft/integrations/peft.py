@@ -10,15 +10,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from peft.tuners.lora import layer as peft_lora
 from torch import nn
 
 from fastft import nf4
 from fastft.ops import lora as lora_ops
-
-try:  # peft is a dependency; bitsandbytes is optional
-    from peft.tuners.lora import layer as peft_lora
-except ImportError:  # pragma: no cover - peft is in fastft's install requirements
-    peft_lora = None
 
 
 @dataclass
