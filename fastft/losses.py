@@ -1,0 +1,98 @@
+"""Fused losses that never materialize [tokens, vocab] logits.
+
+    loss = fastft.losses.fused_linear_distillation(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                                   labels, beta=0.5, temperature=2.0)
+
+Semantics are TRL's generalized JSD and Hinton's KD (fastft/reference/distillation.py): soft term JSD(beta)
+between teacher and student at temperature T (beta=0 forward KL(P||Q), beta=1 reverse KL(Q||P)), times T^2 when
+scale_by_t2; plus (1 - alpha) * cross-entropy of the student at T=1 when labels are given; tokens labelled
+ignore_index count in neither term; "mean" divides by the valid tokens (or by num_items_in_batch), "sum" and
+"none" (per token, shaped like labels) also. Only the student gets gradients, and its head only when it
+requires grad. The loss is fp32 (fp64 for fp64 inputs); logits are accumulated in fp32 for bf16/fp16 inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastft.ops import distillation as ops
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
+           temperature, alpha, reduction, num_items_in_batch):
+    for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
+                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if student_weight.dim() != 2 or teacher_weight.dim() != 2:
+        raise ValueError("student_weight and teacher_weight must be 2-D (vocab, hidden)")
+    if student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(f"student_hidden's last dim {student_hidden.shape[-1]} must equal student_weight's hidden "
+                         f"size {student_weight.shape[1]}")
+    if teacher_hidden.shape[-1] != teacher_weight.shape[1]:
+        raise ValueError(f"teacher_hidden's last dim {teacher_hidden.shape[-1]} must equal teacher_weight's hidden "
+                         f"size {teacher_weight.shape[1]}")
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"student and teacher vocabularies differ: {student_weight.shape[0]} vs "
+                         f"{teacher_weight.shape[0]}")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
+                         f"{tuple(teacher_hidden.shape)} must have the same leading (token) dims")
+    if labels is not None:
+        if labels.dtype not in (torch.int64, torch.int32) or labels.shape != student_hidden.shape[:-1]:
+            raise ValueError(f"labels must be integer with shape {tuple(student_hidden.shape[:-1])}, got "
+                             f"{labels.dtype} {tuple(labels.shape)}")
+    for name, bias, weight in (("student_bias", student_bias, student_weight),
+                               ("teacher_bias", teacher_bias, teacher_weight)):
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise ValueError(f"{name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    devices = {t.device for t in (student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                  student_bias, teacher_bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha != 1.0 and labels is None:
+        raise ValueError(f"alpha={alpha} weighs a cross-entropy term, which needs labels")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError("num_items_in_batch applies to reduction='mean' only")
+
+
+def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                              teacher_weight: Tensor, labels: Tensor | None = None, *,
+                              student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
+                              beta: float = 0.0, temperature: float = 1.0, alpha: float = 1.0,
+                              scale_by_t2: bool = False, ignore_index: int = -100, reduction: str = "mean",
+                              num_items_in_batch: int | Tensor | None = None) -> Tensor:
+    """Distillation loss from hidden states (..., H_s), (..., H_t) and heads (V, H_s), (V, H_t); see module doc."""
+    _check(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
+           temperature, alpha, reduction, num_items_in_batch)
+    leading = student_hidden.shape[:-1]
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    flat_labels = None if labels is None else labels.reshape(-1).long()
+    if reduction == "mean":
+        if num_items_in_batch is not None:
+            denominator = float(num_items_in_batch)
+        elif flat_labels is not None:
+            denominator = float((flat_labels != ignore_index).sum())
+        else:
+            denominator = float(hidden.shape[0])
+        denominator = max(denominator, 1.0) if denominator == 0 else denominator
+    else:
+        denominator = 1.0
+    loss, *_ = ops.fused_linear_distillation(
+        hidden, student_weight, teacher, teacher_weight.detach(), flat_labels, student_bias,
+        None if teacher_bias is None else teacher_bias.detach(), float(beta), float(temperature), float(alpha),
+        bool(scale_by_t2), int(ignore_index), denominator, reduction == "none", student_hidden.requires_grad,
+        student_weight.requires_grad, student_bias is not None and student_bias.requires_grad)
+    return loss.reshape(leading) if reduction == "none" else loss

@@ -1,0 +1,211 @@
+"""torch.library ops of the fused linear distillation loss (formulas: fastft/reference/distillation.py).
+
+The [tokens, vocab] logits never exist whole: tokens are processed in chunks whose fp32 logits tile is about
+_TILE_BYTES; per chunk the student and teacher logits are computed (fp32 accumulation, vocab tiles when the head
+is not fp32), then the per-token loss and its gradient with respect to the student logits, which go straight
+into grad_hidden (dz @ W) and, only when the head is trainable, grad_weight (dz^T @ h, fp32 accumulator).
+Peak extra memory: ~8 tiles + the fp32 grad_weight accumulator, independent of the number of tokens.
+
+- fastft::fused_linear_distillation(...) -> (loss, grad_hidden, grad_weight, grad_bias): with a scalar reduction
+  (per_token=False) the gradients are computed in the forward pass (scaled by the incoming gradient in
+  backward); with per_token=True only the per-token losses, and backward reruns the chunks with per-token weights
+  (fastft::fused_linear_distillation_backward). Gradients not asked for are empty tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_TILE_BYTES = 16 << 20
+_VOCAB_TILE = 8192
+
+
+def chunk_rows(vocab: int) -> int:
+    """Tokens per chunk so that one fp32 (tokens, vocab) tile is about _TILE_BYTES."""
+    return max(8, min(4096, _TILE_BYTES // (4 * max(vocab, 1))))
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """hidden @ weight^T + bias in `dtype`; a lower-precision head is upcast one vocab tile at a time."""
+    if hidden.dtype == weight.dtype == dtype:
+        return F.linear(hidden, weight, None if bias is None else bias.to(dtype))
+    out = torch.empty(hidden.shape[0], weight.shape[0], dtype=dtype, device=hidden.device)
+    wide = hidden.to(dtype)
+    for v0 in range(0, weight.shape[0], _VOCAB_TILE):
+        v1 = min(v0 + _VOCAB_TILE, weight.shape[0])
+        tile_bias = None if bias is None else bias[v0:v1].to(dtype)
+        out[:, v0:v1] = F.linear(wide, weight[v0:v1].to(dtype), tile_bias)
+    return out
+
+
+def _times_weight(dz: Tensor, weight: Tensor) -> Tensor:
+    """dz @ weight, upcasting a lower-precision weight one vocab tile at a time."""
+    if weight.dtype == dz.dtype:
+        return dz @ weight
+    out = torch.zeros(dz.shape[0], weight.shape[1], dtype=dz.dtype, device=dz.device)
+    for v0 in range(0, weight.shape[0], _VOCAB_TILE):
+        v1 = min(v0 + _VOCAB_TILE, weight.shape[0])
+        out.addmm_(dz[:, v0:v1], weight[v0:v1].to(dz.dtype))
+    return out
+
+
+def _rows(zs, zt, labels, beta, temperature, alpha, scale_by_t2, ignore_index, want_grad):
+    """Per-row loss and (want_grad) its gradient with respect to the student logits zs."""
+    s_logp = F.log_softmax(zs / temperature, dim=-1)
+    t_logp = F.log_softmax(zt / temperature, dim=-1)
+    q = s_logp.exp()
+    if beta == 0.0:  # KL(P || Q): gradient q - p
+        p = t_logp.exp()
+        soft = (p * (t_logp - s_logp)).sum(-1)
+        grad = q - p if want_grad else None
+    else:
+        if beta == 1.0:  # KL(Q || P)
+            g = s_logp - t_logp
+            soft = (q * g).sum(-1)
+        else:
+            p = t_logp.exp()
+            log_m = torch.logaddexp(s_logp + math.log(1 - beta), t_logp + math.log(beta))
+            soft = beta * (p * (t_logp - log_m)).sum(-1) + (1 - beta) * (q * (s_logp - log_m)).sum(-1)
+            g = (1 - beta) * (s_logp - log_m)  # dL/dq up to a constant
+        grad = q * (g - (q * g).sum(-1, keepdim=True)) if want_grad else None
+    factor = alpha * (temperature**2 if scale_by_t2 else 1.0)
+    loss = factor * soft
+    if grad is not None:
+        grad.mul_(factor / temperature)
+    valid = None
+    if labels is not None:
+        valid = labels != ignore_index
+        if alpha != 1.0:
+            safe = torch.where(valid, labels, torch.zeros_like(labels))
+            log_probs = s_logp if temperature == 1.0 else F.log_softmax(zs, dim=-1)
+            loss = loss - (1 - alpha) * log_probs.gather(1, safe.unsqueeze(1)).squeeze(1)
+            if grad is not None:
+                probs = q if temperature == 1.0 else log_probs.exp()
+                grad.add_(probs, alpha=1 - alpha)
+                grad.scatter_add_(1, safe.unsqueeze(1), torch.full_like(loss, alpha - 1).unsqueeze(1))
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+        if grad is not None:
+            grad.mul_(valid.unsqueeze(1))
+    return loss, grad
+
+
+def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
+         temperature, alpha, scale_by_t2, ignore_index, row_weights, want_hidden, want_weight, want_bias):
+    """Chunked pass: per-token losses and, for row_weights (None: no gradients), the weighted gradients."""
+    dtype = _compute_dtype(student_hidden, student_weight)
+    n, vocab = student_hidden.shape[0], student_weight.shape[0]
+    losses = torch.empty(n, dtype=dtype, device=student_hidden.device)
+    want_grad = row_weights is not None
+    grad_hidden = torch.empty_like(student_hidden) if want_grad and want_hidden else None
+    grad_weight = torch.zeros(student_weight.shape, dtype=dtype, device=student_weight.device) \
+        if want_grad and want_weight else None
+    grad_bias = torch.zeros(vocab, dtype=dtype, device=student_weight.device) if want_grad and want_bias else None
+    step = chunk_rows(vocab)
+    for r0 in range(0, n, step):
+        r1 = min(r0 + step, n)
+        hidden = student_hidden[r0:r1]
+        zs = _logits(hidden, student_weight, student_bias, dtype)
+        with torch.no_grad():
+            zt = _logits(teacher_hidden[r0:r1], teacher_weight, teacher_bias, dtype)
+        chunk_labels = None if labels is None else labels[r0:r1]
+        loss, dz = _rows(zs, zt, chunk_labels, beta, temperature, alpha, scale_by_t2, ignore_index, want_grad)
+        losses[r0:r1] = loss
+        if not want_grad:
+            continue
+        dz.mul_(row_weights[r0:r1].unsqueeze(1).to(dtype) if row_weights.dim() else row_weights.to(dtype))
+        if grad_hidden is not None:
+            grad_hidden[r0:r1] = _times_weight(dz, student_weight)
+        if grad_weight is not None:
+            grad_weight.addmm_(dz.t(), hidden.to(dtype))
+        if grad_bias is not None:
+            grad_bias.add_(dz.sum(0))
+    def empty():  # a distinct tensor each: op outputs may not alias one another
+        return student_hidden.new_empty(0)
+
+    return (losses, empty() if grad_hidden is None else grad_hidden,
+            empty() if grad_weight is None else grad_weight.to(student_weight.dtype),
+            empty() if grad_bias is None else grad_bias.to(student_bias.dtype))
+
+
+@torch.library.custom_op("fastft::fused_linear_distillation", mutates_args=())
+def fused_linear_distillation(
+    student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
+    labels: Optional[Tensor], student_bias: Optional[Tensor], teacher_bias: Optional[Tensor], beta: float,
+    temperature: float, alpha: float, scale_by_t2: bool, ignore_index: int, denominator: float, per_token: bool,
+    want_hidden: bool, want_weight: bool, want_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    row_weights = None if per_token else torch.tensor(1.0 / denominator, dtype=torch.float64)
+    losses, grad_hidden, grad_weight, grad_bias = _run(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
+        temperature, alpha, scale_by_t2, ignore_index, row_weights, want_hidden, want_weight, want_bias)
+    loss = losses if per_token else (losses.sum() / denominator)  # fp32 (fp64 for fp64 inputs)
+    return loss, grad_hidden, grad_weight, grad_bias
+
+
+@fused_linear_distillation.register_fake
+def _(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
+      temperature, alpha, scale_by_t2, ignore_index, denominator, per_token, want_hidden, want_weight, want_bias):
+    gradients = not per_token
+    n = student_hidden.shape[0]
+    loss_dtype = _compute_dtype(student_hidden, student_weight)
+    return (student_hidden.new_empty(n if per_token else (), dtype=loss_dtype),
+            student_hidden.new_empty(student_hidden.shape if gradients and want_hidden else 0),
+            student_weight.new_empty(student_weight.shape if gradients and want_weight else 0),
+            student_hidden.new_empty(student_bias.shape if gradients and want_bias else 0))
+
+
+@torch.library.custom_op("fastft::fused_linear_distillation_backward", mutates_args=())
+def fused_linear_distillation_backward(
+    grad_losses: Tensor, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+    teacher_weight: Tensor, labels: Optional[Tensor], student_bias: Optional[Tensor], teacher_bias: Optional[Tensor],
+    beta: float, temperature: float, alpha: float, scale_by_t2: bool, ignore_index: int, want_hidden: bool,
+    want_weight: bool, want_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _, grad_hidden, grad_weight, grad_bias = _run(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
+        temperature, alpha, scale_by_t2, ignore_index, grad_losses, want_hidden, want_weight, want_bias)
+    return grad_hidden, grad_weight, grad_bias
+
+
+@fused_linear_distillation_backward.register_fake
+def _(grad_losses, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
+      beta, temperature, alpha, scale_by_t2, ignore_index, want_hidden, want_weight, want_bias):
+    return (student_hidden.new_empty(student_hidden.shape if want_hidden else 0),
+            student_weight.new_empty(student_weight.shape if want_weight else 0),
+            student_hidden.new_empty(student_bias.shape if want_bias else 0))
+
+
+def _setup_context(ctx, inputs, output):
+    (student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
+     temperature, alpha, scale_by_t2, ignore_index, denominator, per_token, *_) = inputs
+    ctx.per_token = per_token
+    if per_token:  # backward recomputes the chunks with per-token weights
+        ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+                              teacher_bias)
+        ctx.options = (beta, temperature, alpha, scale_by_t2, ignore_index)
+    else:  # the gradients are outputs already
+        ctx.save_for_backward(*output[1:])
+    ctx.has_bias = student_bias is not None
+
+
+def _backward(ctx, grad_loss, *_):
+    wants = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[5]
+    if ctx.per_token:
+        inputs = ctx.saved_tensors
+        grads = fused_linear_distillation_backward(grad_loss, *inputs, *ctx.options, *wants)
+    else:
+        grads = tuple(g * grad_loss.to(g.dtype) if g.numel() else g for g in ctx.saved_tensors)
+    grad_hidden, grad_weight, grad_bias = (g if want else None for g, want in zip(grads, wants))
+    return (grad_hidden, grad_weight, None, None, None, grad_bias) + (None,) * 11
+
+
+fused_linear_distillation.register_autograd(_backward, setup_context=_setup_context)
