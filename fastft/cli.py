@@ -18,7 +18,7 @@ def _info(_args) -> int:
     for device, line in describe().items():
         print(f"  {device}: {line}")
     names = ("nf4_dequantize", "nf4_dequantize_into", "nf4_linear", "nf4_linear_grad_input", "lora_dropout",
-             "lora_delta")
+             "lora_delta", "fused_linear_distillation", "fused_linear_distillation_backward")
     print("  ops: " + ", ".join(f"fastft::{name}" for name in names))
     return 0
 
@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run a benchmark suite side by side with the peers")
-    bench.add_argument("--suite", default="quick", choices=["quick", "lora"], help="which suite (default: quick)")
+    bench.add_argument("--suite", default="quick", choices=["quick", "lora", "distill"],
+                       help="which suite (default: quick)")
     bench.add_argument("--out", default="bench/results", help="where JSON, Markdown and PNG results go")
     bench.add_argument("--repeats", type=int, default=5,
                        help="timed runs per case, median reported (lora suite: training steps per case)")

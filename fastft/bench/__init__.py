@@ -9,6 +9,7 @@ from fastft.bench.harness import Machine, Row, markdown, write_results
 SUITES = {
     "quick": "NF4 dequantize and matmul vs bitsandbytes and dense fp32 (4096x4096); one LoRA layer vs peft",
     "lora": "a mini Llama LoRA training step, fp32 and 4-bit base, vs peft (one process per case; minutes)",
+    "distill": "fused distillation loss vs plain torch and Liger: time, peak memory, growth in tokens and vocab",
 }
 
 
@@ -16,7 +17,7 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
               command: str = "fastft bench") -> tuple[Machine, list[Row], list[Path]]:
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
-    from fastft.bench import lora, lora_step, nf4
+    from fastft.bench import distillation, lora, lora_step, nf4
 
     print("measuring the machine's copy bandwidth and fp32 GEMM rate ...", flush=True)
     machine = Machine.measure()
@@ -27,8 +28,13 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
     if suite == "quick":
         rows = nf4.run(machine, repeats=repeats, progress=progress)
         rows += lora.run_layer(machine, repeats=repeats, progress=progress)
-    else:
+    elif suite == "lora":
         rows = lora_step.run(machine, steps=repeats, progress=progress)
+    else:
+        rows = distillation.run_time(machine, repeats=repeats, progress=progress)
+        memory_rows, growth = distillation.run_memory(progress=progress)
+        rows += memory_rows
+        print("fastft peak MiB above inputs: " + ", ".join(f"{case}: {mib:.0f}" for case, mib in growth.items()))
     paths = write_results(out_dir, suite, machine, rows, command)
     return machine, rows, paths
 

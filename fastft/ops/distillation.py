@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_TILE_BYTES = 16 << 20
+_TILE_BYTES = 8 << 20
 _VOCAB_TILE = 8192
 
 

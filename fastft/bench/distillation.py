@@ -1,0 +1,122 @@
+"""Distillation loss benchmarks: fastft's fused linear loss vs plain torch (logits + log_softmax + kl_div, TRL's
+formula) and Liger's LigerFusedLinearJSDLoss (eager), JSD beta=0.5, fp32, H=1024. Time side by side in one
+process; peak memory above the inputs in one process per case (allocations >= 1 MiB are mmapped, so the peak
+RSS follows live tensors).
+
+    python -m fastft.bench.distillation --impl fastft --tokens 2048 --vocab 32000 [--frozen]   # one memory case
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+
+from fastft.bench.harness import Machine, Row, compare_ms
+
+IMPLS = ("fastft", "plain", "liger")
+
+
+def _inputs(tokens: int, vocab: int, frozen: bool, hidden: int = 1024):
+    generator = torch.Generator().manual_seed(0)
+    student_hidden = torch.randn(tokens, hidden, generator=generator, requires_grad=True)
+    student_weight = (torch.randn(vocab, hidden, generator=generator) / hidden**0.5).requires_grad_(not frozen)
+    teacher_hidden = torch.randn(tokens, hidden, generator=generator)
+    teacher_weight = torch.randn(vocab, hidden, generator=generator) / hidden**0.5
+    labels = torch.randint(0, vocab, (tokens,), generator=generator)
+    return student_hidden, student_weight, teacher_hidden, teacher_weight, labels
+
+
+def _loss_fn(impl: str):
+    if impl == "fastft":
+        from fastft.losses import fused_linear_distillation
+
+        return lambda *args: fused_linear_distillation(*args, beta=0.5)
+    if impl == "plain":
+        from fastft.reference.distillation import distillation_ref
+
+        return lambda *args: distillation_ref(*args, beta=0.5)
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=False)
+    return lambda *args: liger(*args)
+
+
+def _available(impl: str) -> bool:
+    if impl != "liger":
+        return True
+    try:
+        import liger_kernel.chunked_loss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_time(machine: Machine, tokens: int = 2048, vocab: int = 32000, repeats: int = 2, progress=print):
+    rows = []
+    impls = [impl for impl in IMPLS if _available(impl)]
+    for frozen in (False, True):
+        progress(f"distillation loss fwd+bwd, {tokens} tokens, V={vocab}, {'frozen' if frozen else 'trainable'} head")
+        args = _inputs(tokens, vocab, frozen)
+        ms = compare_ms({impl: (lambda fn=_loss_fn(impl): fn(*args).backward()) for impl in impls}, repeats=repeats)
+        gemms = (3 if frozen else 4) * 2 * tokens * 1024 * vocab
+        for peer in impls[1:]:
+            target = "<= 0.8x plain time" if peer == "plain" else "faster than Liger"
+            row = Row(f"distillation fwd+bwd, {'frozen' if frozen else 'trainable'} head", ms["fastft"],
+                      "plain torch" if peer == "plain" else "Liger (eager)", ms[peer], machine.gemm_ms(gemms), target)
+            row.met = row.fastft_ms <= 0.8 * ms[peer] if peer == "plain" else row.speedup > 1
+            rows.append(row)
+    return rows
+
+
+def peak_mib(impl: str, tokens: int, vocab: int, frozen: bool) -> float:
+    """Peak RSS above the inputs of one loss fwd+bwd, in a fresh process."""
+    command = [sys.executable, "-m", "fastft.bench.distillation", "--impl", impl, "--tokens", str(tokens),
+               "--vocab", str(vocab)] + (["--frozen"] if frozen else [])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(output.strip().splitlines()[-1])["peak_mib"]
+
+
+def run_memory(progress=print) -> tuple[list[Row], dict]:
+    rows, growth = [], {}
+    impls = [impl for impl in IMPLS if _available(impl)]
+    for frozen in (False, True):
+        head = "frozen" if frozen else "trainable"
+        progress(f"distillation peak memory, 2048 tokens, V=32000, {head} head (one process per case)")
+        peaks = {impl: peak_mib(impl, 2048, 32000, frozen) for impl in impls}
+        for peer in impls[1:]:
+            target = "<= 0.15x plain" if peer == "plain" else "below Liger"
+            row = Row(f"distillation peak MiB above inputs, {head} head (value in the ms columns)", peaks["fastft"],
+                      "plain torch" if peer == "plain" else "Liger (eager)", peaks[peer], target=target)
+            row.met = peaks["fastft"] <= 0.15 * peaks[peer] if peer == "plain" else peaks["fastft"] < peaks[peer]
+            rows.append(row)
+    for tokens, vocab in ((2048, 32000), (8192, 32000), (16384, 32000), (2048, 128000)):
+        progress(f"fastft distillation peak memory, {tokens} tokens, V={vocab}")
+        growth[f"{tokens} tokens, V={vocab}"] = peak_mib("fastft", tokens, vocab, False)
+    return rows, growth
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--impl", choices=IMPLS, required=True)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--frozen", action="store_true")
+    args = parser.parse_args(argv)
+    loss_fn = _loss_fn(args.impl)
+    inputs = _inputs(args.tokens, args.vocab, args.frozen)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loss_fn(*inputs).backward()
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(json.dumps({"peak_mib": peak}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

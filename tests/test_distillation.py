@@ -1,0 +1,158 @@
+"""fastft.losses.fused_linear_distillation vs the reference formulas on materialized logits."""
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import rel_error
+from fastft.losses import fused_linear_distillation
+from fastft.nn import FusedLinearDistillationLoss
+from fastft.ops import distillation as ops
+from fastft.reference.distillation import distillation_ref, generalized_jsd_ref
+
+GRID = list(itertools.product((0.0, 0.1, 0.5, 0.9, 1.0), (1.0, 2.0, 4.0), (0.0, 0.5, 1.0)))
+
+
+def inputs(dtype=torch.float64, tokens=(2, 7), student=24, teacher=40, vocab=301, bias=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    sh = randn(*tokens, student).requires_grad_()
+    sw = randn(vocab, student).requires_grad_()
+    sb = randn(vocab).requires_grad_() if bias else None
+    labels = torch.randint(0, vocab, tokens, generator=generator)
+    labels.view(-1)[:3] = -100
+    return sh, sw, randn(*tokens, teacher), randn(vocab, teacher), labels, sb, randn(vocab) if bias else None
+
+
+def both(args, **options):
+    sh, sw, th, tw, labels, sb, tb = args
+    ours = fused_linear_distillation(sh, sw, th, tw, labels, student_bias=sb, teacher_bias=tb, **options)
+    theirs = distillation_ref(sh, sw, th, tw, labels, student_bias=sb, teacher_bias=tb, dtype=torch.float64,
+                              **options)
+    grad = torch.randn_like(theirs)
+    params = [t for t in (sh, sw, sb) if t is not None]
+    return ours, theirs, torch.autograd.grad(ours, params, grad.to(ours.dtype)), torch.autograd.grad(theirs, params, grad)
+
+
+@pytest.mark.parametrize("beta,temperature,alpha", GRID)
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+def test_matches_reference_fp64(beta, temperature, alpha, reduction):
+    ours, theirs, ours_grads, their_grads = both(inputs(), beta=beta, temperature=temperature, alpha=alpha,
+                                                 reduction=reduction, scale_by_t2=temperature == 2.0)
+    assert ours.shape == theirs.shape
+    assert rel_error(ours, theirs) < 1e-10
+    for a, b in zip(ours_grads, their_grads):
+        assert rel_error(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("dtype,tolerance", ((torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)))
+def test_lower_precision_inputs(dtype, tolerance):
+    args = inputs(dtype, vocab=32003 // 16)
+    ours, theirs, ours_grads, their_grads = both(args, beta=0.5, temperature=2.0, alpha=0.5)
+    assert ours.dtype == torch.float32  # the loss is fp32 whatever the inputs
+    assert rel_error(ours, theirs) < tolerance
+    for a, b in zip(ours_grads, their_grads):
+        assert a.dtype == dtype and rel_error(a, b) < tolerance
+
+
+def test_beta_endpoints_are_exact_kl_directions():
+    s, t = torch.randn(5, 11, dtype=torch.float64), torch.randn(5, 11, dtype=torch.float64)
+    p, q = t.softmax(-1), s.softmax(-1)
+    assert torch.allclose(generalized_jsd_ref(s, t, 0.0), (p * (p.log() - q.log())).sum(-1))
+    assert torch.allclose(generalized_jsd_ref(s, t, 1.0), (q * (q.log() - p.log())).sum(-1))
+
+
+def test_many_chunks_vocab_not_a_tile_multiple_and_no_labels(monkeypatch):
+    monkeypatch.setattr(ops, "_TILE_BYTES", 4 * 3 * 32003)  # 3 tokens per chunk
+    monkeypatch.setattr(ops, "_VOCAB_TILE", 1000)
+    args = list(inputs(torch.float32, tokens=(10,), vocab=32003, bias=False))
+    args[4] = None
+    ours, theirs, ours_grads, their_grads = both(args, beta=0.9, temperature=4.0)
+    assert rel_error(ours, theirs) < 1e-5
+    for a, b in zip(ours_grads, their_grads):
+        assert rel_error(a, b) < 1e-5
+
+
+def test_num_items_in_batch_and_frozen_head():
+    sh, sw, th, tw, labels, sb, tb = inputs()
+    sw.requires_grad_(False)
+    loss = fused_linear_distillation(sh, sw, th, tw, labels, beta=0.5, num_items_in_batch=40)
+    total = fused_linear_distillation(sh, sw, th, tw, labels, beta=0.5, reduction="sum")
+    assert torch.allclose(loss, total / 40)
+    loss.backward()
+    assert sh.grad is not None and sw.grad is None
+
+
+def test_gradcheck_and_opcheck():
+    sh, sw, th, tw, labels, sb, tb = inputs(tokens=(5,), student=6, teacher=7, vocab=13)
+    for reduction in ("mean", "none"):
+        fn = lambda a, b, c: fused_linear_distillation(  # noqa: E731
+            a, b, th, tw, labels, student_bias=c, beta=0.3, temperature=2.0, alpha=0.7, reduction=reduction)
+        assert torch.autograd.gradcheck(fn, (sh, sw, sb))
+    torch.library.opcheck(torch.ops.fastft.fused_linear_distillation.default,
+                          (sh, sw, th, tw, labels, sb, tb, 0.5, 2.0, 0.5, True, -100, 4.0, False, True, True, True))
+
+
+def test_module_wrapper():
+    sh, sw, th, tw, labels, sb, tb = inputs()
+    module = FusedLinearDistillationLoss(beta=0.1, temperature=2.0, alpha=0.5, scale_by_t2=True)
+    expected = fused_linear_distillation(sh, sw, th, tw, labels, beta=0.1, temperature=2.0, alpha=0.5,
+                                         scale_by_t2=True)
+    assert torch.equal(module(sh, sw, th, tw, labels), expected)
+
+
+def test_bad_inputs():
+    sh, sw, th, tw, labels, sb, tb = inputs()
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        fused_linear_distillation(sh, sw, th, tw[:-1], labels)
+    with pytest.raises(ValueError, match="student_hidden's last dim"):
+        fused_linear_distillation(sh[..., :-1], sw, th, tw, labels)
+    with pytest.raises(ValueError, match="beta must be in"):
+        fused_linear_distillation(sh, sw, th, tw, labels, beta=1.5)
+    with pytest.raises(ValueError, match="needs labels"):
+        fused_linear_distillation(sh, sw, th, tw, None, alpha=0.5)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fused_linear_distillation(sh, sw, th, tw, labels, reduction="batchmean")
+    with pytest.raises(ValueError, match="labels must be integer"):
+        fused_linear_distillation(sh, sw, th, tw, labels.float())
+
+
+PEAK_SCRIPT = """
+import resource, sys, torch
+from fastft.losses import fused_linear_distillation
+tokens, fused = int(sys.argv[1]), sys.argv[2] == "fused"
+torch.manual_seed(0)
+sh = torch.randn(tokens, 32, requires_grad=True); sw = torch.randn(8000, 32, requires_grad=True)
+th = torch.randn(tokens, 32); tw = torch.randn(8000, 32); labels = torch.randint(0, 8000, (tokens,))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if fused:
+    loss = fused_linear_distillation(sh, sw, th, tw, labels)
+else:
+    from fastft.reference.distillation import distillation_ref
+    loss = distillation_ref(sh, sw, th, tw, labels)
+loss.backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_stays_flat_in_tokens():
+    def peak_mib(tokens, mode):
+        # Allocations of 1 MiB and more are mmapped and unmapped on free, so the peak RSS tracks live tensors.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tokens), mode], capture_output=True, text=True,
+                             timeout=300, check=True, env=env).stdout
+        return float(out.strip().splitlines()[-1])
+
+    small, large = peak_mib(1024, "fused"), peak_mib(8192, "fused")
+    plain = peak_mib(8192, "plain")
+    # The head's fp32 gradient accumulator and one chunk's tiles; no tokens x vocab tensor.
+    assert large < small + 32, (small, large)
+    assert large < 0.15 * plain, (large, plain)
