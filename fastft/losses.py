@@ -7,7 +7,8 @@ Semantics are TRL's generalized JSD and Hinton's KD (fastft/reference/distillati
 between teacher and student at temperature T (beta=0 forward KL(P||Q), beta=1 reverse KL(Q||P)), times T^2 when
 scale_by_t2; plus (1 - alpha) * cross-entropy of the student at T=1 when labels are given; tokens labelled
 ignore_index count in neither term; "mean" divides by the valid tokens (or by num_items_in_batch), "sum" and
-"none" (per token, shaped like labels) also. Only the student gets gradients, and its head only when it
+"none" (per token, shaped like labels) also. teacher_topk=k approximates the soft term with the teacher's k most
+likely tokens plus one bucket for the rest of each distribution. Only the student gets gradients, and its head only when it
 requires grad. The loss is fp32 (fp64 for fp64 inputs); logits are accumulated in fp32 for bf16/fp16 inputs.
 """
 
@@ -72,10 +73,13 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
                               student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
                               beta: float = 0.0, temperature: float = 1.0, alpha: float = 1.0,
                               scale_by_t2: bool = False, ignore_index: int = -100, reduction: str = "mean",
-                              num_items_in_batch: int | Tensor | None = None) -> Tensor:
+                              num_items_in_batch: int | Tensor | None = None,
+                              teacher_topk: int | None = None) -> Tensor:
     """Distillation loss from hidden states (..., H_s), (..., H_t) and heads (V, H_s), (V, H_t); see module doc."""
     _check(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
            temperature, alpha, reduction, num_items_in_batch)
+    if teacher_topk is not None and not 0 < teacher_topk < student_weight.shape[0]:
+        raise ValueError(f"teacher_topk must be in 1..{student_weight.shape[0] - 1} (vocab - 1), got {teacher_topk}")
     leading = student_hidden.shape[:-1]
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
@@ -93,6 +97,7 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
     loss, *_ = ops.fused_linear_distillation(
         hidden, student_weight, teacher, teacher_weight.detach(), flat_labels, student_bias,
         None if teacher_bias is None else teacher_bias.detach(), float(beta), float(temperature), float(alpha),
-        bool(scale_by_t2), int(ignore_index), denominator, reduction == "none", student_hidden.requires_grad,
+        bool(scale_by_t2), int(ignore_index), int(teacher_topk or 0), denominator, reduction == "none",
+        student_hidden.requires_grad,
         student_weight.requires_grad, student_bias is not None and student_bias.requires_grad)
     return loss.reshape(leading) if reduction == "none" else loss

@@ -97,7 +97,23 @@ def test_gradcheck_and_opcheck():
             a, b, th, tw, labels, student_bias=c, beta=0.3, temperature=2.0, alpha=0.7, reduction=reduction)
         assert torch.autograd.gradcheck(fn, (sh, sw, sb))
     torch.library.opcheck(torch.ops.fastft.fused_linear_distillation.default,
-                          (sh, sw, th, tw, labels, sb, tb, 0.5, 2.0, 0.5, True, -100, 4.0, False, True, True, True))
+                          (sh, sw, th, tw, labels, sb, tb, 0.5, 2.0, 0.5, True, -100, 0, 4.0, False, True, True, True))
+
+
+@pytest.mark.parametrize("beta", (0.0, 0.5, 1.0))
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_teacher_topk_matches_its_reference(beta, reduction):
+    ours, theirs, ours_grads, their_grads = both(inputs(), beta=beta, temperature=2.0, alpha=0.5,
+                                                 reduction=reduction, teacher_topk=20)
+    assert rel_error(ours, theirs) < 1e-10
+    for a, b in zip(ours_grads, their_grads):
+        assert rel_error(a, b) < 1e-10
+    # with k = vocab - 1 the rest bucket holds one token: the exact loss
+    sh, sw, th, tw, labels, sb, tb = inputs()
+    full = fused_linear_distillation(sh, sw, th, tw, labels, beta=beta)
+    assert torch.allclose(fused_linear_distillation(sh, sw, th, tw, labels, beta=beta, teacher_topk=300), full)
+    with pytest.raises(ValueError, match="teacher_topk must be in 1..300"):
+        fused_linear_distillation(sh, sw, th, tw, labels, teacher_topk=301)
 
 
 def test_module_wrapper():

@@ -15,8 +15,9 @@ class FusedLinearDistillationLoss(nn.Module):
     """
 
     def __init__(self, beta: float = 0.0, temperature: float = 1.0, alpha: float = 1.0, scale_by_t2: bool = False,
-                 ignore_index: int = -100, reduction: str = "mean"):
+                 ignore_index: int = -100, reduction: str = "mean", teacher_topk: int | None = None):
         super().__init__()
+        self.teacher_topk = teacher_topk
         self.beta, self.temperature, self.alpha = beta, temperature, alpha
         self.scale_by_t2, self.ignore_index, self.reduction = scale_by_t2, ignore_index, reduction
 
@@ -27,7 +28,7 @@ class FusedLinearDistillationLoss(nn.Module):
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias=student_bias,
             teacher_bias=teacher_bias, beta=self.beta, temperature=self.temperature, alpha=self.alpha,
             scale_by_t2=self.scale_by_t2, ignore_index=self.ignore_index, reduction=self.reduction,
-            num_items_in_batch=num_items_in_batch)
+            num_items_in_batch=num_items_in_batch, teacher_topk=self.teacher_topk)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, temperature={self.temperature}, alpha={self.alpha}, "

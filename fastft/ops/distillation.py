@@ -6,6 +6,7 @@ is not fp32), then the per-token loss and its gradient with respect to the stude
 into grad_hidden (dz @ W) and, only when the head is trainable, grad_weight (dz^T @ h, fp32 accumulator).
 Peak extra memory: ~8 tiles + the fp32 grad_weight accumulator, independent of the number of tokens.
 
+- teacher_topk > 0: the soft term over the teacher's top-k tokens + a rest bucket; 0: the full vocabulary.
 - fastft::fused_linear_distillation(...) -> (loss, grad_hidden, grad_weight, grad_bias): with a scalar reduction
   (per_token=False) the gradients are computed in the forward pass (scaled by the incoming gradient in
   backward); with per_token=True only the per-token losses, and backward reruns the chunks with per-token weights
@@ -20,6 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
 
 _TILE_BYTES = 8 << 20
 _VOCAB_TILE = 8192
@@ -58,30 +60,59 @@ def _times_weight(dz: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
-def _rows(zs, zt, labels, beta, temperature, alpha, scale_by_t2, ignore_index, want_grad):
-    """Per-row loss and (want_grad) its gradient with respect to the student logits zs."""
+def _jsd_and_bucket_grad(s_logp, t_logp, beta, want_grad):
+    """Generalized JSD between distributions given as log-probabilities (last dim), and h = dL/dq per category
+    (up to a per-row constant, which the softmax Jacobian removes)."""
+    q = s_logp.exp()
+    if beta == 0.0:
+        p = t_logp.exp()
+        return (p * (t_logp - s_logp)).sum(-1), (-p / q if want_grad else None)
+    if beta == 1.0:
+        g = s_logp - t_logp
+        return (q * g).sum(-1), g
+    p = t_logp.exp()
+    log_m = torch.logaddexp(s_logp + math.log(1 - beta), t_logp + math.log(beta))
+    soft = beta * (p * (t_logp - log_m)).sum(-1) + (1 - beta) * (q * (s_logp - log_m)).sum(-1)
+    return soft, (1 - beta) * (s_logp - log_m)
+
+
+def _soft(zs, zt, beta, temperature, want_grad, topk):
+    """Per-row soft term at temperature T, its gradient with respect to zs / T (want_grad), and log Q."""
     s_logp = F.log_softmax(zs / temperature, dim=-1)
     t_logp = F.log_softmax(zt / temperature, dim=-1)
     q = s_logp.exp()
-    if beta == 0.0:  # KL(P || Q): gradient q - p
-        p = t_logp.exp()
-        soft = (p * (t_logp - s_logp)).sum(-1)
-        grad = q - p if want_grad else None
-    else:
-        if beta == 1.0:  # KL(Q || P)
-            g = s_logp - t_logp
-            soft = (q * g).sum(-1)
-        else:
+    if not topk:
+        if beta == 0.0:  # KL(P || Q): gradient q - p, without forming -p / q
             p = t_logp.exp()
-            log_m = torch.logaddexp(s_logp + math.log(1 - beta), t_logp + math.log(beta))
-            soft = beta * (p * (t_logp - log_m)).sum(-1) + (1 - beta) * (q * (s_logp - log_m)).sum(-1)
-            g = (1 - beta) * (s_logp - log_m)  # dL/dq up to a constant
-        grad = q * (g - (q * g).sum(-1, keepdim=True)) if want_grad else None
+            return (p * (t_logp - s_logp)).sum(-1), (q - p if want_grad else None), s_logp
+        soft, h = _jsd_and_bucket_grad(s_logp, t_logp, beta, want_grad)
+        grad = q * (h - (q * h).sum(-1, keepdim=True)) if want_grad else None
+        return soft, grad, s_logp
+    # Teacher top-k + rest bucket: token j's probability feeds its bucket c(j); dL/ds_j = q_j (h_c(j) - sum_c b_c h_c).
+    top = zt.topk(topk, dim=-1).indices
+    in_top = torch.zeros_like(zs, dtype=torch.bool).scatter_(-1, top, True)
+
+    def buckets(logp):
+        rest = torch.logsumexp(logp.masked_fill(in_top, float("-inf")), dim=-1, keepdim=True)
+        return torch.cat([logp.gather(-1, top), rest], dim=-1)
+
+    s_buckets = buckets(s_logp)
+    soft, h = _jsd_and_bucket_grad(s_buckets, buckets(t_logp), beta, want_grad)
+    if not want_grad:
+        return soft, None, s_logp
+    centred = h - (s_buckets.exp() * h).sum(-1, keepdim=True)
+    grad = q * centred[:, -1:]
+    grad.scatter_(-1, top, q.gather(-1, top) * centred[:, :-1])
+    return soft, grad, s_logp
+
+
+def _rows(zs, zt, labels, beta, temperature, alpha, scale_by_t2, ignore_index, want_grad, topk):
+    """Per-row loss and (want_grad) its gradient with respect to the student logits zs."""
+    soft, grad, s_logp = _soft(zs, zt, beta, temperature, want_grad, topk)
     factor = alpha * (temperature**2 if scale_by_t2 else 1.0)
     loss = factor * soft
     if grad is not None:
         grad.mul_(factor / temperature)
-    valid = None
     if labels is not None:
         valid = labels != ignore_index
         if alpha != 1.0:
@@ -89,8 +120,7 @@ def _rows(zs, zt, labels, beta, temperature, alpha, scale_by_t2, ignore_index, w
             log_probs = s_logp if temperature == 1.0 else F.log_softmax(zs, dim=-1)
             loss = loss - (1 - alpha) * log_probs.gather(1, safe.unsqueeze(1)).squeeze(1)
             if grad is not None:
-                probs = q if temperature == 1.0 else log_probs.exp()
-                grad.add_(probs, alpha=1 - alpha)
+                grad.add_(log_probs.exp(), alpha=1 - alpha)
                 grad.scatter_add_(1, safe.unsqueeze(1), torch.full_like(loss, alpha - 1).unsqueeze(1))
         loss = torch.where(valid, loss, torch.zeros_like(loss))
         if grad is not None:
@@ -99,7 +129,8 @@ def _rows(zs, zt, labels, beta, temperature, alpha, scale_by_t2, ignore_index, w
 
 
 def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
-         temperature, alpha, scale_by_t2, ignore_index, row_weights, want_hidden, want_weight, want_bias):
+         temperature, alpha, scale_by_t2, ignore_index, teacher_topk, row_weights, want_hidden, want_weight,
+         want_bias):
     """Chunked pass: per-token losses and, for row_weights (None: no gradients), the weighted gradients."""
     dtype = _compute_dtype(student_hidden, student_weight)
     n, vocab = student_hidden.shape[0], student_weight.shape[0]
@@ -117,7 +148,8 @@ def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
         with torch.no_grad():
             zt = _logits(teacher_hidden[r0:r1], teacher_weight, teacher_bias, dtype)
         chunk_labels = None if labels is None else labels[r0:r1]
-        loss, dz = _rows(zs, zt, chunk_labels, beta, temperature, alpha, scale_by_t2, ignore_index, want_grad)
+        loss, dz = _rows(zs, zt, chunk_labels, beta, temperature, alpha, scale_by_t2, ignore_index, want_grad,
+                         teacher_topk)
         losses[r0:r1] = loss
         if not want_grad:
             continue
@@ -140,20 +172,22 @@ def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
 def fused_linear_distillation(
     student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
     labels: Optional[Tensor], student_bias: Optional[Tensor], teacher_bias: Optional[Tensor], beta: float,
-    temperature: float, alpha: float, scale_by_t2: bool, ignore_index: int, denominator: float, per_token: bool,
-    want_hidden: bool, want_weight: bool, want_bias: bool,
+    temperature: float, alpha: float, scale_by_t2: bool, ignore_index: int, teacher_topk: int, denominator: float,
+    per_token: bool, want_hidden: bool, want_weight: bool, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     row_weights = None if per_token else torch.tensor(1.0 / denominator, dtype=torch.float64)
     losses, grad_hidden, grad_weight, grad_bias = _run(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
-        temperature, alpha, scale_by_t2, ignore_index, row_weights, want_hidden, want_weight, want_bias)
+        temperature, alpha, scale_by_t2, ignore_index, teacher_topk, row_weights, want_hidden, want_weight,
+        want_bias)
     loss = losses if per_token else (losses.sum() / denominator)  # fp32 (fp64 for fp64 inputs)
     return loss, grad_hidden, grad_weight, grad_bias
 
 
 @fused_linear_distillation.register_fake
 def _(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
-      temperature, alpha, scale_by_t2, ignore_index, denominator, per_token, want_hidden, want_weight, want_bias):
+      temperature, alpha, scale_by_t2, ignore_index, teacher_topk, denominator, per_token, want_hidden, want_weight,
+      want_bias):
     gradients = not per_token
     n = student_hidden.shape[0]
     loss_dtype = _compute_dtype(student_hidden, student_weight)
@@ -167,18 +201,19 @@ def _(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, st
 def fused_linear_distillation_backward(
     grad_losses: Tensor, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
     teacher_weight: Tensor, labels: Optional[Tensor], student_bias: Optional[Tensor], teacher_bias: Optional[Tensor],
-    beta: float, temperature: float, alpha: float, scale_by_t2: bool, ignore_index: int, want_hidden: bool,
-    want_weight: bool, want_bias: bool,
+    beta: float, temperature: float, alpha: float, scale_by_t2: bool, ignore_index: int, teacher_topk: int,
+    want_hidden: bool, want_weight: bool, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _, grad_hidden, grad_weight, grad_bias = _run(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
-        temperature, alpha, scale_by_t2, ignore_index, grad_losses, want_hidden, want_weight, want_bias)
+        temperature, alpha, scale_by_t2, ignore_index, teacher_topk, grad_losses, want_hidden, want_weight,
+        want_bias)
     return grad_hidden, grad_weight, grad_bias
 
 
 @fused_linear_distillation_backward.register_fake
 def _(grad_losses, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
-      beta, temperature, alpha, scale_by_t2, ignore_index, want_hidden, want_weight, want_bias):
+      beta, temperature, alpha, scale_by_t2, ignore_index, teacher_topk, want_hidden, want_weight, want_bias):
     return (student_hidden.new_empty(student_hidden.shape if want_hidden else 0),
             student_weight.new_empty(student_weight.shape if want_weight else 0),
             student_hidden.new_empty(student_bias.shape if want_bias else 0))
@@ -186,12 +221,12 @@ def _(grad_losses, student_hidden, student_weight, teacher_hidden, teacher_weigh
 
 def _setup_context(ctx, inputs, output):
     (student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
-     temperature, alpha, scale_by_t2, ignore_index, denominator, per_token, *_) = inputs
+     temperature, alpha, scale_by_t2, ignore_index, teacher_topk, denominator, per_token, *_) = inputs
     ctx.per_token = per_token
     if per_token:  # backward recomputes the chunks with per-token weights
         ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
                               teacher_bias)
-        ctx.options = (beta, temperature, alpha, scale_by_t2, ignore_index)
+        ctx.options = (beta, temperature, alpha, scale_by_t2, ignore_index, teacher_topk)
     else:  # the gradients are outputs already
         ctx.save_for_backward(*output[1:])
     ctx.has_bias = student_bias is not None
@@ -205,7 +240,7 @@ def _backward(ctx, grad_loss, *_):
     else:
         grads = tuple(g * grad_loss.to(g.dtype) if g.numel() else g for g in ctx.saved_tensors)
     grad_hidden, grad_weight, grad_bias = (g if want else None for g, want in zip(grads, wants))
-    return (grad_hidden, grad_weight, None, None, None, grad_bias) + (None,) * 11
+    return (grad_hidden, grad_weight, None, None, None, grad_bias) + (None,) * 12
 
 
 fused_linear_distillation.register_autograd(_backward, setup_context=_setup_context)
