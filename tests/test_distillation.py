@@ -141,20 +141,16 @@ def test_bad_inputs():
 
 
 PEAK_SCRIPT = """
-import resource, sys, torch
+import sys, torch
+from fastft.bench.harness import peak_rss_above_now_mib
 from fastft.losses import fused_linear_distillation
 tokens, fused = int(sys.argv[1]), sys.argv[2] == "fused"
 torch.manual_seed(0)
 sh = torch.randn(tokens, 32, requires_grad=True); sw = torch.randn(8000, 32, requires_grad=True)
 th = torch.randn(tokens, 32); tw = torch.randn(8000, 32); labels = torch.randint(0, 8000, (tokens,))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if fused:
-    loss = fused_linear_distillation(sh, sw, th, tw, labels)
-else:
-    from fastft.reference.distillation import distillation_ref
-    loss = distillation_ref(sh, sw, th, tw, labels)
-loss.backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+from fastft.reference.distillation import distillation_ref
+loss_fn = fused_linear_distillation if fused else distillation_ref
+print(peak_rss_above_now_mib(lambda: loss_fn(sh, sw, th, tw, labels).backward()))
 """
 
 

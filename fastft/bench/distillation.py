@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 
 import torch
 
-from fastft.bench.harness import Machine, Row, compare_ms
+from fastft.bench.harness import Machine, Row, compare_ms, peak_rss_above_now_mib
 
 IMPLS = ("fastft", "plain", "liger")
 
@@ -111,9 +110,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     loss_fn = _loss_fn(args.impl)
     inputs = _inputs(args.tokens, args.vocab, args.frozen)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    loss_fn(*inputs).backward()
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    peak = peak_rss_above_now_mib(lambda: loss_fn(*inputs).backward())
     print(json.dumps({"peak_mib": peak}))
     return 0
 

@@ -57,6 +57,23 @@ def saved_for_backward_bytes(fn, exclude=()) -> int:
     return sum(storages.values())
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_rss_above_now_mib(fn) -> float:
+    """Peak resident memory while running fn(), above the resident memory before it, in MiB (Linux: the peak is
+    reset through /proc/self/clear_refs first, so earlier transients do not count). Run with
+    MALLOC_MMAP_THRESHOLD_ set low so that freed large tensors leave the resident set at once."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
 @dataclass
 class Machine:
     """Measured limits (best of several runs): copy bandwidth (bytes read + written per second) and fp32 GEMM rate."""
