@@ -116,6 +116,15 @@ def test_teacher_topk_matches_its_reference(beta, reduction):
         fused_linear_distillation(sh, sw, th, tw, labels, teacher_topk=301)
 
 
+def test_backward_twice_and_scaled_incoming_gradient():
+    sh, sw, th, tw, labels, sb, tb = inputs()
+    loss = fused_linear_distillation(sh, sw, th, tw, labels, beta=0.5)
+    loss.backward(retain_graph=True)
+    once = sh.grad.clone()
+    (loss * 3).backward()
+    assert torch.allclose(sh.grad, 4 * once)
+
+
 def test_module_wrapper():
     sh, sw, th, tw, labels, sb, tb = inputs()
     module = FusedLinearDistillationLoss(beta=0.1, temperature=2.0, alpha=0.5, scale_by_t2=True)

@@ -238,8 +238,9 @@ def _backward(ctx, grad_loss, *_):
         inputs = ctx.saved_tensors
         grads = fused_linear_distillation_backward(grad_loss, *inputs, *ctx.options, *wants)
     else:
-        # The usual incoming gradient of a loss is exactly 1: hand the precomputed gradients over without a copy.
-        unit = bool(grad_loss == 1)
+        # A loss's incoming gradient is usually exactly 1: then the precomputed gradients are handed over as they
+        # are, without a second V x H buffer (eager tensors only: tracing cannot branch on a value).
+        unit = type(grad_loss) is torch.Tensor and bool(grad_loss == 1)
         grads = tuple(g if unit or not g.numel() else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
     grad_hidden, grad_weight, grad_bias = (g if want else None for g, want in zip(grads, wants))
     return (grad_hidden, grad_weight, None, None, None, grad_bias) + (None,) * 12
