@@ -16,6 +16,8 @@ from torch import nn
 from fastft import nf4
 from fastft.ops import lora as lora_ops
 
+_VARIANT_KWARGS = tuple(getattr(peft_lora, "VARIANT_KWARG_KEYS", ()))  # keyword arguments of LoRA variants (aLoRA)
+
 
 @dataclass
 class PatchReport:
@@ -57,9 +59,10 @@ def _static_reason(layer) -> str | None:
 
 def _runs_fused(layer, kwargs) -> bool:
     """Call-time conditions of peft's plain path: adapters on, unmerged, no mixed batch, no variant kwargs."""
+    variants = getattr(layer, "lora_variant", {})
     return (not layer.disable_adapters and not layer.merged and kwargs.get("adapter_names") is None
-            and all(kwargs.get(k) is None for k in peft_lora.VARIANT_KWARG_KEYS)
-            and not any(name in layer.lora_variant for name in layer.active_adapters))
+            and all(kwargs.get(k) is None for k in _VARIANT_KWARGS)
+            and not any(name in variants for name in layer.active_adapters))
 
 
 def _add_lora(layer, x, result, cast_result_per_adapter: bool):
@@ -81,7 +84,7 @@ def _lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     if not _runs_fused(self, kwargs):
         return self._fastft_peft_class.forward(self, x, *args, **kwargs)
     self._check_forward_args(x, *args, **kwargs)
-    for key in ("adapter_names", *peft_lora.VARIANT_KWARG_KEYS):
+    for key in ("adapter_names", *_VARIANT_KWARGS):
         kwargs.pop(key, None)
     result = self.base_layer(x, *args, **kwargs)
     result_dtype = result.dtype
