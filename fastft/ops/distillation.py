@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastft.ops.backend import backend_for, native_extension
+
 
 _TILE_BYTES = 8 << 20
 _VOCAB_TILE = 8192
@@ -76,18 +78,22 @@ def _jsd_and_bucket_grad(s_logp, t_logp, beta, want_grad):
     return soft, (1 - beta) * (s_logp - log_m)
 
 
-def _soft(zs, zt, beta, temperature, want_grad, topk):
-    """Per-row soft term at temperature T, its gradient with respect to zs / T (want_grad), and log Q."""
+def _soft(zs, zt, beta, temperature, want_grad, topk, grad_scale):
+    """Per-row soft term at temperature T and (want_grad) grad_scale * its gradient with respect to zs / T.
+    zs and zt are this chunk's scratch logits: the native kernel (fp32, CPU, full vocabulary) overwrites them."""
+    if not topk and zs.dtype == torch.float32 and zs.device.type == "cpu" and backend_for("cpu") == "native":
+        soft = native_extension().distill_soft_rows(zs, zt, temperature, beta, grad_scale)
+        return soft, (zs if want_grad else None)
     s_logp = F.log_softmax(zs / temperature, dim=-1)
     t_logp = F.log_softmax(zt / temperature, dim=-1)
     q = s_logp.exp()
     if not topk:
         if beta == 0.0:  # KL(P || Q): gradient q - p, without forming -p / q
             p = t_logp.exp()
-            return (p * (t_logp - s_logp)).sum(-1), (q - p if want_grad else None), s_logp
+            soft = (p * (t_logp - s_logp)).sum(-1)
+            return soft, ((q - p).mul_(grad_scale) if want_grad else None)
         soft, h = _jsd_and_bucket_grad(s_logp, t_logp, beta, want_grad)
-        grad = q * (h - (q * h).sum(-1, keepdim=True)) if want_grad else None
-        return soft, grad, s_logp
+        return soft, (q * (h - (q * h).sum(-1, keepdim=True))).mul_(grad_scale) if want_grad else None
     # Teacher top-k + rest bucket: token j's probability feeds its bucket c(j); dL/ds_j = q_j (h_c(j) - sum_c b_c h_c).
     top = zt.topk(topk, dim=-1).indices
     in_top = torch.zeros_like(zs, dtype=torch.bool).scatter_(-1, top, True)
@@ -99,28 +105,27 @@ def _soft(zs, zt, beta, temperature, want_grad, topk):
     s_buckets = buckets(s_logp)
     soft, h = _jsd_and_bucket_grad(s_buckets, buckets(t_logp), beta, want_grad)
     if not want_grad:
-        return soft, None, s_logp
+        return soft, None
     centred = h - (s_buckets.exp() * h).sum(-1, keepdim=True)
     grad = q * centred[:, -1:]
     grad.scatter_(-1, top, q.gather(-1, top) * centred[:, :-1])
-    return soft, grad, s_logp
+    return soft, grad.mul_(grad_scale)
 
 
 def _rows(zs, zt, labels, beta, temperature, alpha, scale_by_t2, ignore_index, want_grad, topk):
-    """Per-row loss and (want_grad) its gradient with respect to the student logits zs."""
-    soft, grad, s_logp = _soft(zs, zt, beta, temperature, want_grad, topk)
+    """Per-row loss and (want_grad) its gradient with respect to the student logits zs (zs, zt: scratch)."""
     factor = alpha * (temperature**2 if scale_by_t2 else 1.0)
+    with_ce = labels is not None and alpha != 1.0
+    ce_log_probs = F.log_softmax(zs, dim=-1) if with_ce else None  # before zs becomes scratch
+    soft, grad = _soft(zs, zt, beta, temperature, want_grad, topk, factor / temperature)
     loss = factor * soft
-    if grad is not None:
-        grad.mul_(factor / temperature)
     if labels is not None:
         valid = labels != ignore_index
-        if alpha != 1.0:
+        if with_ce:
             safe = torch.where(valid, labels, torch.zeros_like(labels))
-            log_probs = s_logp if temperature == 1.0 else F.log_softmax(zs, dim=-1)
-            loss = loss - (1 - alpha) * log_probs.gather(1, safe.unsqueeze(1)).squeeze(1)
+            loss = loss - (1 - alpha) * ce_log_probs.gather(1, safe.unsqueeze(1)).squeeze(1)
             if grad is not None:
-                grad.add_(log_probs.exp(), alpha=1 - alpha)
+                grad.add_(ce_log_probs.exp_(), alpha=1 - alpha)
                 grad.scatter_add_(1, safe.unsqueeze(1), torch.full_like(loss, alpha - 1).unsqueeze(1))
         loss = torch.where(valid, loss, torch.zeros_like(loss))
         if grad is not None:

@@ -1,0 +1,233 @@
+// Per-row soft term of the distillation loss and its gradient with respect to the student logits, in four passes
+// over a row held in cache: maxima, normalizers, terms (+ the centring sum), gradient. AVX2 with polynomial exp/log
+// (Cephes-style, ~1e-7 relative); scalar libm elsewhere. Formulas: fastft/reference/distillation.py.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "distill_cpu.h"
+#include "nf4_codec.h"
+
+namespace fastft {
+namespace {
+
+struct RowOut {
+  double soft = 0, centre = 0;
+};
+
+// Scalar reference path (also the tail of the vector path).
+inline void terms_scalar(float* zs, float* zt, int64_t j0, int64_t V, float inv_t, float lse_s, float lse_t, float beta,
+                         float log_b, float log_1mb, float scale, RowOut& out) {
+  for (int64_t j = j0; j < V; ++j) {
+    const float s = zs[j] * inv_t - lse_s, t = zt[j] * inv_t - lse_t;
+    const float q = std::exp(s), p = std::exp(t);
+    if (beta == 0.f) {
+      out.soft += static_cast<double>(p * (t - s));
+      zs[j] = scale * (q - p);
+      continue;
+    }
+    float g;
+    if (beta == 1.f) {
+      g = s - t;
+      out.soft += static_cast<double>(q * g);
+    } else {
+      const float a = s + log_1mb, b = t + log_b;
+      const float log_m = std::max(a, b) + std::log1p(std::exp(-std::fabs(a - b)));
+      out.soft += static_cast<double>(beta * p * (t - log_m) + (1.f - beta) * q * (s - log_m));
+      g = (1.f - beta) * (s - log_m);
+    }
+    out.centre += static_cast<double>(q * g);
+    zs[j] = g;
+    zt[j] = q;
+  }
+}
+
+#ifdef FASTFT_X86
+FASTFT_AVX2 inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n ln2, with ln2 split in a part exact in fp32 and a correction
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+
+// log(x) for x in [1, 2] (the argument of log1p(exp(-|d|)))
+FASTFT_AVX2 inline __m256 log_1_2(__m256 x) {
+  // x = m * 2^e with m in [sqrt(1/2), sqrt(2)); log x = e ln2 + log(m), log(1 + f) by a polynomial in f = m - 1
+  const __m256 sqrt2 = _mm256_set1_ps(1.41421356f);
+  const __m256 big = _mm256_cmp_ps(x, sqrt2, _CMP_GE_OQ);
+  const __m256 e = _mm256_and_ps(big, _mm256_set1_ps(1.f));
+  const __m256 m = _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(0.5f)), big);
+  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.f));
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.1514610310e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.1676998740e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.2420140846e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.4249322787e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.6668057665e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.0000714765e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-2.4999993993e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(3.3333331174e-1f));
+  const __m256 f2 = _mm256_mul_ps(f, f);
+  y = _mm256_mul_ps(_mm256_mul_ps(y, f), f2);                       // f^3 P(f)
+  y = _mm256_fnmadd_ps(f2, _mm256_set1_ps(0.5f), y);                // - f^2 / 2
+  y = _mm256_add_ps(y, f);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693147180559945f), y);
+}
+
+FASTFT_AVX2 inline double hsum_pd(__m256d v) {
+  __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+FASTFT_AVX2 inline __m256d add8_pd(__m256d acc, __m256 v) {
+  acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+  return _mm256_add_pd(acc, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+
+FASTFT_AVX2 float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+FASTFT_AVX2 void soft_row_avx2(float* zs, float* zt, int64_t V, float inv_t, float beta, float scale, float& loss) {
+  const int64_t body = V / 8 * 8;
+  const __m256 vinv = _mm256_set1_ps(inv_t);
+  __m256 vms = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), vmt = vms;
+  for (int64_t j = 0; j < body; j += 8) {
+    vms = _mm256_max_ps(vms, _mm256_mul_ps(_mm256_loadu_ps(zs + j), vinv));
+    vmt = _mm256_max_ps(vmt, _mm256_mul_ps(_mm256_loadu_ps(zt + j), vinv));
+  }
+  float max_s = hmax(vms), max_t = hmax(vmt);
+  for (int64_t j = body; j < V; ++j) {
+    max_s = std::max(max_s, zs[j] * inv_t);
+    max_t = std::max(max_t, zt[j] * inv_t);
+  }
+  __m256d sum_s = _mm256_setzero_pd(), sum_t = _mm256_setzero_pd();
+  const __m256 vmax_s = _mm256_set1_ps(max_s), vmax_t = _mm256_set1_ps(max_t);
+  for (int64_t j = 0; j < body; j += 8) {
+    sum_s = add8_pd(sum_s, exp8(_mm256_fmsub_ps(_mm256_loadu_ps(zs + j), vinv, vmax_s)));
+    sum_t = add8_pd(sum_t, exp8(_mm256_fmsub_ps(_mm256_loadu_ps(zt + j), vinv, vmax_t)));
+  }
+  double total_s = hsum_pd(sum_s), total_t = hsum_pd(sum_t);
+  for (int64_t j = body; j < V; ++j) {
+    total_s += std::exp(zs[j] * inv_t - max_s);
+    total_t += std::exp(zt[j] * inv_t - max_t);
+  }
+  const float lse_s = max_s + static_cast<float>(std::log(total_s));
+  const float lse_t = max_t + static_cast<float>(std::log(total_t));
+  const float log_b = beta > 0.f && beta < 1.f ? std::log(beta) : 0.f;
+  const float log_1mb = beta > 0.f && beta < 1.f ? std::log1p(-beta) : 0.f;
+  const __m256 vlse_s = _mm256_set1_ps(lse_s), vlse_t = _mm256_set1_ps(lse_t), vscale = _mm256_set1_ps(scale);
+  const __m256 vbeta = _mm256_set1_ps(beta), v1mb = _mm256_set1_ps(1.f - beta);
+  const __m256 vlog_b = _mm256_set1_ps(log_b), vlog_1mb = _mm256_set1_ps(log_1mb);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256d soft = _mm256_setzero_pd(), centre = _mm256_setzero_pd();
+  for (int64_t j = 0; j < body; j += 8) {
+    const __m256 s = _mm256_fmsub_ps(_mm256_loadu_ps(zs + j), vinv, vlse_s);
+    const __m256 t = _mm256_fmsub_ps(_mm256_loadu_ps(zt + j), vinv, vlse_t);
+    const __m256 q = exp8(s), p = exp8(t);
+    if (beta == 0.f) {
+      soft = add8_pd(soft, _mm256_mul_ps(p, _mm256_sub_ps(t, s)));
+      _mm256_storeu_ps(zs + j, _mm256_mul_ps(vscale, _mm256_sub_ps(q, p)));
+      continue;
+    }
+    __m256 g;
+    if (beta == 1.f) {
+      g = _mm256_sub_ps(s, t);
+      soft = add8_pd(soft, _mm256_mul_ps(q, g));
+    } else {
+      const __m256 a = _mm256_add_ps(s, vlog_1mb), b = _mm256_add_ps(t, vlog_b);
+      const __m256 gap = _mm256_and_ps(_mm256_sub_ps(a, b), abs_mask);
+      const __m256 log_m = _mm256_add_ps(_mm256_max_ps(a, b),
+                                         log_1_2(_mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gap)))));
+      const __m256 teacher_term = _mm256_mul_ps(_mm256_mul_ps(vbeta, p), _mm256_sub_ps(t, log_m));
+      const __m256 student_term = _mm256_mul_ps(_mm256_mul_ps(v1mb, q), _mm256_sub_ps(s, log_m));
+      soft = add8_pd(soft, _mm256_add_ps(teacher_term, student_term));
+      g = _mm256_mul_ps(v1mb, _mm256_sub_ps(s, log_m));
+    }
+    centre = add8_pd(centre, _mm256_mul_ps(q, g));
+    _mm256_storeu_ps(zs + j, g);
+    _mm256_storeu_ps(zt + j, q);
+  }
+  RowOut rest;
+  terms_scalar(zs, zt, body, V, inv_t, lse_s, lse_t, beta, log_b, log_1mb, scale, rest);
+  loss = static_cast<float>(hsum_pd(soft) + rest.soft);
+  if (beta == 0.f) return;
+  const float total_centre = static_cast<float>(hsum_pd(centre) + rest.centre);
+  const __m256 vcentre = _mm256_set1_ps(total_centre);
+  for (int64_t j = 0; j < body; j += 8) {
+    const __m256 g = _mm256_loadu_ps(zs + j), q = _mm256_loadu_ps(zt + j);
+    _mm256_storeu_ps(zs + j, _mm256_mul_ps(vscale, _mm256_mul_ps(q, _mm256_sub_ps(g, vcentre))));
+  }
+  for (int64_t j = body; j < V; ++j) zs[j] = scale * zt[j] * (zs[j] - total_centre);
+}
+#endif
+
+void soft_row_scalar(float* zs, float* zt, int64_t V, float inv_t, float beta, float scale, float& loss) {
+  float max_s = -std::numeric_limits<float>::infinity(), max_t = max_s;
+  for (int64_t j = 0; j < V; ++j) {
+    max_s = std::max(max_s, zs[j] * inv_t);
+    max_t = std::max(max_t, zt[j] * inv_t);
+  }
+  double total_s = 0, total_t = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    total_s += std::exp(zs[j] * inv_t - max_s);
+    total_t += std::exp(zt[j] * inv_t - max_t);
+  }
+  const float lse_s = max_s + static_cast<float>(std::log(total_s));
+  const float lse_t = max_t + static_cast<float>(std::log(total_t));
+  const float log_b = beta > 0.f && beta < 1.f ? std::log(beta) : 0.f;
+  const float log_1mb = beta > 0.f && beta < 1.f ? std::log1p(-beta) : 0.f;
+  RowOut out;
+  terms_scalar(zs, zt, 0, V, inv_t, lse_s, lse_t, beta, log_b, log_1mb, scale, out);
+  loss = static_cast<float>(out.soft);
+  if (beta == 0.f) return;
+  const float centre = static_cast<float>(out.centre);
+  for (int64_t j = 0; j < V; ++j) zs[j] = scale * zt[j] * (zs[j] - centre);
+}
+
+}  // namespace
+
+at::Tensor distill_soft_rows_cpu(at::Tensor& student_logits, at::Tensor& teacher_logits, double temperature,
+                                 double beta, double grad_scale) {
+  TORCH_CHECK(student_logits.scalar_type() == at::kFloat && teacher_logits.scalar_type() == at::kFloat,
+              "distill_soft_rows: logits must be float32");
+  TORCH_CHECK(student_logits.is_contiguous() && teacher_logits.is_contiguous(), "logits must be contiguous");
+  const int64_t rows = student_logits.size(0), V = student_logits.size(1);
+  at::Tensor loss = at::empty({rows}, student_logits.options());
+  float* zs = student_logits.mutable_data_ptr<float>();
+  float* zt = teacher_logits.mutable_data_ptr<float>();
+  float* out = loss.mutable_data_ptr<float>();
+  const float inv_t = static_cast<float>(1.0 / temperature), b = static_cast<float>(beta);
+  const float scale = static_cast<float>(grad_scale);
+  const bool vector = cpu_has_avx2();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+#ifdef FASTFT_X86
+      if (vector) {
+        soft_row_avx2(zs + r * V, zt + r * V, V, inv_t, b, scale, out[r]);
+        continue;
+      }
+#endif
+      soft_row_scalar(zs + r * V, zt + r * V, V, inv_t, b, scale, out[r]);
+    }
+  });
+  return loss;
+}
+
+}  // namespace fastft
