@@ -5,6 +5,8 @@ _TILE_BYTES; per chunk the student and teacher logits are computed (fp32 accumul
 is not fp32), then the per-token loss and its gradient with respect to the student logits, which go straight
 into grad_hidden (dz @ W) and, only when the head is trainable, grad_weight (dz^T @ h, fp32 accumulator).
 Peak extra memory: ~8 tiles + the fp32 grad_weight accumulator, independent of the number of tokens.
+On CPU with fp32 tiles, the per-row soft term and its gradient run in one C++ kernel (csrc/distill_rows.cpp:
+four passes over a cached row, AVX2 exp/log) instead of ~20 torch ops; other cases use torch ops.
 
 - teacher_topk > 0: the soft term over the teacher's top-k tokens + a rest bucket; 0: the full vocabulary.
 - fastft::fused_linear_distillation(...) -> (loss, grad_hidden, grad_weight, grad_bias): with a scalar reduction
