@@ -17,7 +17,33 @@ struct RowOut {
   double soft = 0, centre = 0;
 };
 
-// Scalar reference path (also the tail of the vector path).
+// Scalar pieces, shared by the scalar path (from element 0) and the vector path's tail (from the last multiple of 8).
+inline void tail_max(const float* zs, const float* zt, int64_t j0, int64_t V, float inv_t, float& max_s,
+                     float& max_t) {
+  for (int64_t j = j0; j < V; ++j) {
+    max_s = std::max(max_s, zs[j] * inv_t);
+    max_t = std::max(max_t, zt[j] * inv_t);
+  }
+}
+
+inline void tail_sums(const float* zs, const float* zt, int64_t j0, int64_t V, float inv_t, float max_s, float max_t,
+                      double& total_s, double& total_t) {
+  for (int64_t j = j0; j < V; ++j) {
+    total_s += std::exp(zs[j] * inv_t - max_s);
+    total_t += std::exp(zt[j] * inv_t - max_t);
+  }
+}
+
+inline void tail_centre(float* zs, const float* zt, int64_t j0, int64_t V, float scale, float centre) {
+  for (int64_t j = j0; j < V; ++j) zs[j] = scale * zt[j] * (zs[j] - centre);
+}
+
+inline float log_or_zero(float beta, bool complement) {  // log(beta) / log(1 - beta) for 0 < beta < 1
+  if (!(beta > 0.f && beta < 1.f)) return 0.f;
+  return complement ? std::log1p(-beta) : std::log(beta);
+}
+
+// The per-element terms (the scalar path, and the vector path's tail).
 inline void terms_scalar(float* zs, float* zt, int64_t j0, int64_t V, float inv_t, float lse_s, float lse_t, float beta,
                          float log_b, float log_1mb, float scale, RowOut& out) {
   for (int64_t j = j0; j < V; ++j) {
@@ -113,10 +139,7 @@ FASTFT_AVX2 void soft_row_avx2(float* zs, float* zt, int64_t V, float inv_t, flo
     vmt = _mm256_max_ps(vmt, _mm256_mul_ps(_mm256_loadu_ps(zt + j), vinv));
   }
   float max_s = hmax(vms), max_t = hmax(vmt);
-  for (int64_t j = body; j < V; ++j) {
-    max_s = std::max(max_s, zs[j] * inv_t);
-    max_t = std::max(max_t, zt[j] * inv_t);
-  }
+  tail_max(zs, zt, body, V, inv_t, max_s, max_t);
   __m256d sum_s = _mm256_setzero_pd(), sum_t = _mm256_setzero_pd();
   const __m256 vmax_s = _mm256_set1_ps(max_s), vmax_t = _mm256_set1_ps(max_t);
   for (int64_t j = 0; j < body; j += 8) {
@@ -124,14 +147,10 @@ FASTFT_AVX2 void soft_row_avx2(float* zs, float* zt, int64_t V, float inv_t, flo
     sum_t = add8_pd(sum_t, exp8(_mm256_fmsub_ps(_mm256_loadu_ps(zt + j), vinv, vmax_t)));
   }
   double total_s = hsum_pd(sum_s), total_t = hsum_pd(sum_t);
-  for (int64_t j = body; j < V; ++j) {
-    total_s += std::exp(zs[j] * inv_t - max_s);
-    total_t += std::exp(zt[j] * inv_t - max_t);
-  }
+  tail_sums(zs, zt, body, V, inv_t, max_s, max_t, total_s, total_t);
   const float lse_s = max_s + static_cast<float>(std::log(total_s));
   const float lse_t = max_t + static_cast<float>(std::log(total_t));
-  const float log_b = beta > 0.f && beta < 1.f ? std::log(beta) : 0.f;
-  const float log_1mb = beta > 0.f && beta < 1.f ? std::log1p(-beta) : 0.f;
+  const float log_b = log_or_zero(beta, false), log_1mb = log_or_zero(beta, true);
   const __m256 vlse_s = _mm256_set1_ps(lse_s), vlse_t = _mm256_set1_ps(lse_t), vscale = _mm256_set1_ps(scale);
   const __m256 vbeta = _mm256_set1_ps(beta), v1mb = _mm256_set1_ps(1.f - beta);
   const __m256 vlog_b = _mm256_set1_ps(log_b), vlog_1mb = _mm256_set1_ps(log_1mb);
@@ -174,31 +193,23 @@ FASTFT_AVX2 void soft_row_avx2(float* zs, float* zt, int64_t V, float inv_t, flo
     const __m256 g = _mm256_loadu_ps(zs + j), q = _mm256_loadu_ps(zt + j);
     _mm256_storeu_ps(zs + j, _mm256_mul_ps(vscale, _mm256_mul_ps(q, _mm256_sub_ps(g, vcentre))));
   }
-  for (int64_t j = body; j < V; ++j) zs[j] = scale * zt[j] * (zs[j] - total_centre);
+  tail_centre(zs, zt, body, V, scale, total_centre);
 }
 #endif
 
 void soft_row_scalar(float* zs, float* zt, int64_t V, float inv_t, float beta, float scale, float& loss) {
   float max_s = -std::numeric_limits<float>::infinity(), max_t = max_s;
-  for (int64_t j = 0; j < V; ++j) {
-    max_s = std::max(max_s, zs[j] * inv_t);
-    max_t = std::max(max_t, zt[j] * inv_t);
-  }
+  tail_max(zs, zt, 0, V, inv_t, max_s, max_t);
   double total_s = 0, total_t = 0;
-  for (int64_t j = 0; j < V; ++j) {
-    total_s += std::exp(zs[j] * inv_t - max_s);
-    total_t += std::exp(zt[j] * inv_t - max_t);
-  }
+  tail_sums(zs, zt, 0, V, inv_t, max_s, max_t, total_s, total_t);
   const float lse_s = max_s + static_cast<float>(std::log(total_s));
   const float lse_t = max_t + static_cast<float>(std::log(total_t));
-  const float log_b = beta > 0.f && beta < 1.f ? std::log(beta) : 0.f;
-  const float log_1mb = beta > 0.f && beta < 1.f ? std::log1p(-beta) : 0.f;
   RowOut out;
-  terms_scalar(zs, zt, 0, V, inv_t, lse_s, lse_t, beta, log_b, log_1mb, scale, out);
+  terms_scalar(zs, zt, 0, V, inv_t, lse_s, lse_t, beta, log_or_zero(beta, false), log_or_zero(beta, true), scale,
+               out);
   loss = static_cast<float>(out.soft);
   if (beta == 0.f) return;
-  const float centre = static_cast<float>(out.centre);
-  for (int64_t j = 0; j < V; ++j) zs[j] = scale * zt[j] * (zs[j] - centre);
+  tail_centre(zs, zt, 0, V, scale, static_cast<float>(out.centre));
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "nf4_cpu.h"
@@ -14,8 +15,9 @@ namespace fastft {
 
 bool cpu_has_avx2() {
 #ifdef FASTFT_X86
+  // FASTFT_NO_AVX2=1 forces the scalar paths (what CPUs without AVX2 run), e.g. to test them.
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+                          __builtin_cpu_supports("f16c") && std::getenv("FASTFT_NO_AVX2") == nullptr;
   return has;
 #else
   return false;

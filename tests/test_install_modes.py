@@ -45,3 +45,39 @@ def test_quantize_model_needs_no_bitsandbytes():
         "print(model(torch.randint(0, 64, (1, 5))).logits.shape)\n")
     assert result.returncode == 0, result.stderr
     assert "NF4Linear" in result.stdout and "torch.Size([1, 5, 64])" in result.stdout
+
+
+SCALAR_CHECK = """
+import torch, fastft
+from fastft import _C
+from fastft.ops import use_backend
+from fastft.losses import fused_linear_distillation
+assert not _C.has_avx2()
+torch.manual_seed(0)
+packed, state = fastft.nf4.quantize(torch.randn(96, 128), 64, double_quant=True)
+x = torch.randn(3, 128)
+sh, sw = torch.randn(9, 16), torch.randn(203, 16)
+th, tw = torch.randn(9, 24), torch.randn(203, 24)
+results = {}
+for name in ("native", "reference"):
+    with use_backend(name):
+        results[name] = (fastft.nf4.dequantize(packed, state), fastft.nf4.matmul(x, packed, state),
+                         fastft.nf4.matmul(torch.randn(40, 128, generator=torch.Generator().manual_seed(1)),
+                                           packed, state),
+                         fused_linear_distillation(sh, sw, th, tw, beta=0.3, temperature=2.0, reduction="none"))
+native, reference = results["native"], results["reference"]
+assert torch.equal(native[0], reference[0])
+for a, b in zip(native[1:], reference[1:]):
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (a - b).abs().max()
+print("scalar paths ok")
+"""
+
+
+@pytest.mark.slow
+def test_scalar_cpu_paths_match_the_reference():
+    import os
+
+    result = subprocess.run([sys.executable, "-c", SCALAR_CHECK], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, FASTFT_NO_AVX2="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "scalar paths ok" in result.stdout

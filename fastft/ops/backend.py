@@ -4,6 +4,7 @@ Defaults: CPU tensors take "native" when the extension `fastft._C` is built, els
 "triton" when Triton is importable, else "reference". `FASTFT_BACKEND=reference|native|triton` (or `set_backend`)
 forces one path; a forced path that cannot run on the tensors' device raises instead of falling back silently.
 Triton on CPU tensors runs only under the Triton interpreter (`TRITON_INTERPRET=1`), which the tests use.
+`FASTFT_NO_AVX2=1` makes the C++ kernels take their scalar paths (what CPUs without AVX2 run).
 """
 
 from __future__ import annotations
