@@ -100,8 +100,18 @@ def _linear4bit_base(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if base.compute_dtype is not None:
         x = x.to(base.compute_dtype)
     bias = None if base.bias is None else base.bias.to(x.dtype)
-    state = nf4.NF4State.from_bnb(base.weight.quant_state)
-    return nf4.matmul(x, base.weight.data, state, bias).to(input_dtype)
+    return nf4.matmul(x, base.weight.data, _nf4_state(base), bias).to(input_dtype)
+
+
+def _nf4_state(base: nn.Module) -> nf4.NF4State:
+    """The NF4State view of a bitsandbytes layer's QuantState, built once per QuantState (reading the
+    double-quant offset is a host sync on GPU) and kept outside the module's parameters and buffers."""
+    quant_state = base.weight.quant_state
+    cached = base.__dict__.get("_fastft_nf4_state")
+    if cached is None or cached[0] is not quant_state:
+        cached = (quant_state, nf4.NF4State.from_bnb(quant_state))
+        base.__dict__["_fastft_nf4_state"] = cached
+    return cached[1]
 
 
 def _lora_linear4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

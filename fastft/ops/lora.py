@@ -53,7 +53,8 @@ def _dropped(x: Tensor, dtype: torch.dtype, p: float, seed: int) -> Tensor:
 def lora_delta(x: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, dropout_p: float, seed: int,
                lora_bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     u = _dropped(x, lora_A.dtype, dropout_p, seed) @ lora_A.t()
-    delta = torch.nn.functional.linear(u.to(lora_B.dtype), lora_B, lora_bias) * scale
+    # Scaled after the product, as peft does (same rounding), in place: no second (tokens, out) tensor.
+    delta = torch.nn.functional.linear(u.to(lora_B.dtype), lora_B, lora_bias).mul_(scale)
     return delta.reshape(*x.shape[:-1], lora_B.shape[0]), u
 
 
