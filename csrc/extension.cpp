@@ -1,6 +1,7 @@
 // Python bindings of the CPU kernels (module fastft._C). The torch.library ops in fastft/ops call these.
 #include <torch/extension.h>
 
+#include "bottleneck_cpu.h"
 #include "distill_cpu.h"
 #include "lora_cpu.h"
 #include "nf4_cpu.h"
@@ -40,6 +41,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_4bit", &fastft::linear, "y = x @ W^T (+ bias) with a packed 4-bit W");
   m.def("linear_4bit_grad_input", &fastft::linear_grad_input, "dx = dy @ W with a packed 4-bit W");
   m.def("lora_dropout", &fastft::lora_dropout_cpu, "counter-based dropout: x * keep(seed, index) / (1 - p)");
+  m.def("residual_addmm", &fastft::residual_addmm_cpu, "residual + alpha * (a @ b + bias) for a small inner dim",
+        py::arg("residual"), py::arg("a"), py::arg("b"), py::arg("bias"), py::arg("alpha"));
   m.def("distill_soft_rows", &fastft::distill_soft_rows_cpu,
         "per-row generalized JSD and its scaled gradient, written over the student logits tile (fp32)");
 }

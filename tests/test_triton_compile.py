@@ -1,4 +1,4 @@
-"""The Triton kernels of kernels/nf4.py compile for an H100 (sm_90) down to a cubin, without a GPU.
+"""The Triton kernels of kernels/nf4.py and kernels/bottleneck.py compile for an H100 (sm_90) down to a cubin, without a GPU.
 
 The interpreter tests check the arithmetic; this checks what only the real compiler sees (tl.dot operand
 shapes and dtypes, layouts, constexpr branches)."""
@@ -48,3 +48,19 @@ def test_kernels_compile_for_sm90(dtype):
     if dtype == "bf16":  # half-precision tiles go to Hopper's tensor cores; fp32 stays IEEE (no TF32) by design
         assert "wgmma" in matmul.asm["ptx"]  # 64-row tiles: warpgroup MMA
         assert "mma" in grad_input.asm["ptx"]  # 16-row tiles: mma.sync
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epilogue", ("DOWN", "RESIDUAL", "ACT_GRAD"))
+def test_bottleneck_kernel_compiles_for_sm90(epilogue):
+    from fastft.kernels import bottleneck
+
+    kernel = bottleneck._bottleneck_matmul_kernel
+    constexprs = {"EPILOGUE": getattr(bottleneck, epilogue), "ACTIVATION": 1, "HAS_BIAS": epilogue != "ACT_GRAD",
+                  "INTERPRET_BF16": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
+    scalars = {"scale": "fp32"}
+    signature = {name: "constexpr" if name in constexprs else "*bf16" if name.endswith("_ptr")
+                 else scalars.get(name, "i32") for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"] and "wgmma" in compiled.asm["ptx"]

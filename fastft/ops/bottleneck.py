@@ -1,0 +1,168 @@
+"""torch.library op of the bottleneck adapter (formula: fastft/reference/bottleneck.py).
+
+fastft::bottleneck_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual, ln_weight, ln_bias,
+layer_norm, ln_eps) -> (out, z, mean, rstd); callers use out. z is the pre-activation down(norm(x)) (tokens, r),
+mean and rstd the LayerNorm statistics (empty without the norm); they are outputs so autograd can save them.
+
+Forward, CPU: ATen GEMM for the down-projection, then the up-projection fused with the residual add
+(`fastft._C.residual_addmm`, fp32) so the (tokens, hidden) product is never written and read back. CUDA: Triton
+kernels with the bias + activation in the down-projection's epilogue and the residual in the up-projection's.
+Backward recomputes a = act(z) (and norm(x) from x, mean, rstd) instead of saving them:
+    dW_up = s dy^T a,  db_up = s sum dy,  dz = s (dy W_up) * act'(z),  dW_down = dz^T norm(x),  db_down = sum dz,
+    dx = dy (sequential adapter) + norm'(dz W_down),  d residual = dy (parallel adapter).
+Saved for backward: x (the layer's hidden states, which the surrounding model holds anyway), z (r * itemsize
+bytes per token) and, with the norm, mean and rstd (8 bytes per token). Plain torch saves z and act(z) (twice as
+many bottleneck bytes) plus, with a LayerNorm, the normalized x (hidden * itemsize bytes per token).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastft.ops.backend import backend_for, native_extension
+from fastft.reference import bottleneck as ref
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _normalized(v: Tensor, ln_weight, ln_bias, layer_norm: bool, ln_eps: float):
+    if not layer_norm:
+        return v, v.new_empty(0), v.new_empty(0)  # no statistics without the norm
+    out, mean, rstd = torch.native_layer_norm(v, (v.shape[-1],), ln_weight, ln_bias, ln_eps)
+    return out, mean, rstd
+
+
+def _all_fp32(*tensors) -> bool:
+    return all(t is None or t.dtype == torch.float32 for t in tensors)
+
+
+@torch.library.custom_op("fastft::residual_addmm", mutates_args=())
+def residual_addmm(residual: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], alpha: float) -> Tensor:
+    """residual + alpha * (a @ b + bias): residual (M, N), a (M, K), b (K, N), bias (N,) or None, a, b and bias of
+    one dtype; the result in residual's dtype. Used for the up-projection with its residual add and for
+    backward's dx = dy + dz @ W_down, in one pass over residual and result."""
+    return residual + (torch.nn.functional.linear(a, b.t(), bias) * alpha).to(residual.dtype)
+
+
+@residual_addmm.register_kernel(("cpu", "cuda"))
+def _(residual, a, b, bias, alpha):
+    backend = backend_for(residual.device.type)
+    if backend == "native" and _all_fp32(residual, a, b, bias):
+        return native_extension().residual_addmm(residual, a, b, bias, alpha)
+    if backend == "triton" and residual.dtype == a.dtype and residual.stride(-1) == 1:
+        from fastft.kernels import bottleneck as kernels
+
+        return kernels.residual_matmul(residual, a, b, bias, alpha)
+    return residual + (torch.nn.functional.linear(a, b.t(), bias) * alpha).to(residual.dtype)
+
+
+@residual_addmm.register_fake
+def _(residual, a, b, bias, alpha):
+    return torch.empty_like(residual, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastft::bottleneck_activation_grad", mutates_args=())
+def bottleneck_activation_grad(dy: Tensor, w_up: Tensor, z: Tensor, scale: float, activation: str) -> Tensor:
+    """dz = scale * (dy @ W_up) * act'(z): dy (M, H) and W_up (H, r) of one dtype, z (M, r)."""
+    return ref.activation_grad(torch.mm(dy, w_up).mul_(scale), z, activation)
+
+
+@bottleneck_activation_grad.register_kernel(("cpu", "cuda"))
+def _(dy, w_up, z, scale, activation):
+    if backend_for(dy.device.type) == "triton":
+        from fastft.kernels import bottleneck as kernels
+
+        return kernels.activation_grad_matmul(dy.contiguous(), w_up, z.contiguous(), scale, activation)
+    return ref.activation_grad(torch.mm(dy, w_up).mul_(scale), z, activation)
+
+
+@bottleneck_activation_grad.register_fake
+def _(dy, w_up, z, scale, activation):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastft::bottleneck_adapter", mutates_args=())
+def bottleneck_adapter(x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
+                       activation: str, scale: float, residual: Optional[Tensor], ln_weight: Optional[Tensor],
+                       ln_bias: Optional[Tensor], layer_norm: bool, ln_eps: float
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ref.check_activation(activation)
+    rows = _rows(x)
+    base = rows if residual is None else _rows(residual)
+    v, mean, rstd = _normalized(rows.to(w_down.dtype), ln_weight, ln_bias, layer_norm, ln_eps)
+    if backend_for(x.device.type) == "triton":
+        from fastft.kernels import bottleneck as kernels
+
+        z, a = kernels.bottleneck_down(v.contiguous(), w_down, b_down, activation)
+    else:
+        z = torch.nn.functional.linear(v, w_down, b_down)
+        a = ref.activate(z, activation)
+    out = residual_addmm(base, a, w_up.t(), b_up, scale)
+    return out.reshape(x.shape), z, mean, rstd
+
+
+@bottleneck_adapter.register_fake
+def _(x, w_down, b_down, w_up, b_up, activation, scale, residual, ln_weight, ln_bias, layer_norm, ln_eps):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    base = x if residual is None else residual
+    stats_shape = (rows, 1) if layer_norm else (0,)
+    return (torch.empty_like(base, memory_format=torch.contiguous_format).reshape(x.shape),
+            x.new_empty(rows, w_down.shape[0], dtype=w_down.dtype),
+            x.new_empty(stats_shape, dtype=w_down.dtype), x.new_empty(stats_shape, dtype=w_down.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_down, b_down, w_up, b_up, activation, scale, residual, ln_weight, ln_bias, layer_norm, ln_eps = inputs
+    _, z, mean, rstd = output
+    ctx.save_for_backward(x, w_down, w_up, ln_weight, ln_bias, z, mean, rstd)
+    ctx.activation, ctx.scale, ctx.layer_norm, ctx.ln_eps = activation, scale, layer_norm, ln_eps
+    ctx.has_residual = residual is not None
+    ctx.has_b_down, ctx.has_b_up = b_down is not None, b_up is not None
+
+
+def _backward(ctx, grad_out, _grad_z, _grad_mean, _grad_rstd):
+    x, w_down, w_up, ln_weight, ln_bias, z, mean, rstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    activation, scale = ctx.activation, ctx.scale
+    dy = _rows(grad_out)
+    g = dy.to(w_up.dtype)
+    grad_w_up = grad_b_up = grad_w_down = grad_b_down = grad_x = grad_residual = grad_ln_w = grad_ln_b = None
+    accumulate = torch.promote_types(w_up.dtype, torch.float32)
+    if needs[3]:
+        grad_w_up = torch.mm(g.t(), ref.activate(z, activation)).mul_(scale)
+    if ctx.has_b_up and needs[4]:
+        grad_b_up = g.sum(0, dtype=accumulate).mul_(scale).to(w_up.dtype)
+    dz = bottleneck_activation_grad(g, w_up, z, scale, activation)
+    need_v = needs[1] or needs[0] or needs[8] or needs[9]
+    rows = _rows(x)
+    v = rows.to(w_down.dtype) if need_v else None
+    if needs[1]:
+        normalized = _normalized(v, ln_weight, ln_bias, ctx.layer_norm, ctx.ln_eps)[0]
+        grad_w_down = torch.mm(dz.t(), normalized)
+    if ctx.has_b_down and needs[2]:
+        grad_b_down = dz.sum(0, dtype=torch.promote_types(dz.dtype, torch.float32)).to(w_down.dtype)
+    if needs[0] or needs[8] or needs[9]:
+        sequential = not ctx.has_residual
+        if sequential and not ctx.layer_norm and dy.dtype == w_down.dtype:
+            grad_rows = residual_addmm(dy, dz, w_down, None, 1.0)  # dx = dy + dz @ W_down in one pass
+        else:
+            grad_v = torch.mm(dz, w_down)
+            if ctx.layer_norm:
+                grad_v, grad_ln_w, grad_ln_b = torch.ops.aten.native_layer_norm_backward(
+                    grad_v, v, (v.shape[-1],), mean, rstd, ln_weight, ln_bias, [True, needs[8], needs[9]])
+            grad_rows = grad_v.to(x.dtype)
+            if sequential:
+                grad_rows = grad_rows + dy
+        grad_x = grad_rows.reshape(x.shape) if needs[0] else None
+    if ctx.has_residual and needs[7]:
+        grad_residual = grad_out
+    return (grad_x, grad_w_down, grad_b_down, grad_w_up, grad_b_up, None, None, grad_residual, grad_ln_w,
+            grad_ln_b, None, None)
+
+
+bottleneck_adapter.register_autograd(_backward, setup_context=_setup_context)
