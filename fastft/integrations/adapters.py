@@ -22,6 +22,7 @@ ones (`set_active`) run in the order given, so a stack ["language", "task"] comp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,13 +93,15 @@ class _State:
     configs: dict = dataclasses.field(default_factory=dict)  # name -> AdapterConfig
     active: list = dataclasses.field(default_factory=list)
     base_requires_grad: dict = dataclasses.field(default_factory=dict)  # parameter name -> flag before adapters
-    handles: dict = dataclasses.field(default_factory=dict)  # id(projection) -> hook handles
+    handles: dict = dataclasses.field(default_factory=dict)  # projection's name -> hook handles
 
 
 def _projections(module: nn.Module) -> list[nn.Module]:
+    """The Linear / Conv1D layers of `module` in registration order, leaving out those of adapters."""
     from transformers.pytorch_utils import Conv1D
 
-    return [m for m in module.modules() if isinstance(m, (nn.Linear, Conv1D))]
+    in_adapters = {id(m) for slot in module.modules() if isinstance(slot, AdapterSlot) for m in slot.modules()}
+    return [m for m in module.modules() if isinstance(m, (nn.Linear, Conv1D)) and id(m) not in in_adapters]
 
 
 def _attention(block: nn.Module) -> Optional[nn.Module]:
@@ -150,17 +153,16 @@ def _output_hook(module, args, output):
     return module.fastft_adapters.run(output)
 
 
-def _capture_input(slot: AdapterSlot):
-    def hook(module, args):
-        slot.parallel_input = args[0]
-    return hook
+def _capture_input(slot: AdapterSlot, module, args):
+    slot.parallel_input = args[0]
 
 
 def add_adapters(model: nn.Module, config: Optional[AdapterConfig] = None, name: str = "default",
-                 activate: bool = True) -> list[str]:
+                 activate: bool = True, modules_to_train: Sequence[str] = ()) -> list[str]:
     """Add a bottleneck adapter named `name` to every block of a transformers model (in place), freeze the base
-    model's parameters, and (with `activate`) append it to the active adapters. Returns the names of the
-    projections the new adapters follow."""
+    model's parameters except those of `modules_to_train` (module names or their last component, e.g.
+    "classifier" for a new task head), and (with `activate`) append it to the active adapters. Returns the names
+    of the projections the new adapters follow."""
     config = config or AdapterConfig()
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a fastft.adapters.AdapterConfig, got {type(config).__name__}")
@@ -171,30 +173,40 @@ def add_adapters(model: nn.Module, config: Optional[AdapterConfig] = None, name:
         raise ValueError(f"an adapter named {name!r} already exists; remove it first or pick another name")
     sites = _sites(model)
     wanted = [s for s in sites if config.placement == "houlsby" or s.sublayer == "ffn"]
+    to_train = []
+    for module_name in (modules_to_train,) if isinstance(modules_to_train, str) else modules_to_train:
+        matches = [m for n, m in model.named_modules() if n == module_name or n.endswith("." + module_name)]
+        if not matches:
+            raise ValueError(f"modules_to_train: no module named {module_name!r} in {type(model).__name__}")
+        to_train += matches
     if state is None:
         state = _State(base_requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         object.__setattr__(model, "fastft_adapter_state", state)
         for p in model.parameters():
             p.requires_grad_(False)
+    for module in to_train:
+        module.requires_grad_(True)
     names = {id(m): n for n, m in model.named_modules()}
     placed = []
     for site in wanted:
         projection = site.output
+        projection_name = names[id(projection)]
         slot = getattr(projection, "fastft_adapters", None)
         if slot is None:
             slot = AdapterSlot()
             projection.fastft_adapters = slot
-            state.handles[id(projection)] = [projection.register_forward_hook(_output_hook)]
+            state.handles[projection_name] = [projection.register_forward_hook(_output_hook)]
         if config.placement == "parallel":
             if not slot.parallel:  # the first parallel adapter here: capture the sublayer's input
-                hook = site.parallel_input.register_forward_pre_hook(_capture_input(slot))
-                state.handles[id(projection)].append(hook)
+                # a partial, not a closure, so that deepcopy(model) points the copy's hook at the copy's slot
+                hook = site.parallel_input.register_forward_pre_hook(functools.partial(_capture_input, slot))
+                state.handles[projection_name].append(hook)
             slot.parallel.add(name)
         weight = projection.weight
         slot.adapters[name] = BottleneckAdapter(
             _hidden_size(projection), config.reduction_factor, config.bottleneck_size, config.activation,
             config.init, config.layer_norm, config.scale, dtype=_adapter_dtype(projection), device=weight.device)
-        placed.append(names[id(projection)])
+        placed.append(projection_name)
     state.configs[name] = config
     if activate:
         set_active(model, state.active + [name])
@@ -291,7 +303,7 @@ def remove_adapters(model: nn.Module, names: Union[str, Sequence[str], None] = N
     unknown = [n for n in names if n not in state.configs]
     if unknown:
         raise ValueError(f"unknown adapter name(s) {unknown}; the model has {sorted(state.configs)}")
-    for module in list(model.modules()):
+    for module_name, module in list(model.named_modules()):
         slot = getattr(module, "fastft_adapters", None)
         if not isinstance(slot, AdapterSlot):
             continue
@@ -300,7 +312,7 @@ def remove_adapters(model: nn.Module, names: Union[str, Sequence[str], None] = N
                 del slot.adapters[name]
                 slot.parallel.discard(name)
         if len(slot.adapters) == 0:
-            for handle in state.handles.pop(id(module)):
+            for handle in state.handles.pop(module_name):
                 handle.remove()
             del module.fastft_adapters
     for name in names:
