@@ -41,8 +41,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_4bit", &fastft::linear, "y = x @ W^T (+ bias) with a packed 4-bit W");
   m.def("linear_4bit_grad_input", &fastft::linear_grad_input, "dx = dy @ W with a packed 4-bit W");
   m.def("lora_dropout", &fastft::lora_dropout_cpu, "counter-based dropout: x * keep(seed, index) / (1 - p)");
-  m.def("residual_addmm", &fastft::residual_addmm_cpu, "residual + alpha * (a @ b + bias) for a small inner dim",
-        py::arg("residual"), py::arg("a"), py::arg("b"), py::arg("bias"), py::arg("alpha"));
+  m.def("bottleneck_forward", &fastft::bottleneck_forward_cpu,
+        "(out, z): z = v @ w_down^T + b_down, out = residual + scale * (act(z) @ w_up^T + b_up) (fp32)");
+  m.def("bottleneck_input_grad", &fastft::bottleneck_input_grad_cpu,
+        "(dz, dv): dz = act'(z) * scale * (dy @ w_up), dv = [dy +] dz @ w_down (fp32)");
   m.def("distill_soft_rows", &fastft::distill_soft_rows_cpu,
         "per-row generalized JSD and its scaled gradient, written over the student logits tile (fp32)");
 }

@@ -43,11 +43,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run a benchmark suite side by side with the peers")
-    bench.add_argument("--suite", default="quick", choices=["quick", "lora", "distill"],
+    bench.add_argument("--suite", default="quick", choices=["quick", "lora", "distill", "adapters"],
                        help="which suite (default: quick)")
     bench.add_argument("--out", default="bench/results", help="where JSON, Markdown and PNG results go")
     bench.add_argument("--repeats", type=int, default=5,
-                       help="timed runs per case, median reported (lora suite: training steps per case)")
+                       help="timed runs per case, median reported (lora and adapters suites: training steps per case)")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     bench.set_defaults(func=_bench)
     info = sub.add_parser("info", help="which implementation each op uses on this machine, and why")

@@ -120,21 +120,31 @@ def test_ragged_shapes(rows, hidden, r, batch):
 
 
 @pytest.mark.skipif(native_extension() is None, reason="needs the C++ extension")
-@pytest.mark.parametrize("shape", ((1, 1, 1), (6, 64, 16), (7, 13, 17), (130, 64, 1000), (5, 3, 33)))
-@pytest.mark.parametrize("with_bias", (False, True))
-def test_native_residual_addmm(shape, with_bias):
-    rows, k, n = shape
+@pytest.mark.parametrize("shape", ((1, 1, 1), (6, 64, 16), (7, 13, 17), (130, 1000, 64), (200, 33, 5)))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_native_kernels_match_reference(shape, activation):
+    """fastft._C's fused forward and input gradient on ragged shapes (chunks of 64 rows, 6-row tiles, 16-column
+    panels), against the plain-torch formulas in fp64."""
+    tokens, hidden, r = shape
     g = torch.Generator().manual_seed(0)
-    residual, a, b = (torch.randn(*s, generator=g) for s in ((rows, n), (rows, k), (k, n)))
-    bias = torch.randn(n, generator=g) if with_bias else None
-    expected = residual.double() + 0.7 * (a.double() @ b.double() + (bias.double() if with_bias else 0))
-    out = native_extension().residual_addmm(residual, a, b, bias, 0.7)
-    assert rel_error(out, expected) < 1e-6
-    # a transposed (non-contiguous) b, as the up-projection passes W_up^T
-    out_t = native_extension().residual_addmm(residual, a, b.t().contiguous().t(), bias, 0.7)
-    assert torch.equal(out, out_t)
+    v, residual, dy = (torch.randn(tokens, hidden, generator=g) for _ in range(3))
+    w_down, w_up = torch.randn(r, hidden, generator=g) / 4, torch.randn(hidden, r, generator=g) / 4
+    b_down, b_up = torch.randn(r, generator=g), torch.randn(hidden, generator=g)
+    out, z = native_extension().bottleneck_forward(v, residual, w_down, b_down, w_up, b_up, activation, 0.7)
+    z64 = v.double() @ w_down.double().t() + b_down.double()
+    expected = bottleneck_adapter_ref(v.double(), w_down.double(), b_down.double(), w_up.double(), b_up.double(),
+                                      activation, 0.7, residual.double())
+    assert rel_error(z, z64) < 1e-5 and rel_error(out, expected) < 1e-5
+    for add_dy in (False, True):
+        dz, dv = native_extension().bottleneck_input_grad(dy, z, w_up, w_down, activation, 0.7, add_dy)
+        dz64, dv64 = ops._input_grad_ref(dy.double(), z.double(), w_up.double(), w_down.double(), activation, 0.7,
+                                         add_dy)
+        assert rel_error(dz, dz64) < 1e-5 and rel_error(dv, dv64) < 1e-5
     with pytest.raises(RuntimeError, match="do not chain"):
-        native_extension().residual_addmm(residual, a, b[:, :-1] if n > 1 else b[:0], bias, 1.0)
+        native_extension().bottleneck_forward(v, residual, w_down, b_down, w_up[:, :-1] if r > 1 else w_up[:0],
+                                              b_up, activation, 1.0)
+    with pytest.raises(RuntimeError, match="float32"):
+        native_extension().bottleneck_input_grad(dy.double(), z, w_up, w_down, activation, 1.0, True)
 
 
 def test_saves_half_of_plain_torch_bottleneck_bytes():
@@ -163,10 +173,10 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastft.bottleneck_adapter.default,
                           (x, a["w_down"], a["b_down"], a["w_up"], a["b_up"], "relu", 0.5, a["residual"],
                            a["ln_weight"], a["ln_bias"], True, 1e-5))
-    torch.library.opcheck(torch.ops.fastft.residual_addmm.default,
-                          (torch.randn(6, 12), torch.randn(6, 3), torch.randn(3, 12), torch.randn(12), 0.5))
-    torch.library.opcheck(torch.ops.fastft.bottleneck_activation_grad.default,
-                          (torch.randn(6, 12), torch.randn(12, 3), torch.randn(6, 3), 0.5, "silu"))
+    for add_dy in (False, True):
+        torch.library.opcheck(torch.ops.fastft.bottleneck_input_grad.default,
+                              (torch.randn(6, 12), torch.randn(6, 3), torch.randn(12, 3), torch.randn(3, 12), "silu",
+                               0.5, add_dy))
 
 
 def test_bad_activation_is_named():

@@ -52,19 +52,24 @@ import torch, fastft
 from fastft import _C
 from fastft.ops import use_backend
 from fastft.losses import fused_linear_distillation
+from fastft.nn import BottleneckAdapter
 assert not _C.has_avx2()
 torch.manual_seed(0)
 packed, state = fastft.nf4.quantize(torch.randn(96, 128), 64, double_quant=True)
 x = torch.randn(3, 128)
 sh, sw = torch.randn(9, 16), torch.randn(203, 16)
 th, tw = torch.randn(9, 24), torch.randn(203, 24)
+adapter = BottleneckAdapter(40, bottleneck_size=5, activation="gelu")
+torch.nn.init.normal_(adapter.up.weight)
+h = torch.randn(2, 7, 40, requires_grad=True)
 results = {}
 for name in ("native", "reference"):
     with use_backend(name):
         results[name] = (fastft.nf4.dequantize(packed, state), fastft.nf4.matmul(x, packed, state),
                          fastft.nf4.matmul(torch.randn(40, 128, generator=torch.Generator().manual_seed(1)),
                                            packed, state),
-                         fused_linear_distillation(sh, sw, th, tw, beta=0.3, temperature=2.0, reduction="none"))
+                         fused_linear_distillation(sh, sw, th, tw, beta=0.3, temperature=2.0, reduction="none"),
+                         adapter(h), torch.autograd.grad(adapter(h).square().sum(), [h, adapter.down.weight])[0])
 native, reference = results["native"], results["reference"]
 assert torch.equal(native[0], reference[0])
 for a, b in zip(native[1:], reference[1:]):

@@ -7,9 +7,11 @@ from pathlib import Path
 from fastft.bench.harness import Machine, Row, markdown, write_results
 
 SUITES = {
-    "quick": "NF4 dequantize and matmul vs bitsandbytes and dense fp32 (4096x4096); one LoRA layer vs peft",
+    "quick": "NF4 dequantize and matmul vs bitsandbytes and dense fp32 (4096x4096); one LoRA layer vs peft; "
+             "one bottleneck adapter vs plain torch",
     "lora": "a mini Llama LoRA training step, fp32 and 4-bit base, vs peft (one process per case; minutes)",
     "distill": "fused distillation loss vs plain torch and Liger: time, peak memory, growth in tokens and vocab",
+    "adapters": "bottleneck adapters vs plain torch: one adapter, and a mini Llama training step with Houlsby adapters",
 }
 
 
@@ -17,7 +19,7 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
               command: str = "fastft bench") -> tuple[Machine, list[Row], list[Path]]:
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
-    from fastft.bench import distillation, lora, lora_step, nf4
+    from fastft.bench import adapters, distillation, lora, lora_step, nf4
 
     print("measuring the machine's copy bandwidth and fp32 GEMM rate ...", flush=True)
     machine = Machine.measure()
@@ -28,6 +30,10 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
     if suite == "quick":
         rows = nf4.run(machine, repeats=repeats, progress=progress)
         rows += lora.run_layer(machine, repeats=repeats, progress=progress)
+        rows += adapters.run_layer(machine, repeats=repeats, progress=progress)
+    elif suite == "adapters":
+        rows = adapters.run_layer(machine, repeats=repeats, progress=progress)
+        rows += adapters.run_step(machine, steps=repeats, progress=progress)
     elif suite == "lora":
         rows = lora_step.run(machine, steps=repeats, progress=progress)
     else:

@@ -4,10 +4,11 @@ fastft::bottleneck_adapter(x, w_down, b_down, w_up, b_up, activation, scale, res
 layer_norm, ln_eps) -> (out, z, mean, rstd); callers use out. z is the pre-activation down(norm(x)) (tokens, r),
 mean and rstd the LayerNorm statistics (empty without the norm); they are outputs so autograd can save them.
 
-Forward, CPU: ATen GEMM for the down-projection, then the up-projection fused with the residual add
-(`fastft._C.residual_addmm`, fp32) so the (tokens, hidden) product is never written and read back. CUDA: Triton
-kernels with the bias + activation in the down-projection's epilogue and the residual in the up-projection's.
-Backward recomputes a = act(z) (and norm(x) from x, mean, rstd) instead of saving them:
+Forward, CPU fp32 (`fastft._C.bottleneck_forward`): per chunk of 64 tokens, the down-projection, the activation and
+the up-projection with the residual add, so x is read from memory once and the (tokens, hidden) product is never
+written and read back. CUDA: Triton kernels with the bias + activation in the down-projection's epilogue and the
+residual in the up-projection's. Other dtypes: ATen ops. fastft::bottleneck_input_grad does the same for backward's
+token-side GEMMs (dy read once for dz and dx). Backward recomputes a = act(z) (and norm(x) from x, mean, rstd):
     dW_up = s dy^T a,  db_up = s sum dy,  dz = s (dy W_up) * act'(z),  dW_down = dz^T norm(x),  db_down = sum dz,
     dx = dy (sequential adapter) + norm'(dz W_down),  d residual = dy (parallel adapter).
 Saved for backward: x (the layer's hidden states, which the surrounding model holds anyway), z (r * itemsize
@@ -41,49 +42,37 @@ def _all_fp32(*tensors) -> bool:
     return all(t is None or t.dtype == torch.float32 for t in tensors)
 
 
-@torch.library.custom_op("fastft::residual_addmm", mutates_args=())
-def residual_addmm(residual: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], alpha: float) -> Tensor:
-    """residual + alpha * (a @ b + bias): residual (M, N), a (M, K), b (K, N), bias (N,) or None, a, b and bias of
-    one dtype; the result in residual's dtype. Used for the up-projection with its residual add and for
-    backward's dx = dy + dz @ W_down, in one pass over residual and result."""
-    return residual + (torch.nn.functional.linear(a, b.t(), bias) * alpha).to(residual.dtype)
+def _input_grad_ref(dy, z, w_up, w_down, activation, scale, add_dy):
+    dz = ref.activation_grad(torch.mm(dy, w_up).mul_(scale), z, activation)
+    return dz, torch.addmm(dy, dz, w_down) if add_dy else torch.mm(dz, w_down)
 
 
-@residual_addmm.register_kernel(("cpu", "cuda"))
-def _(residual, a, b, bias, alpha):
-    backend = backend_for(residual.device.type)
-    if backend == "native" and _all_fp32(residual, a, b, bias):
-        return native_extension().residual_addmm(residual, a, b, bias, alpha)
-    if backend == "triton" and residual.dtype == a.dtype and residual.stride(-1) == 1:
+@torch.library.custom_op("fastft::bottleneck_input_grad", mutates_args=())
+def bottleneck_input_grad(dy: Tensor, z: Tensor, w_up: Tensor, w_down: Tensor, activation: str, scale: float,
+                          add_dy: bool) -> tuple[Tensor, Tensor]:
+    """(dz, dv): dz = act'(z) * scale * (dy @ W_up) (tokens, r) and dv = [dy +] dz @ W_down (tokens, hidden), the
+    dy term for a sequential adapter without a norm (its input is its residual). dy, z and the weights share a
+    dtype. CPU fp32: one pass over dy for both GEMMs (fastft._C); CUDA: Triton with act' and dy in the epilogues."""
+    return _input_grad_ref(dy, z, w_up, w_down, activation, scale, add_dy)
+
+
+@bottleneck_input_grad.register_kernel(("cpu", "cuda"))
+def _(dy, z, w_up, w_down, activation, scale, add_dy):
+    backend = backend_for(dy.device.type)
+    if backend == "native" and _all_fp32(dy, z, w_up, w_down):
+        return tuple(native_extension().bottleneck_input_grad(dy, z, w_up, w_down, activation, scale, add_dy))
+    if backend == "triton":
         from fastft.kernels import bottleneck as kernels
 
-        return kernels.residual_matmul(residual, a, b, bias, alpha)
-    return residual + (torch.nn.functional.linear(a, b.t(), bias) * alpha).to(residual.dtype)
+        dy = dy.contiguous()
+        dz = kernels.activation_grad_matmul(dy, w_up, z.contiguous(), scale, activation)
+        return dz, kernels.residual_matmul(dy, dz, w_down, None, 1.0) if add_dy else torch.mm(dz, w_down)
+    return _input_grad_ref(dy, z, w_up, w_down, activation, scale, add_dy)
 
 
-@residual_addmm.register_fake
-def _(residual, a, b, bias, alpha):
-    return torch.empty_like(residual, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("fastft::bottleneck_activation_grad", mutates_args=())
-def bottleneck_activation_grad(dy: Tensor, w_up: Tensor, z: Tensor, scale: float, activation: str) -> Tensor:
-    """dz = scale * (dy @ W_up) * act'(z): dy (M, H) and W_up (H, r) of one dtype, z (M, r)."""
-    return ref.activation_grad(torch.mm(dy, w_up).mul_(scale), z, activation)
-
-
-@bottleneck_activation_grad.register_kernel(("cpu", "cuda"))
-def _(dy, w_up, z, scale, activation):
-    if backend_for(dy.device.type) == "triton":
-        from fastft.kernels import bottleneck as kernels
-
-        return kernels.activation_grad_matmul(dy.contiguous(), w_up, z.contiguous(), scale, activation)
-    return ref.activation_grad(torch.mm(dy, w_up).mul_(scale), z, activation)
-
-
-@bottleneck_activation_grad.register_fake
-def _(dy, w_up, z, scale, activation):
-    return torch.empty_like(z, memory_format=torch.contiguous_format)
+@bottleneck_input_grad.register_fake
+def _(dy, z, w_up, w_down, activation, scale, add_dy):
+    return torch.empty_like(z, memory_format=torch.contiguous_format), dy.new_empty(dy.shape[0], w_down.shape[1])
 
 
 @torch.library.custom_op("fastft::bottleneck_adapter", mutates_args=())
@@ -95,14 +84,18 @@ def bottleneck_adapter(x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up
     rows = _rows(x)
     base = rows if residual is None else _rows(residual)
     v, mean, rstd = _normalized(rows.to(w_down.dtype), ln_weight, ln_bias, layer_norm, ln_eps)
-    if backend_for(x.device.type) == "triton":
+    backend = backend_for(x.device.type)
+    if backend == "native" and _all_fp32(v, base, w_down, b_down, w_up, b_up):
+        out, z = native_extension().bottleneck_forward(v, base, w_down, b_down, w_up, b_up, activation, scale)
+    elif backend == "triton" and base.dtype == w_up.dtype:
         from fastft.kernels import bottleneck as kernels
 
         z, a = kernels.bottleneck_down(v.contiguous(), w_down, b_down, activation)
+        out = kernels.residual_matmul(base.contiguous(), a, w_up.t(), b_up, scale)
     else:
         z = torch.nn.functional.linear(v, w_down, b_down)
         a = ref.activate(z, activation)
-    out = residual_addmm(base, a, w_up.t(), b_up, scale)
+        out = base + (torch.nn.functional.linear(a, w_up, b_up) * scale).to(base.dtype)
     return out.reshape(x.shape), z, mean, rstd
 
 
@@ -137,27 +130,26 @@ def _backward(ctx, grad_out, _grad_z, _grad_mean, _grad_rstd):
         grad_w_up = torch.mm(g.t(), ref.activate(z, activation)).mul_(scale)
     if ctx.has_b_up and needs[4]:
         grad_b_up = g.sum(0, dtype=accumulate).mul_(scale).to(w_up.dtype)
-    dz = bottleneck_activation_grad(g, w_up, z, scale, activation)
-    need_v = needs[1] or needs[0] or needs[8] or needs[9]
+    needs_input = needs[0] or needs[8] or needs[9]
+    add_dy = needs_input and not ctx.has_residual and not ctx.layer_norm
+    if needs_input:
+        dz, grad_v = bottleneck_input_grad(g, z, w_up, w_down, activation, scale, add_dy)
+    else:  # only weight gradients: no (tokens, hidden) product at all
+        dz = ref.activation_grad(torch.mm(g, w_up).mul_(scale), z, activation)
     rows = _rows(x)
-    v = rows.to(w_down.dtype) if need_v else None
+    v = rows.to(w_down.dtype)
     if needs[1]:
         normalized = _normalized(v, ln_weight, ln_bias, ctx.layer_norm, ctx.ln_eps)[0]
         grad_w_down = torch.mm(dz.t(), normalized)
     if ctx.has_b_down and needs[2]:
         grad_b_down = dz.sum(0, dtype=torch.promote_types(dz.dtype, torch.float32)).to(w_down.dtype)
-    if needs[0] or needs[8] or needs[9]:
-        sequential = not ctx.has_residual
-        if sequential and not ctx.layer_norm and dy.dtype == w_down.dtype:
-            grad_rows = residual_addmm(dy, dz, w_down, None, 1.0)  # dx = dy + dz @ W_down in one pass
-        else:
-            grad_v = torch.mm(dz, w_down)
-            if ctx.layer_norm:
-                grad_v, grad_ln_w, grad_ln_b = torch.ops.aten.native_layer_norm_backward(
-                    grad_v, v, (v.shape[-1],), mean, rstd, ln_weight, ln_bias, [True, needs[8], needs[9]])
-            grad_rows = grad_v.to(x.dtype)
-            if sequential:
-                grad_rows = grad_rows + dy
+    if needs_input:
+        if ctx.layer_norm:
+            grad_v, grad_ln_w, grad_ln_b = torch.ops.aten.native_layer_norm_backward(
+                grad_v, v, (v.shape[-1],), mean, rstd, ln_weight, ln_bias, [True, needs[8], needs[9]])
+        grad_rows = grad_v.to(x.dtype)
+        if not ctx.has_residual and not add_dy:
+            grad_rows = grad_rows + dy
         grad_x = grad_rows.reshape(x.shape) if needs[0] else None
     if ctx.has_residual and needs[7]:
         grad_residual = grad_out
