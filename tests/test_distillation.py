@@ -194,3 +194,28 @@ def test_peak_memory_stays_flat_in_tokens():
     # The head's fp32 gradient accumulator and one chunk's tiles; no tokens x vocab tensor.
     assert large < small + 32, (small, large)
     assert large < 0.15 * plain, (large, plain)
+
+
+@pytest.mark.parametrize("beta", (0.0, 0.1, 0.5, 0.9, 1.0))
+@pytest.mark.parametrize("temperature", (1.0, 2.0, 4.0))
+def test_matches_trl_generalized_jsd_loss(beta, temperature, monkeypatch):
+    """TRL's own GKDTrainer.generalized_jsd_loss on materialized logits is the oracle for the soft term (alpha=1):
+    its "batchmean" with labels is our "mean" over valid tokens, and num_items_in_batch divides the same sum."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd import GKDTrainer
+
+    sh, sw, th, tw, labels, sb, tb = inputs()
+    student_logits = (sh @ sw.t() + sb).detach().requires_grad_()
+    teacher_logits = th @ tw.t() + tb
+    trl_loss = GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature)
+    ours = fused_linear_distillation(sh, sw, th, tw, labels, student_bias=sb, teacher_bias=tb, beta=beta,
+                                     temperature=temperature)
+    assert rel_error(ours, trl_loss) < 1e-10
+    (trl_grad,) = torch.autograd.grad(trl_loss, [student_logits])
+    (ours_grad,) = torch.autograd.grad(ours, [sh])
+    assert rel_error(ours_grad, trl_grad @ sw.detach()) < 1e-10  # d/dh = d/dlogits @ W
+    trl_sum = GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature,
+                                              num_items_in_batch=40)
+    ours_sum = fused_linear_distillation(sh, sw, th, tw, labels, student_bias=sb, teacher_bias=tb, beta=beta,
+                                         temperature=temperature, num_items_in_batch=40)
+    assert rel_error(ours_sum, trl_sum) < 1e-10

@@ -1,4 +1,4 @@
-"""The Triton kernels of kernels/nf4.py and kernels/bottleneck.py compile for an H100 (sm_90) down to a cubin, without a GPU.
+"""The Triton kernels of kernels/ (nf4, bottleneck, distillation) compile for an H100 (sm_90) down to a cubin, without a GPU.
 
 The interpreter tests check the arithmetic; this checks what only the real compiler sees (tl.dot operand
 shapes and dtypes, layouts, constexpr branches)."""
@@ -64,3 +64,18 @@ def test_bottleneck_kernel_compiles_for_sm90(epilogue):
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32))
     assert compiled.asm["cubin"] and "wgmma" in compiled.asm["ptx"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ("FORWARD_KL", "REVERSE_KL", "MIXTURE"))
+def test_distillation_kernel_compiles_for_sm90(mode):
+    from fastft.kernels import distillation
+
+    kernel = distillation._distill_soft_rows_kernel
+    constexprs = {"MODE": getattr(distillation, mode), "WANT_GRAD": True, "BLOCK_V": 1024}
+    floats = {"inv_t", "beta", "log_b", "log_1mb", "grad_scale"}
+    signature = {name: "constexpr" if name in constexprs else "*fp32" if name.endswith("_ptr")
+                 else "fp32" if name in floats else "i32" for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]

@@ -6,7 +6,9 @@ is not fp32), then the per-token loss and its gradient with respect to the stude
 into grad_hidden (dz @ W) and, only when the head is trainable, grad_weight (dz^T @ h, fp32 accumulator).
 Peak extra memory: ~8 tiles + the fp32 grad_weight accumulator, independent of the number of tokens.
 On CPU with fp32 tiles, the per-row soft term and its gradient run in one C++ kernel (csrc/distill_rows.cpp:
-four passes over a cached row, AVX2 exp/log) instead of ~20 torch ops; other cases use torch ops.
+four passes over a cached row, AVX2 exp/log) instead of ~20 torch ops; on CUDA in one Triton kernel
+(kernels/distillation.py: an online log-sum-exp over vocabulary tiles, never a whole row in registers); other
+cases (teacher top-k, fp64) use torch ops.
 
 - teacher_topk > 0: the soft term over the teacher's top-k tokens + a rest bucket; 0: the full vocabulary.
 - fastft::fused_linear_distillation(...) -> (loss, grad_hidden, grad_weight, grad_bias): with a scalar reduction
@@ -85,6 +87,11 @@ def _soft(zs, zt, beta, temperature, want_grad, topk, grad_scale):
     zs and zt are this chunk's scratch logits: the native kernel (fp32, CPU, full vocabulary) overwrites them."""
     if not topk and zs.dtype == torch.float32 and zs.device.type == "cpu" and backend_for("cpu") == "native":
         soft = native_extension().distill_soft_rows(zs, zt, temperature, beta, grad_scale)
+        return soft, (zs if want_grad else None)
+    if not topk and zs.dtype == torch.float32 and backend_for(zs.device.type) == "triton":
+        from fastft.kernels import distillation as kernels
+
+        soft = kernels.distill_soft_rows(zs, zt, temperature, beta, grad_scale, want_grad)
         return soft, (zs if want_grad else None)
     s_logp = F.log_softmax(zs / temperature, dim=-1)
     t_logp = F.log_softmax(zt / temperature, dim=-1)
