@@ -5,6 +5,7 @@
 #include "distill_cpu.h"
 #include "lora_cpu.h"
 #include "nf4_cpu.h"
+#include "qat_cpu.h"
 
 namespace fastft {
 namespace {
@@ -45,6 +46,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(out, z): z = v @ w_down^T + b_down, out = residual + scale * (act(z) @ w_up^T + b_up) (fp32)");
   m.def("bottleneck_input_grad", &fastft::bottleneck_input_grad_cpu,
         "(dz, dv): dz = act'(z) * scale * (dy @ w_up), dv = [dy +] dz @ w_down (fp32)");
+  m.def("fake_quantize", &fastft::fake_quantize_cpu, "torchao-exact fake quantization of contiguous groups");
+  m.def("fake_quantize_backward", &fastft::fake_quantize_backward_cpu,
+        "straight-through gradient of fake_quantize, the clamp mask recomputed from x");
   m.def("distill_soft_rows", &fastft::distill_soft_rows_cpu,
         "per-row generalized JSD and its scaled gradient, written over the student logits tile (fp32)");
 }

@@ -2,13 +2,13 @@
 // LUT lives in two registers, codes select lanes with permutevar8x32), a scalar loop for the ragged rest.
 #include <ATen/Parallel.h>
 
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
+#include "memory.h"
 #include "nf4_cpu.h"
 
 namespace fastft {
@@ -67,17 +67,6 @@ FASTFT_AVX2 int64_t dequantize_avx2(const Packed4bit& w, int64_t e, int64_t end,
   return e;
 }
 #endif
-
-// at::empty whose large, not yet touched pages are marked for transparent huge pages: a freshly mmapped output
-// otherwise costs one page fault per 4 KiB, several times the dequantization itself.
-at::Tensor empty_huge_pages(at::IntArrayRef shape, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(shape, options);
-  constexpr uintptr_t kHuge = 1 << 21;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(out.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(out.data_ptr()) + out.nbytes()) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advisory only
-  return out;
-}
 
 }  // namespace
 

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run a benchmark suite side by side with the peers")
-    bench.add_argument("--suite", default="quick", choices=["quick", "lora", "distill", "adapters"],
+    bench.add_argument("--suite", default="quick", choices=["quick", "lora", "distill", "adapters", "qat"],
                        help="which suite (default: quick)")
     bench.add_argument("--out", default="bench/results", help="where JSON, Markdown and PNG results go")
     bench.add_argument("--repeats", type=int, default=5,

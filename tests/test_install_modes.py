@@ -53,6 +53,7 @@ from fastft import _C
 from fastft.ops import use_backend
 from fastft.losses import fused_linear_distillation
 from fastft.nn import BottleneckAdapter
+from fastft.qat import fake_quantize
 assert not _C.has_avx2()
 torch.manual_seed(0)
 packed, state = fastft.nf4.quantize(torch.randn(96, 128), 64, double_quant=True)
@@ -69,9 +70,11 @@ for name in ("native", "reference"):
                          fastft.nf4.matmul(torch.randn(40, 128, generator=torch.Generator().manual_seed(1)),
                                            packed, state),
                          fused_linear_distillation(sh, sw, th, tw, beta=0.3, temperature=2.0, reduction="none"),
-                         adapter(h), torch.autograd.grad(adapter(h).square().sum(), [h, adapter.down.weight])[0])
+                         adapter(h), torch.autograd.grad(adapter(h).square().sum(), [h, adapter.down.weight])[0],
+                         fake_quantize(h * 3, 4, 8), torch.autograd.grad(fake_quantize(h, 4, 8).sum(), [h])[0])
 native, reference = results["native"], results["reference"]
 assert torch.equal(native[0], reference[0])
+assert torch.equal(native[-2], reference[-2]) and torch.equal(native[-1], reference[-1])  # fake quant: bit-exact
 for a, b in zip(native[1:], reference[1:]):
     assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (a - b).abs().max()
 print("scalar paths ok")

@@ -8,9 +8,10 @@ from fastft.bench.harness import Machine, Row, markdown, write_results
 
 SUITES = {
     "quick": "NF4 dequantize and matmul vs bitsandbytes and dense fp32 (4096x4096); one LoRA layer vs peft; "
-             "one bottleneck adapter vs plain torch",
+             "one bottleneck adapter vs plain torch; fake quantization vs torchao",
     "lora": "a mini Llama LoRA training step, fp32 and 4-bit base, vs peft (one process per case; minutes)",
     "distill": "fused distillation loss vs plain torch and Liger: time, peak memory, growth in tokens and vocab",
+    "qat": "fake quantization (int4 g32 weights, int8 per-token activations) vs torchao",
     "adapters": "bottleneck adapters vs plain torch: one adapter, and a mini Llama training step with Houlsby adapters",
 }
 
@@ -19,7 +20,7 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
               command: str = "fastft bench") -> tuple[Machine, list[Row], list[Path]]:
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
-    from fastft.bench import adapters, distillation, lora, lora_step, nf4
+    from fastft.bench import adapters, distillation, lora, lora_step, nf4, qat
 
     print("measuring the machine's copy bandwidth and fp32 GEMM rate ...", flush=True)
     machine = Machine.measure()
@@ -31,6 +32,9 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
         rows = nf4.run(machine, repeats=repeats, progress=progress)
         rows += lora.run_layer(machine, repeats=repeats, progress=progress)
         rows += adapters.run_layer(machine, repeats=repeats, progress=progress)
+        rows += qat.run(machine, repeats=repeats, progress=progress)
+    elif suite == "qat":
+        rows = qat.run(machine, repeats=repeats, progress=progress)
     elif suite == "adapters":
         rows = adapters.run_layer(machine, repeats=repeats, progress=progress)
         rows += adapters.run_step(machine, steps=repeats, progress=progress)

@@ -1,0 +1,207 @@
+// Fake quantization on CPU, one pass over x per group (the group is read twice from L1: min/max, then values).
+// The arithmetic repeats torchao's op order exactly (fastft/reference/qat.py): the scale is computed in x's dtype
+// and then taken to fp32, x is multiplied by the fp32 reciprocal, rounded half to even, shifted by the zero point
+// and clamped, and the dequantized value is rounded to x's dtype. fp32 groups run 8 lanes at a time with AVX2.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "memory.h"
+#include "nf4_codec.h"
+#include "qat_cpu.h"
+
+namespace fastft {
+namespace {
+
+template <typename T>
+inline float round_to(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+struct GroupParams {
+  float scale, inv, zero_point;
+};
+
+// torchao's scale and zero point for one group with minimum lo and maximum hi (values of T, held as float).
+template <typename T>
+GroupParams group_params(float lo, float hi, float qmin, float qmax, bool symmetric, float eps) {
+  const float min_neg = std::min(lo, 0.f), max_pos = std::max(hi, 0.f);
+  float scale, zero_point = 0.f;
+  if (symmetric) {
+    scale = round_to<T>(std::max(-min_neg, max_pos) / ((qmax - qmin) / 2.f));
+    scale = std::max(scale, eps);
+  } else {
+    scale = round_to<T>(round_to<T>(max_pos - min_neg) / (qmax - qmin));
+    scale = std::max(scale, eps);
+    zero_point = round_to<T>(qmin - std::nearbyint(round_to<T>(min_neg / scale)));
+    zero_point = std::min(std::max(zero_point, qmin), qmax);
+  }
+  return {scale, 1.f / scale, zero_point};
+}
+
+template <typename T>
+GroupParams scan_group(const T* x, int64_t n, float qmin, float qmax, bool symmetric, float eps) {
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
+  }
+  return group_params<T>(lo, hi, qmin, qmax, symmetric, eps);
+}
+
+template <typename T>
+void quantize_scalar(const T* x, T* out, int64_t begin, int64_t n, const GroupParams& p, float qmin, float qmax) {
+  for (int64_t i = begin; i < n; ++i) {
+    const float q = std::min(std::max(std::nearbyint(static_cast<float>(x[i]) * p.inv) + p.zero_point, qmin), qmax);
+    out[i] = static_cast<T>(round_to<T>(round_to<T>(q) - p.zero_point) * p.scale);
+  }
+}
+
+template <typename T>
+void backward_scalar(const T* grad, const T* x, T* out, int64_t begin, int64_t n, const GroupParams& p, float qmin,
+                     float qmax) {
+  for (int64_t i = begin; i < n; ++i) {
+    const float pre = std::nearbyint(static_cast<float>(x[i]) * p.inv) + p.zero_point;
+    out[i] = pre >= qmin && pre <= qmax ? static_cast<T>(round_to<T>(static_cast<float>(grad[i]) * p.scale) * p.inv)
+                                        : static_cast<T>(0.f);
+  }
+}
+
+#ifdef FASTFT_X86
+FASTFT_AVX2 GroupParams scan_group_avx2(const float* x, int64_t n, float qmin, float qmax, bool symmetric,
+                                        float eps) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  __m256 lo8 = _mm256_set1_ps(inf), hi8 = _mm256_set1_ps(-inf);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    lo8 = _mm256_min_ps(lo8, v);
+    hi8 = _mm256_max_ps(hi8, v);
+  }
+  alignas(32) float los[8], his[8];
+  _mm256_store_ps(los, lo8);
+  _mm256_store_ps(his, hi8);
+  float lo = *std::min_element(los, los + 8), hi = *std::max_element(his, his + 8);
+  for (; i < n; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+  }
+  return group_params<float>(lo, hi, qmin, qmax, symmetric, eps);
+}
+
+FASTFT_AVX2 void quantize_avx2(const float* x, float* out, int64_t n, const GroupParams& p, float qmin, float qmax) {
+  const __m256 inv = _mm256_set1_ps(p.inv), scale = _mm256_set1_ps(p.scale), zp = _mm256_set1_ps(p.zero_point);
+  const __m256 lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, zp), lo), hi);
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_sub_ps(q, zp), scale));
+  }
+  quantize_scalar<float>(x, out, i, n, p, qmin, qmax);
+}
+
+FASTFT_AVX2 void backward_avx2(const float* grad, const float* x, float* out, int64_t n, const GroupParams& p,
+                               float qmin, float qmax) {
+  const __m256 inv = _mm256_set1_ps(p.inv), scale = _mm256_set1_ps(p.scale), zp = _mm256_set1_ps(p.zero_point);
+  const __m256 lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 pre = _mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv),
+                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zp);
+    const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(pre, lo, _CMP_GE_OQ), _mm256_cmp_ps(pre, hi, _CMP_LE_OQ));
+    const __m256 g = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(grad + i), scale), inv);
+    _mm256_storeu_ps(out + i, _mm256_and_ps(keep, g));
+  }
+  backward_scalar<float>(grad, x, out, i, n, p, qmin, qmax);
+}
+#endif
+
+template <typename T>
+void quantize_group(const T* x, T* out, int64_t n, float qmin, float qmax, bool symmetric, float eps) {
+  quantize_scalar<T>(x, out, 0, n, scan_group<T>(x, n, qmin, qmax, symmetric, eps), qmin, qmax);
+}
+
+template <typename T>
+void backward_group(const T* grad, const T* x, T* out, int64_t n, float qmin, float qmax, bool symmetric, float eps) {
+  backward_scalar<T>(grad, x, out, 0, n, scan_group<T>(x, n, qmin, qmax, symmetric, eps), qmin, qmax);
+}
+
+#ifdef FASTFT_X86
+template <>
+void quantize_group<float>(const float* x, float* out, int64_t n, float qmin, float qmax, bool symmetric, float eps) {
+  if (!cpu_has_avx2()) {
+    quantize_scalar<float>(x, out, 0, n, scan_group<float>(x, n, qmin, qmax, symmetric, eps), qmin, qmax);
+    return;
+  }
+  quantize_avx2(x, out, n, scan_group_avx2(x, n, qmin, qmax, symmetric, eps), qmin, qmax);
+}
+
+template <>
+void backward_group<float>(const float* grad, const float* x, float* out, int64_t n, float qmin, float qmax,
+                           bool symmetric, float eps) {
+  if (!cpu_has_avx2()) {
+    backward_scalar<float>(grad, x, out, 0, n, scan_group<float>(x, n, qmin, qmax, symmetric, eps), qmin, qmax);
+    return;
+  }
+  backward_avx2(grad, x, out, n, scan_group_avx2(x, n, qmin, qmax, symmetric, eps), qmin, qmax);
+}
+#endif
+
+void check(const at::Tensor& x, int64_t group, int64_t qmin, int64_t qmax) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "fake_quantize: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(group > 0 && x.numel() % group == 0, "fake_quantize: numel ", x.numel(),
+              " is not a multiple of the group length ", group);
+  TORCH_CHECK(qmin < qmax, "fake_quantize: need qmin < qmax, got ", qmin, ", ", qmax);
+}
+
+}  // namespace
+
+at::Tensor fake_quantize_cpu(const at::Tensor& x_in, int64_t group, int64_t qmin_i, int64_t qmax_i, bool symmetric,
+                             double eps_d) {
+  check(x_in, group, qmin_i, qmax_i);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = empty_huge_pages(x.sizes(), x.options());
+  const float qmin = static_cast<float>(qmin_i), qmax = static_cast<float>(qmax_i), eps = static_cast<float>(eps_d);
+  const int64_t groups = x.numel() / group;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_cpu", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, groups, std::max<int64_t>(1, 16384 / group), [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        quantize_group<scalar_t>(src + g * group, dst + g * group, group, qmin, qmax, symmetric, eps);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, int64_t group, int64_t qmin_i,
+                                      int64_t qmax_i, bool symmetric, double eps_d) {
+  check(x_in, group, qmin_i, qmax_i);
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type(),
+              "fake_quantize_backward: grad must have x's shape and dtype");
+  const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
+  at::Tensor out = empty_huge_pages(x.sizes(), x.options());
+  const float qmin = static_cast<float>(qmin_i), qmax = static_cast<float>(qmax_i), eps = static_cast<float>(eps_d);
+  const int64_t groups = x.numel() / group;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_backward_cpu", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    const scalar_t* gsrc = grad.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, groups, std::max<int64_t>(1, 16384 / group), [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        backward_group<scalar_t>(gsrc + g * group, src + g * group, dst + g * group, group, qmin, qmax, symmetric,
+                                 eps);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace fastft

@@ -1,0 +1,18 @@
+// CPU kernels of fastft's fake quantization (torchao's numerics: fastft/reference/qat.py).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fastft {
+
+// Fake-quantizes contiguous groups of `group` elements of x (fp32 / fp16 / bf16, numel a multiple of group) in one
+// pass per group: min/max, scale (and zero point when asymmetric), then q and the dequantized value.
+at::Tensor fake_quantize_cpu(const at::Tensor& x, int64_t group, int64_t qmin, int64_t qmax, bool symmetric,
+                             double eps);
+
+// dx for dy: the straight-through gradient x_dtype(dy * scale) * (1 / scale) where the clamp was inactive, else 0;
+// scales and the clamp mask are recomputed from x (no mask stored).
+at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t group, int64_t qmin,
+                                      int64_t qmax, bool symmetric, double eps);
+
+}  // namespace fastft

@@ -1,0 +1,94 @@
+"""Plain-torch ground truth of fastft's fake quantization: torchao's `IntxFakeQuantizer` numerics, op for op.
+
+Groups are runs of `group_size` consecutive elements along the last dim (per_channel: the whole last dim of a
+weight; per_token: the whole last dim of an activation). Integer range for `bits`: [-2^(bits-1), 2^(bits-1) - 1].
+- symmetric (per_group, per_channel): amax = max(-min(x_min, 0), max(x_max, 0)); scale = amax / ((qmax - qmin) / 2)
+  in x's dtype, clamped to >= eps, then fp32; zero point 0.
+- asymmetric (per_token): scale = (max(x_max, 0) - min(x_min, 0)) / (qmax - qmin) in x's dtype, clamped to >= eps;
+  zero point = clamp(qmin - round(min(x_min, 0) / scale), qmin, qmax); scale then fp32.
+- q = clamp(round_half_even(x * (1 / scale)) + zp, qmin, qmax); out = ((q - zp) * scale) in x's dtype.
+- Backward (the scales are constants, as in torchao): dx = x_dtype(dy * scale) * (1 / scale) where the clamp was
+  inactive, 0 where it clamped; e.g. the group max of a symmetric int4 group maps to 7.5 -> 8 -> 7 and gets no gradient.
+eps defaults to the smallest normal number of x's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+GRANULARITIES = ("per_group", "per_channel", "per_token")
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def group_length(shape, group_size: int, granularity: str, symmetric: bool) -> int:
+    """The number of consecutive last-dim elements sharing one scale, validated like torchao."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "per_token" and symmetric:
+        raise ValueError("symmetric per_token fake quantization is not supported (torchao does not support it "
+                         "either); use symmetric=False")
+    if granularity != "per_token" and not symmetric:
+        raise ValueError(f"asymmetric {granularity} fake quantization is not supported yet; use symmetric=True "
+                         "(asymmetric is supported per_token)")
+    if len(shape) == 0 or shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dim, got shape {tuple(shape)}")
+    if granularity != "per_group":
+        return shape[-1]
+    if not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"group_size must be an int >= 2, got {group_size!r}")
+    if shape[-1] % group_size:
+        raise ValueError(f"the last dim of x ({shape[-1]}) must be a multiple of group_size ({group_size}), "
+                         "as torchao requires")
+    return group_size
+
+
+def default_eps(dtype: torch.dtype, eps: Optional[float]) -> float:
+    return torch.finfo(dtype).smallest_normal if eps is None else float(eps)
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def qparams_ref(x: Tensor, bits: int, group: int, symmetric: bool, eps: Optional[float] = None):
+    """(scale fp32, zero_point fp32) per group, shape (numel / group, 1)."""
+    qmin, qmax = qrange(bits)
+    eps = default_eps(x.dtype, eps)
+    with torch.no_grad():
+        groups = x.reshape(-1, group)
+        min_neg = torch.min(groups.amin(-1, keepdim=True), torch.zeros((), dtype=x.dtype))
+        max_pos = torch.max(groups.amax(-1, keepdim=True), torch.zeros((), dtype=x.dtype))
+        if symmetric:
+            scale = torch.clamp(torch.max(-min_neg, max_pos) / (float(qmax - qmin) / 2), min=eps)
+            zero_point = torch.zeros_like(scale)
+        else:
+            scale = torch.clamp((max_pos - min_neg) / float(qmax - qmin), min=eps)
+            zero_point = torch.clamp(qmin - torch.round(min_neg / scale), qmin, qmax)
+        return scale.to(torch.float32), zero_point.to(torch.int32).to(torch.float32)
+
+
+def fake_quantize_ref(x: Tensor, bits: int = 4, group_size: int = 32, symmetric: bool = True,
+                      granularity: str = "per_group", eps: Optional[float] = None) -> Tensor:
+    """x (..., K) in fp32 / fp16 / bf16 -> fake-quantized x, same shape and dtype (differentiable, STE)."""
+    group = group_length(x.shape, group_size, granularity, symmetric)
+    qmin, qmax = qrange(bits)
+    scale, zero_point = qparams_ref(x, bits, group, symmetric, eps)
+    groups = x.reshape(-1, group)
+    q = torch.clamp(_RoundSTE.apply(groups * (1.0 / scale)) + zero_point, qmin, qmax)
+    # q and the zero point go to x's dtype before the fp32 scale multiplies them, as in torchao (this rounds the
+    # gradient dy * scale to x's dtype on the way back)
+    return ((q.to(x.dtype) - zero_point.to(x.dtype)) * scale).reshape(x.shape).to(x.dtype)

@@ -1,0 +1,124 @@
+"""fastft.qat.fake_quantize against torchao's own IntxFakeQuantizer: bit-exact outputs and gradients."""
+
+import itertools
+
+import pytest
+import torch
+
+from fastft.ops import qat as qat_ops
+from fastft.qat import fake_quantize
+
+torchao_qat = pytest.importorskip("torchao.quantization.qat")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def torchao_fake_quantize(x, bits, **config):
+    quantizer = torchao_qat.IntxFakeQuantizer(torchao_qat.IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"),
+                                                                                  **config))
+    return quantizer(x)
+
+
+def outputs_and_grads(fn, x, grad):
+    x = x.detach().requires_grad_()
+    out = fn(x)
+    (dx,) = torch.autograd.grad(out, [x], grad)
+    return out, dx
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("group_size", (32, 64, 160))
+def test_per_group_symmetric_is_bit_exact(backend, dtype, bits, group_size):
+    g = torch.Generator().manual_seed(bits * 1000 + group_size)
+    x = (torch.randn(37, 320, generator=g) * 3).to(dtype)
+    x[0, :group_size] = 0.0  # an all-zero group: the scale clamps at eps
+    grad = torch.randn(37, 320, generator=g).to(dtype)
+    theirs = outputs_and_grads(lambda t: torchao_fake_quantize(t, bits, group_size=group_size, is_symmetric=True),
+                               x, grad)
+    ours = outputs_and_grads(lambda t: fake_quantize(t, bits, group_size), x, grad)
+    assert ours[0].dtype == dtype
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", (2, 4, 8))
+def test_per_channel_symmetric_is_bit_exact(backend, dtype, bits):
+    x = (torch.randn(29, 100) * 2).to(dtype)
+    grad = torch.randn(29, 100).to(dtype)
+    theirs = outputs_and_grads(lambda t: torchao_fake_quantize(t, bits, granularity="per_channel",
+                                                               is_symmetric=True), x, grad)
+    ours = outputs_and_grads(lambda t: fake_quantize(t, bits, granularity="per_channel"), x, grad)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", (2, 4, 8))
+@pytest.mark.parametrize("shape", ((5, 77), (2, 9, 130), (1, 1, 3)))
+def test_per_token_asymmetric_is_bit_exact(backend, dtype, bits, shape):
+    x = (torch.randn(*shape) * 2 + 0.5).to(dtype)
+    x.view(-1, shape[-1])[0] = x.view(-1, shape[-1])[0].abs()  # an all-positive token: zero point at qmin
+    grad = torch.randn(*shape).to(dtype)
+    theirs = outputs_and_grads(lambda t: torchao_fake_quantize(t, bits, granularity="per_token",
+                                                               is_symmetric=False), x, grad)
+    ours = outputs_and_grads(lambda t: fake_quantize(t, bits, granularity="per_token", symmetric=False), x, grad)
+    assert ours[0].shape == x.shape
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_straight_through_inside_the_range_and_zero_where_clamped():
+    x = torch.randn(8, 32, dtype=torch.float32)  # one group per row
+    x[:, 5] = 10.0  # each row's group max: 10 / (10 / 7.5) = 7.5 -> 8 -> clamped to 7
+    x = x.requires_grad_()
+    out = fake_quantize(x, 4, 32)
+    (dx,) = torch.autograd.grad(out, [x], torch.ones_like(x))
+    assert torch.all(dx[:, 5] == 0)
+    assert torch.allclose(out[:, 5], torch.tensor(7 * 10.0 / 7.5), rtol=1e-6)  # clamped to 7 steps
+    inside = torch.ones_like(dx, dtype=torch.bool)
+    inside[:, 5] = False
+    assert torch.allclose(dx[inside], torch.ones(()), rtol=1e-6)  # (dy * s) * (1 / s): 1 up to one rounding
+
+
+def test_saves_only_x():
+    from fastft.bench.harness import saved_for_backward_bytes
+
+    x = torch.randn(64, 128, requires_grad=True)
+    assert saved_for_backward_bytes(lambda: fake_quantize(x, 4, 32), exclude=[x]) == 0
+    theirs = saved_for_backward_bytes(lambda: torchao_fake_quantize(x, 4, group_size=32, is_symmetric=True),
+                                      exclude=[x])
+    assert theirs >= x.numel() * 4  # torchao keeps fp32 intermediates of x's size
+
+
+def test_opcheck():
+    x = torch.randn(6, 64, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastft.fake_quantize.default, (x, 4, 32, True, 1e-30))
+    torch.library.opcheck(torch.ops.fastft.fake_quantize_backward.default,
+                          (torch.randn(6, 64), x.detach(), 8, 64, False, 1e-30))
+
+
+def test_native_and_reference_paths_agree_on_many_shapes():
+    from fastft.ops import use_backend
+
+    for (rows, groups, group), bits in itertools.product(((1, 1, 2), (3, 5, 8), (7, 3, 33), (2, 2, 1000)), (3, 8)):
+        x = torch.randn(rows, groups * group) * 4
+        results = []
+        for name in ("native", "reference"):
+            with use_backend(name):
+                results.append(qat_ops.fake_quantize(x, bits, group, True, 1e-30))
+        assert torch.equal(*results)
+
+
+def test_bad_input_is_named():
+    x = torch.randn(4, 48)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        fake_quantize(x, 4, 32)
+    with pytest.raises(ValueError, match="bits must be"):
+        fake_quantize(x, 9, 16)
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        fake_quantize(x, 4, 16, granularity="per_tensor")
+    with pytest.raises(ValueError, match="symmetric per_token"):
+        fake_quantize(x, 8, granularity="per_token", symmetric=True)
+    with pytest.raises(ValueError, match="asymmetric per_group"):
+        fake_quantize(x, 4, 16, symmetric=False)
+    with pytest.raises(TypeError, match="x must be a float32"):
+        fake_quantize(x.double(), 4, 16)
