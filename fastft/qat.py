@@ -10,7 +10,16 @@ from torch import Tensor
 from fastft.ops import qat as qat_ops
 from fastft.reference.qat import GRANULARITIES, default_eps, group_length, qrange
 
-__all__ = ["GRANULARITIES", "fake_quantize"]
+__all__ = ["GRANULARITIES", "fake_quantize"]  # and prepare, convert (loaded on first use)
+
+
+def __getattr__(name):
+    # prepare / convert live with the transformers integration; loaded on first use.
+    if name in ("prepare", "convert"):
+        from fastft.integrations import qat
+
+        return getattr(qat, name)
+    raise AttributeError(f"module 'fastft.qat' has no attribute {name!r}")
 
 
 def fake_quantize(x: Tensor, bits: int = 4, group_size: int = 32, symmetric: bool = True,

@@ -11,7 +11,8 @@ SUITES = {
              "one bottleneck adapter vs plain torch; fake quantization vs torchao",
     "lora": "a mini Llama LoRA training step, fp32 and 4-bit base, vs peft (one process per case; minutes)",
     "distill": "fused distillation loss vs plain torch and Liger: time, peak memory, growth in tokens and vocab",
-    "qat": "fake quantization (int4 g32 weights, int8 per-token activations) vs torchao",
+    "qat": "fake quantization (int4 g32 weights, int8 per-token activations) vs torchao; FakeQuantLinear vs "
+           "nn.Linear and torchao; a mini Llama QAT step vs torchao",
     "adapters": "bottleneck adapters vs plain torch: one adapter, and a mini Llama training step with Houlsby adapters",
 }
 
@@ -35,6 +36,8 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
         rows += qat.run(machine, repeats=repeats, progress=progress)
     elif suite == "qat":
         rows = qat.run(machine, repeats=repeats, progress=progress)
+        rows += qat.run_layer(machine, repeats=repeats, progress=progress)
+        rows += qat.run_step(machine, steps=repeats, progress=progress)
     elif suite == "adapters":
         rows = adapters.run_layer(machine, repeats=repeats, progress=progress)
         rows += adapters.run_step(machine, steps=repeats, progress=progress)

@@ -34,3 +34,75 @@ def run(machine: Machine, repeats: int = 5, progress=print) -> list[Row]:
         row.met = row.speedup >= target
         rows.append(row)
     return rows
+
+
+def run_layer(machine: Machine, tokens: int = 2048, size: int = 4096, repeats: int = 3, progress=print) -> list[Row]:
+    """FakeQuantLinear (int4 g32 weights, int8 per-token activations) vs nn.Linear and torchao's
+    FakeQuantizedLinear, fwd+bwd with a trainable weight."""
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    from fastft.nn import FakeQuantLinear
+
+    progress(f"FakeQuantLinear {tokens}x{size} @ {size}x{size}, fwd+bwd")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(size, size)
+    ours = FakeQuantLinear.from_linear(linear, weight_bits=4, group_size=32, activation_bits=8)
+    theirs = FakeQuantizedLinear(size, size, bias=True, activation_config=IntxFakeQuantizeConfig(
+        torch.int8, granularity="per_token", is_symmetric=False), weight_config=IntxFakeQuantizeConfig(
+        torch.int4, group_size=32, is_symmetric=True))
+    theirs.load_state_dict(linear.state_dict())
+    x = torch.randn(tokens, size, requires_grad=True)
+    grad = torch.randn(tokens, size)
+
+    def step(layer):
+        return lambda: torch.autograd.grad(layer(x), [x, layer.weight, layer.bias], grad)
+
+    ms = compare_ms({"fastft": step(ours), "linear": step(linear), "torchao": step(theirs)}, repeats=repeats)
+    bound = machine.gemm_ms(3 * 2 * tokens * size * size)
+    plain = Row("FakeQuantLinear int4 g32 + int8 tokens, 2048x4096 @ 4096x4096, fwd+bwd", ms["fastft"],
+                "nn.Linear (no fake quant)", ms["linear"], bound, "<= 1.2x nn.Linear time")
+    plain.met = ms["fastft"] <= 1.2 * ms["linear"]
+    peer = Row("FakeQuantLinear int4 g32 + int8 tokens, 2048x4096 @ 4096x4096, fwd+bwd", ms["fastft"],
+               "torchao FakeQuantizedLinear", ms["torchao"], bound)
+    return [plain, peer]
+
+
+def run_step(machine: Machine, steps: int = 3, progress=print) -> list[Row]:
+    """A mini Llama QAT step (the LoRA benchmark's model: 4 layers, hidden 1024, vocab 32000, 4 x 512 tokens; int4
+    g32 weights and int8 per-token activations on every projection but lm_head), fastft vs torchao, interleaved."""
+    import copy
+
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastft import qat as fastft_qat
+
+    progress("mini Llama QAT step, fastft vs torchao (interleaved)")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                                        num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
+                                        max_position_embeddings=1024))
+    ours, theirs = base, copy.deepcopy(base)
+    fastft_qat.prepare(ours, weight_bits=4, group_size=32, activation_bits=8)
+    quantize_(theirs, QATConfig(
+        activation_config=IntxFakeQuantizeConfig(torch.int8, granularity="per_token", is_symmetric=False),
+        weight_config=IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True), step="prepare"),
+        filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and "lm_head" not in name)
+    ids = torch.randint(0, 32000, (4, 512), generator=torch.Generator().manual_seed(0))
+
+    def train_step(model):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+
+        def run():
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return run
+
+    ms = compare_ms({"fastft": train_step(ours), "torchao": train_step(theirs)}, repeats=steps)
+    row = Row("mini Llama QAT step, int4 g32 weights + int8 tokens (4 x 512 tokens)", ms["fastft"], "torchao QAT",
+              ms["torchao"], target=">= 1.5x torchao")
+    row.met = row.speedup >= 1.5
+    return [row]
