@@ -1,4 +1,4 @@
-"""The Triton kernels of kernels/ (nf4, bottleneck, distillation) compile for an H100 (sm_90) down to a cubin, without a GPU.
+"""The Triton kernels of kernels/ (nf4, bottleneck, distillation, qat) compile for an H100 (sm_90) down to a cubin, without a GPU.
 
 The interpreter tests check the arithmetic; this checks what only the real compiler sees (tl.dot operand
 shapes and dtypes, layouts, constexpr branches)."""
@@ -79,3 +79,19 @@ def test_distillation_kernel_compiles_for_sm90(mode):
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32))
     assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ("bf16", "fp32"))
+@pytest.mark.parametrize("backward", (False, True))
+def test_qat_kernel_compiles_for_sm90(dtype, backward):
+    from fastft.kernels import qat
+
+    kernel = qat._fake_quantize_kernel
+    constexprs = {"SYMMETRIC": dtype == "bf16", "BACKWARD": backward, "BLOCK_G": 64, "BLOCK_K": 32}
+    scalars = {"n_groups": "i32", "group": "i32", "qmin": "fp32", "qmax": "fp32", "eps": "fp32"}
+    signature = {name: "constexpr" if name in constexprs else f"*{dtype}" if name.endswith("_ptr")
+                 else scalars[name] for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+    assert compiled.asm["cubin"] and "div.rn.f32" in compiled.asm["ptx"]

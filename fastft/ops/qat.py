@@ -2,7 +2,7 @@
 
 - fastft::fake_quantize(x, bits, group, symmetric, eps): x fake-quantized over contiguous groups of `group`
   elements along the last dim, torchao's numerics bit for bit. CPU: one C++ pass per group (min/max, scale, values;
-  AVX2 for fp32). Other devices: the reference formulas.
+  AVX2 for fp32). CUDA: one Triton pass (kernels/qat.py).
 - fastft::fake_quantize_backward(grad, x, bits, group, symmetric, eps): the straight-through gradient, zero where
   the clamp was active. The scales and the clamp mask are recomputed from x in one pass, so backward saves only x
   (itemsize bytes per element, and for a weight that is the parameter itself); torchao's autograd keeps fp32
@@ -39,11 +39,16 @@ def fake_quantize(x: Tensor, bits: int, group: int, symmetric: bool, eps: float)
     return _reference(x, bits, group, symmetric, eps)
 
 
-@fake_quantize.register_kernel("cpu")
+@fake_quantize.register_kernel(("cpu", "cuda"))
 def _(x, bits, group, symmetric, eps):
-    if backend_for("cpu") == "native":
-        qmin, qmax = ref.qrange(bits)
+    backend = backend_for(x.device.type)
+    qmin, qmax = ref.qrange(bits)
+    if backend == "native":
         return native_extension().fake_quantize(x, group, qmin, qmax, symmetric, eps).reshape(x.shape)
+    if backend == "triton":
+        from fastft.kernels import qat as kernels
+
+        return kernels.fake_quantize(x, group, qmin, qmax, symmetric, eps)
     return _reference(x, bits, group, symmetric, eps)
 
 
@@ -57,12 +62,17 @@ def fake_quantize_backward(grad: Tensor, x: Tensor, bits: int, group: int, symme
     return _reference_backward(grad, x, bits, group, symmetric, eps)
 
 
-@fake_quantize_backward.register_kernel("cpu")
+@fake_quantize_backward.register_kernel(("cpu", "cuda"))
 def _(grad, x, bits, group, symmetric, eps):
-    if backend_for("cpu") == "native":
-        qmin, qmax = ref.qrange(bits)
+    backend = backend_for(x.device.type)
+    qmin, qmax = ref.qrange(bits)
+    if backend == "native":
         return native_extension().fake_quantize_backward(grad.to(x.dtype), x, group, qmin, qmax, symmetric,
                                                          eps).reshape(x.shape)
+    if backend == "triton":
+        from fastft.kernels import qat as kernels
+
+        return kernels.fake_quantize_backward(grad, x, group, qmin, qmax, symmetric, eps)
     return _reference_backward(grad, x, bits, group, symmetric, eps)
 
 
