@@ -112,3 +112,34 @@ def test_fake_quant_linear_matches_torchao_linear_and_shares_parameters():
     assert torch.equal(ours(x), theirs(x))
     with pytest.raises(ValueError, match="multiple of group_size"):
         FakeQuantLinear.from_linear(nn.Linear(40, 8), group_size=32)
+
+
+def test_patch_runs_a_torchao_prepared_model_on_fastft_kernels(monkeypatch):
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    import fastft
+    from fastft.integrations import qat as qat_integration
+
+    model = mini_llama()
+    weight = IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True)
+    activation = IntxFakeQuantizeConfig(torch.int8, granularity="per_token", is_symmetric=False)
+    quantize_(model, QATConfig(activation_config=activation, weight_config=weight, step="prepare"),
+              filter_fn=lambda module, name: isinstance(module, nn.Linear) and "lm_head" not in name)
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+    model.model.layers[1].mlp.down_proj.weight_fake_quantizer = IntxFakeQuantizer(  # a config fastft leaves alone
+        IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=False))
+    unpatched = copy.deepcopy(model)
+    ids = batch(5)
+    report = fastft.patch(model)
+    assert report.fused["torchao.FakeQuantizedLinear"] == 13
+    assert "only symmetric" in report.unfused["model.layers.1.mlp.down_proj"]
+    calls = []
+    real = qat_integration.fake_quantize
+    monkeypatch.setattr(qat_integration, "fake_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.equal(model(input_ids=ids).logits, unpatched(input_ids=ids).logits)
+    assert len(calls) == 26  # weight and activation of the 13 swapped layers
+    assert fastft.unpatch(model) == 13
+    assert all(type(m) is FakeQuantizedLinear for m in model.modules() if isinstance(m, FakeQuantizedLinear))

@@ -155,9 +155,10 @@ def _plain_bnb_4bit_layers(model: nn.Module):
                 yield module, child_name, f"{name}.{child_name}" if name else child_name, child
 
 
-def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True) -> PatchReport:
-    """Fuse the LoRA layers of `model` (a PeftModel, or a transformers model with adapters) in place, and
-    (nf4=True) run bitsandbytes 4-bit layers through fastft's fused NF4 matmul on their own storage.
+def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True, qat: bool = True) -> PatchReport:
+    """Fuse the LoRA layers of `model` (a PeftModel, or a transformers model with adapters) in place, (nf4=True)
+    run bitsandbytes 4-bit layers through fastft's fused NF4 matmul on their own storage, and (qat=True) run the
+    fake quantization of a torchao-prepared model's FakeQuantizedLinears on fastft's kernels.
 
     Per instance and reversible (`unpatch`): other models and torch.nn.functional are untouched.
     """
@@ -198,12 +199,18 @@ def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True) -> PatchRepo
             continue
         module.__class__ = _fused_class(type(module), forward)
         report.fused[f"lora.{type(module)._fastft_peft_class.__name__}"] += 1
+    if qat:
+        from fastft.integrations.qat import patch_torchao
+
+        patch_torchao(model, report)
     return report
 
 
 def unpatch(model: nn.Module) -> int:
-    """Undo `patch` on `model`: peft's classes and bitsandbytes layers come back; returns how many modules."""
-    restored = 0
+    """Undo `patch` on `model`: peft's, bitsandbytes' and torchao's modules come back; returns how many."""
+    from fastft.integrations.qat import unpatch_torchao
+
+    restored = unpatch_torchao(model)
     for module in list(model.modules()):
         original = getattr(type(module), "_fastft_peft_class", None)
         if original is not None:

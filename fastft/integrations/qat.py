@@ -1,14 +1,19 @@
 """Quantization-aware fine-tuning of transformers models: `prepare` swaps linear layers for FakeQuantLinear,
-`convert` turns those into QuantizedLinear (real int weights), whose outputs equal the fake-quantized model's."""
+`convert` turns those into QuantizedLinear (real int weights), whose outputs equal the fake-quantized model's;
+`patch_torchao` (run by `fastft.patch`) makes a torchao-prepared model's FakeQuantizedLinears use fastft's kernels."""
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastft.integrations.transformers import _skipped
 from fastft.nn.fake_quant_linear import FakeQuantLinear, QuantizedLinear
+from fastft.qat import fake_quantize
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -42,3 +47,93 @@ def convert(model: nn.Module) -> int:
     for name, module in targets:
         _replace(model, name, QuantizedLinear.from_fake_quant(module))
     return len(targets)
+
+
+_BITS = {getattr(torch, f"int{bits}"): bits for bits in range(2, 9)}
+_SWAPPED_CLASSES: dict = {}
+
+
+def _config_reason(quantizer, weight: bool) -> Optional[str]:
+    """Why fastft cannot run this torchao fake quantizer exactly (None: it can)."""
+    from torchao.quantization.granularity import PerAxis, PerGroup, PerToken
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+    from torchao.quantization.quant_primitives import MappingType, ZeroPointDomain
+
+    if not isinstance(quantizer, IntxFakeQuantizer):
+        return f"{type(quantizer).__name__} is not an IntxFakeQuantizer"
+    config = quantizer.config
+    if config.dtype not in _BITS:
+        return f"dtype {config.dtype} is not a signed 2..8-bit integer"
+    if config.range_learning or not config.is_dynamic:
+        return "range learning / static scales have no fused path yet"
+    if config.scale_precision != torch.float32 or config.zero_point_domain != ZeroPointDomain.INT:
+        return "only fp32 scales with integer zero points are fused"
+    symmetric = config.mapping_type == MappingType.SYMMETRIC
+    if weight and not (isinstance(config.granularity, (PerGroup, PerAxis)) and symmetric):
+        return "weights: only symmetric per-group / per-channel fake quantization is fused"
+    if not weight and not (isinstance(config.granularity, PerToken) and config.mapping_type == MappingType.ASYMMETRIC):
+        return "activations: only asymmetric per-token fake quantization is fused"
+    return None
+
+
+def _fake_quantize_as(quantizer, x):
+    from torchao.quantization.granularity import PerGroup, PerToken
+
+    if not quantizer.enabled:
+        return x
+    config = quantizer.config
+    granularity = config.granularity
+    if isinstance(granularity, PerToken):
+        return fake_quantize(x, _BITS[config.dtype], granularity="per_token", symmetric=False, eps=config.eps)
+    if isinstance(granularity, PerGroup):
+        return fake_quantize(x, _BITS[config.dtype], granularity.group_size, eps=config.eps)
+    return fake_quantize(x, _BITS[config.dtype], granularity="per_channel", eps=config.eps)
+
+
+def _fused_forward(self, x):
+    if self.activation_fake_quantizer is not None:
+        x = _fake_quantize_as(self.activation_fake_quantizer, x)
+    return F.linear(x, _fake_quantize_as(self.weight_fake_quantizer, self.weight), self.bias)
+
+
+def _swapped_class(torchao_class):
+    if torchao_class not in _SWAPPED_CLASSES:
+        _SWAPPED_CLASSES[torchao_class] = type(f"Fastft{torchao_class.__name__}", (torchao_class,), {
+            "forward": _fused_forward, "_fastft_torchao_class": torchao_class,
+            "__doc__": f"{torchao_class.__name__} whose fake quantization runs fastft's one-pass kernels (class "
+                       "swapped by fastft.patch; fastft.unpatch restores it)."})
+    return _SWAPPED_CLASSES[torchao_class]
+
+
+def patch_torchao(model: nn.Module, report) -> None:
+    """Swap the class of torchao's FakeQuantizedLinear instances (from torchao's QAT prepare) for a subclass whose
+    forward runs fastft's fake quantization (bit-exact with torchao's), recording what was and was not swapped in
+    `report` (a PatchReport)."""
+    if "torchao" not in sys.modules:  # a model cannot hold torchao modules unless torchao was imported
+        return
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    for name, module in model.named_modules():
+        if getattr(type(module), "_fastft_torchao_class", None) is not None:
+            report.fused["torchao.FakeQuantizedLinear"] += 1
+            continue
+        if type(module) is not FakeQuantizedLinear:
+            continue
+        reason = _config_reason(module.weight_fake_quantizer, weight=True)
+        if reason is None and module.activation_fake_quantizer is not None:
+            reason = _config_reason(module.activation_fake_quantizer, weight=False)
+        if reason is not None:
+            report.unfused[name] = reason
+            continue
+        module.__class__ = _swapped_class(type(module))
+        report.fused["torchao.FakeQuantizedLinear"] += 1
+
+
+def unpatch_torchao(model: nn.Module) -> int:
+    restored = 0
+    for module in model.modules():
+        original = getattr(type(module), "_fastft_torchao_class", None)
+        if original is not None:
+            module.__class__ = original
+            restored += 1
+    return restored
