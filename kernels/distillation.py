@@ -25,7 +25,7 @@ def _log_mixture(a, b):
     gradient q (g - sum q g) cancels, so g's small terms matter."""
     x = tl.exp(-tl.abs(a - b))
     u = 1.0 + x
-    log1p = tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
+    log1p = tl.where(u == 1.0, x, tl.log(u) * x / tl.where(u == 1.0, 1.0, u - 1.0))  # no 0/0 in either branch
     return tl.maximum(a, b) + log1p
 
 
