@@ -10,7 +10,8 @@ from torch import Tensor
 from fastft.ops import qat as qat_ops
 from fastft.reference.qat import GRANULARITIES, default_eps, group_length, qrange
 
-__all__ = ["GRANULARITIES", "fake_quantize"]  # and prepare, convert (loaded on first use)
+__all__ = ["GRANULARITIES", "fake_quantize", "fake_quantize_with_scale", "initial_scales"]
+# and prepare, convert (loaded on first use)
 
 
 def __getattr__(name):
@@ -34,3 +35,27 @@ def fake_quantize(x: Tensor, bits: int = 4, group_size: int = 32, symmetric: boo
     qrange(bits)
     group = group_length(x.shape, group_size, granularity, symmetric)
     return qat_ops.fake_quantize(x.contiguous(), bits, group, symmetric, default_eps(x.dtype, eps))
+
+
+def initial_scales(weight: Tensor, bits: int = 4, group_size: int = 32) -> Tensor:
+    """fp32 scales (rows, K // group_size) of symmetric per-group fake quantization of a 2-D weight, clamped to
+    >= 1e-9: the starting point of learned scales, as torchao's range learning initializes them."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    from fastft.reference.qat import qparams_ref
+
+    group = group_length(weight.shape, group_size, "per_group", True)
+    scale, _ = qparams_ref(weight.detach(), bits, group, True)
+    return scale.reshape(weight.shape[0], -1).clamp(min=1e-9)
+
+
+def fake_quantize_with_scale(x: Tensor, scale: Tensor, bits: int = 4, group_size: int = 32) -> Tensor:
+    """Symmetric per-group fake quantization of x (rows, K) with learnable fp32 scales (rows, K // group_size):
+    torchao's range-learning numerics (IntxFakeQuantizeConfig(..., is_dynamic=False, range_learning=True)),
+    bit-exact in the output and in the gradients of x (straight-through) and of scale (LSQ-style)."""
+    group = group_length(x.shape, group_size, "per_group", True)
+    qrange(bits)
+    if scale.dtype != torch.float32 or scale.numel() * group != x.numel():
+        raise ValueError(f"scale must be float32 with one value per group ({x.numel() // group}), got "
+                         f"{scale.dtype} with {scale.numel()}")
+    return qat_ops.fake_quantize_with_scale(x.contiguous(), scale, bits, group)

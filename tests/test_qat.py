@@ -122,3 +122,51 @@ def test_bad_input_is_named():
         fake_quantize(x, 4, 16, symmetric=False)
     with pytest.raises(TypeError, match="x must be a float32"):
         fake_quantize(x.double(), 4, 16)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("bits,group_size", ((4, 32), (8, 64), (2, 128)))
+def test_learned_scales_match_torchao_range_learning(dtype, bits, group_size):
+    from fastft.qat import fake_quantize_with_scale, initial_scales
+
+    g = torch.Generator().manual_seed(bits)
+    weight = (torch.randn(40, 256, generator=g) * 2).to(dtype)
+    quantizer = torchao_qat.IntxFakeQuantizer(torchao_qat.IntxFakeQuantizeConfig(
+        getattr(torch, f"int{bits}"), group_size=group_size, is_symmetric=True, is_dynamic=False,
+        range_learning=True))
+    quantizer._initialized = True  # what torchao's initialize_fake_quantizers does before its first forward
+    quantizer(weight)
+    ours_scale = initial_scales(weight, bits, group_size)
+    assert torch.equal(ours_scale, quantizer.scale.detach())
+    with torch.no_grad():  # scales as they are after some training
+        quantizer.scale.mul_(torch.empty(quantizer.scale.shape).uniform_(0.6, 1.4, generator=g))
+    scale = quantizer.scale.detach().clone().requires_grad_()
+    grad = torch.randn(40, 256, generator=g).to(dtype)
+    x_theirs, x_ours = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    theirs = quantizer(x_theirs)
+    their_dx, their_ds = torch.autograd.grad(theirs, [x_theirs, quantizer.scale], grad)
+    ours = fake_quantize_with_scale(x_ours, scale, bits, group_size)
+    our_dx, our_ds = torch.autograd.grad(ours, [x_ours, scale], grad)
+    assert torch.equal(ours, theirs) and torch.equal(our_dx, their_dx)
+    assert torch.allclose(our_ds, their_ds, rtol=1e-6, atol=0)  # same formula; exact here, order-sensitive in general
+
+
+def test_fake_quant_linear_learns_scales_and_converts_with_them():
+    from torch import nn
+
+    from fastft.nn import FakeQuantLinear, QuantizedLinear
+
+    torch.manual_seed(0)
+    layer = FakeQuantLinear.from_linear(nn.Linear(64, 24), weight_bits=4, group_size=32, learn_scales=True)
+    start = layer.weight_scale.detach().clone()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1e-2)
+    x, target = torch.randn(16, 64), torch.randn(16, 24)
+    for _ in range(5):
+        torch.nn.functional.mse_loss(layer(x), target).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.equal(layer.weight_scale.detach(), start)
+    converted = QuantizedLinear.from_fake_quant(layer)
+    with torch.no_grad():
+        assert torch.equal(converted(x), layer(x))
+    assert "weight_scale" in layer.state_dict()

@@ -22,10 +22,11 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def prepare(model: nn.Module, weight_bits: int = 4, group_size: int = 32, activation_bits: Optional[int] = None,
-            skip=("lm_head",)) -> dict[str, str]:
+            skip=("lm_head",), learn_scales: bool = False) -> dict[str, str]:
     """Swap every `nn.Linear` of `model` (in place, sharing its parameters) for a FakeQuantLinear, except modules
-    named in `skip` (a name or its last component). Returns {module name: why it was left as it is} for the
-    linears not swapped (skipped, or in_features not a multiple of group_size)."""
+    named in `skip` (a name or its last component); learn_scales adds learned per-group weight scales. Returns
+    {module name: why it was left as it is} for the linears not swapped (skipped, or in_features not a multiple
+    of group_size)."""
     left = {}
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     for name, module in list(model.named_modules()):
@@ -36,7 +37,8 @@ def prepare(model: nn.Module, weight_bits: int = 4, group_size: int = 32, activa
         elif module.in_features % group_size:
             left[name] = f"in_features {module.in_features} is not a multiple of group_size {group_size}"
         else:
-            _replace(model, name, FakeQuantLinear.from_linear(module, weight_bits, group_size, activation_bits))
+            _replace(model, name, FakeQuantLinear.from_linear(module, weight_bits, group_size, activation_bits,
+                                                              learn_scales))
     return left
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastft.qat import fake_quantize
+from fastft.qat import fake_quantize, fake_quantize_with_scale, initial_scales
 
 
 class FakeQuantLinear(nn.Linear):
@@ -17,20 +17,25 @@ class FakeQuantLinear(nn.Linear):
 
     When the weight does not require grad (QAT with LoRA or other adapters on a frozen base), its fake-quantized
     form is computed once and reused until the weight changes (tracked by its version counter and identity), instead
-    of being recomputed every step. Parameters and state_dict keys are nn.Linear's.
+    of being recomputed every step. Parameters and state_dict keys are nn.Linear's, plus `weight_scale`
+    ((out_features, in_features // group_size), fp32) with learn_scales=True: learned per-group scales (LSQ /
+    torchao range learning), initialized from the weight.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, weight_bits: int = 4,
-                 group_size: int = 32, activation_bits: Optional[int] = None, device=None, dtype=None):
+                 group_size: int = 32, activation_bits: Optional[int] = None, learn_scales: bool = False,
+                 device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         if in_features % group_size:
             raise ValueError(f"in_features ({in_features}) must be a multiple of group_size ({group_size})")
         self.weight_bits, self.group_size, self.activation_bits = weight_bits, group_size, activation_bits
         self._cache: Optional[tuple] = None  # (weight storage pointer, version, fake-quantized weight)
+        self.weight_scale = (nn.Parameter(initial_scales(self.weight, weight_bits, group_size)) if learn_scales
+                             else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_bits: int = 4, group_size: int = 32,
-                    activation_bits: Optional[int] = None) -> FakeQuantLinear:
+                    activation_bits: Optional[int] = None, learn_scales: bool = False) -> FakeQuantLinear:
         """A FakeQuantLinear sharing `linear`'s parameters (no copy)."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
@@ -40,6 +45,8 @@ class FakeQuantLinear(nn.Linear):
         layer.weight, layer.bias = linear.weight, linear.bias
         layer.weight_bits, layer.group_size, layer.activation_bits = weight_bits, group_size, activation_bits
         layer._cache = None
+        layer.weight_scale = (nn.Parameter(initial_scales(linear.weight, weight_bits, group_size)) if learn_scales
+                              else None)
         return layer
 
     def to_linear(self) -> nn.Linear:
@@ -50,6 +57,8 @@ class FakeQuantLinear(nn.Linear):
 
     def fake_quantized_weight(self) -> Tensor:
         weight = self.weight
+        if self.weight_scale is not None:
+            return fake_quantize_with_scale(weight, self.weight_scale, self.weight_bits, self.group_size)
         if weight.requires_grad and torch.is_grad_enabled():
             self._cache = None
             return fake_quantize(weight, self.weight_bits, self.group_size)
@@ -103,7 +112,10 @@ class QuantizedLinear(nn.Module):
                   group_size=layer.group_size, activation_bits=layer.activation_bits, dtype=weight.dtype,
                   device=weight.device)
         qmin, qmax = qrange(layer.weight_bits)
-        scale, _ = qparams_ref(weight, layer.weight_bits, layer.group_size, True)
+        if layer.weight_scale is not None:
+            scale = layer.weight_scale.detach().reshape(-1, 1)
+        else:
+            scale, _ = qparams_ref(weight, layer.weight_bits, layer.group_size, True)
         groups = weight.reshape(-1, layer.group_size)
         q = torch.clamp(torch.round(groups * (1.0 / scale)), qmin, qmax).reshape(weight.shape).to(torch.int16)
         if layer.weight_bits <= 4:

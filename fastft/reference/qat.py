@@ -92,3 +92,14 @@ def fake_quantize_ref(x: Tensor, bits: int = 4, group_size: int = 32, symmetric:
     # q and the zero point go to x's dtype before the fp32 scale multiplies them, as in torchao (this rounds the
     # gradient dy * scale to x's dtype on the way back)
     return ((q.to(x.dtype) - zero_point.to(x.dtype)) * scale).reshape(x.shape).to(x.dtype)
+
+
+def fake_quantize_with_scale_ref(x: Tensor, scale: Tensor, bits: int, group: int) -> Tensor:
+    """Symmetric fake quantization with given (learnable) fp32 scales, one per group of `group` consecutive
+    elements: torchao's range-learning forward, differentiable in x (straight-through) and in scale (LSQ-style:
+    dq/ds = q - x / s inside the range, q at the clamp)."""
+    qmin, qmax = qrange(bits)
+    groups = x.reshape(-1, group)
+    s = scale.reshape(-1, 1)
+    q = torch.clamp(_RoundSTE.apply(groups * (1.0 / s)), qmin, qmax)
+    return (q.to(x.dtype) * s).reshape(x.shape).to(x.dtype)
