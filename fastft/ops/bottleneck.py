@@ -4,11 +4,12 @@ fastft::bottleneck_adapter(x, w_down, b_down, w_up, b_up, activation, scale, res
 layer_norm, ln_eps) -> (out, z, mean, rstd); callers use out. z is the pre-activation down(norm(x)) (tokens, r),
 mean and rstd the LayerNorm statistics (empty without the norm); they are outputs so autograd can save them.
 
-Forward, CPU fp32 (`fastft._C.bottleneck_forward`): per chunk of 64 tokens, the down-projection, the activation and
-the up-projection with the residual add, so x is read from memory once and the (tokens, hidden) product is never
-written and read back. CUDA: Triton kernels with the bias + activation in the down-projection's epilogue and the
-residual in the up-projection's. Other dtypes: ATen ops. fastft::bottleneck_input_grad does the same for backward's
-token-side GEMMs (dy read once for dz and dx). Backward recomputes a = act(z) (and norm(x) from x, mean, rstd):
+Forward, CPU fp32 (`fastft._C.bottleneck_forward`): ATen GEMM for the down-projection, then the up-projection with
+the residual add in the GEMM's epilogue, so the (tokens, hidden) product is never written and read back (one read
+of the residual, one write of the output). CUDA: Triton kernels with the bias + activation in the down-projection's
+epilogue and the residual in the up-projection's. Other dtypes: ATen ops. fastft::bottleneck_input_grad does the
+same in backward: dz = act'(z) * s * (dy W_up), and dx = dy + dz W_down with dy as the epilogue's residual.
+Backward recomputes a = act(z) (and norm(x) from x, mean, rstd):
     dW_up = s dy^T a,  db_up = s sum dy,  dz = s (dy W_up) * act'(z),  dW_down = dz^T norm(x),  db_down = sum dz,
     dx = dy (sequential adapter) + norm'(dz W_down),  d residual = dy (parallel adapter).
 Saved for backward: x (the layer's hidden states, which the surrounding model holds anyway), z (r * itemsize
@@ -52,7 +53,8 @@ def bottleneck_input_grad(dy: Tensor, z: Tensor, w_up: Tensor, w_down: Tensor, a
                           add_dy: bool) -> tuple[Tensor, Tensor]:
     """(dz, dv): dz = act'(z) * scale * (dy @ W_up) (tokens, r) and dv = [dy +] dz @ W_down (tokens, hidden), the
     dy term for a sequential adapter without a norm (its input is its residual). dy, z and the weights share a
-    dtype. CPU fp32: one pass over dy for both GEMMs (fastft._C); CUDA: Triton with act' and dy in the epilogues."""
+    dtype. CPU fp32: dv with dy as the GEMM epilogue's residual (fastft._C); CUDA: Triton with act' and dy in the
+    epilogues."""
     return _input_grad_ref(dy, z, w_up, w_down, activation, scale, add_dy)
 
 
