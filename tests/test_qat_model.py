@@ -143,3 +143,28 @@ def test_patch_runs_a_torchao_prepared_model_on_fastft_kernels(monkeypatch):
     assert len(calls) == 26  # weight and activation of the 13 swapped layers
     assert fastft.unpatch(model) == 13
     assert all(type(m) is FakeQuantizedLinear for m in model.modules() if isinstance(m, FakeQuantizedLinear))
+
+
+def test_qat_with_lora_on_top_uses_fused_lora_and_a_cached_base(monkeypatch):
+    """QAT + LoRA: peft wraps FakeQuantLinear (an nn.Linear), fastft.patch fuses the LoRA term, and the frozen base
+    weight is fake-quantized once, not every step; losses equal the unpatched peft model's."""
+    from peft import LoraConfig, get_peft_model
+
+    import fastft
+    from fastft.nn import fake_quant_linear
+
+    model = mini_llama()
+    fastft.qat.prepare(model, weight_bits=4, group_size=32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  lora_dropout=0.0))
+    reference = copy.deepcopy(peft_model)
+    report = fastft.patch(peft_model)
+    assert report.fused["lora.Linear"] == 4
+    calls = []
+    real = fake_quant_linear.fake_quantize
+    monkeypatch.setattr(fake_quant_linear, "fake_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ours = train(peft_model, steps=5)
+    assert len(calls) == 14  # each frozen base weight once, over 5 steps
+    monkeypatch.setattr(fake_quant_linear, "fake_quantize", real)
+    for a, b in zip(ours, train(reference, steps=5)):
+        assert abs(a - b) <= 1e-5 * abs(b)
