@@ -152,6 +152,23 @@ void backward_group<float>(const float* grad, const float* x, float* out, int64_
 }
 #endif
 
+// Forward with known parameters (learned scales).
+template <typename T>
+void quantize_with(const T* x, T* out, int64_t n, const GroupParams& p, float qmin, float qmax) {
+  quantize_scalar<T>(x, out, 0, n, p, qmin, qmax);
+}
+
+#ifdef FASTFT_X86
+template <>
+void quantize_with<float>(const float* x, float* out, int64_t n, const GroupParams& p, float qmin, float qmax) {
+  if (cpu_has_avx2()) {
+    quantize_avx2(x, out, n, p, qmin, qmax);
+  } else {
+    quantize_scalar<float>(x, out, 0, n, p, qmin, qmax);
+  }
+}
+#endif
+
 void check(const at::Tensor& x, int64_t group, int64_t qmin, int64_t qmax) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "fake_quantize: x must be float32, float16 or bfloat16, got ", x.scalar_type());
@@ -202,6 +219,69 @@ at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad_in, const at::Tenso
     });
   });
   return out;
+}
+
+at::Tensor fake_quantize_scaled_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, int64_t group,
+                                    int64_t qmin_i, int64_t qmax_i) {
+  check(x_in, group, qmin_i, qmax_i);
+  TORCH_CHECK(scale_in.scalar_type() == at::kFloat && scale_in.numel() * group == x_in.numel(),
+              "fake_quantize_scaled: scale must be float32 with one value per group");
+  const at::Tensor x = x_in.contiguous(), scale = scale_in.contiguous();
+  at::Tensor out = empty_huge_pages(x.sizes(), x.options());
+  const float qmin = static_cast<float>(qmin_i), qmax = static_cast<float>(qmax_i);
+  const float* scales = scale.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_scaled_cpu", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel() / group, std::max<int64_t>(1, 16384 / group), [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        const GroupParams p{scales[g], 1.f / scales[g], 0.f};
+        quantize_with<scalar_t>(src + g * group, dst + g * group, group, p, qmin, qmax);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quantize_scaled_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                                     const at::Tensor& scale_in, int64_t group,
+                                                                     int64_t qmin_i, int64_t qmax_i) {
+  check(x_in, group, qmin_i, qmax_i);
+  TORCH_CHECK(scale_in.scalar_type() == at::kFloat && scale_in.numel() * group == x_in.numel(),
+              "fake_quantize_scaled_backward: scale must be float32 with one value per group");
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type(),
+              "fake_quantize_scaled_backward: grad must have x's shape and dtype");
+  const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous(), scale = scale_in.contiguous();
+  at::Tensor dx = empty_huge_pages(x.sizes(), x.options());
+  at::Tensor dscale = at::empty_like(scale);
+  const float qmin = static_cast<float>(qmin_i), qmax = static_cast<float>(qmax_i);
+  const float* scales = scale.const_data_ptr<float>();
+  float* dscales = dscale.mutable_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_scaled_backward", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    const scalar_t* gsrc = grad.const_data_ptr<scalar_t>();
+    scalar_t* dst = dx.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel() / group, std::max<int64_t>(1, 16384 / group), [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        const float s = scales[g], inv = 1.f / s;
+        const scalar_t* xg = src + g * group;
+        const scalar_t* gg = gsrc + g * group;
+        scalar_t* og = dst + g * group;
+        double direct = 0, via_inverse = 0;  // sum dy * q, sum p * x (p: x_dtype(dy * s) inside the range)
+        for (int64_t i = 0; i < group; ++i) {
+          const float xv = static_cast<float>(xg[i]), gv = static_cast<float>(gg[i]);
+          const float pre = std::nearbyint(xv * inv);
+          const bool inside = pre >= qmin && pre <= qmax;
+          const float passed = inside ? round_to<scalar_t>(gv * s) : 0.f;
+          og[i] = static_cast<scalar_t>(passed * inv);
+          direct += static_cast<double>(gv) * round_to<scalar_t>(std::min(std::max(pre, qmin), qmax));
+          via_inverse += static_cast<double>(passed) * xv;
+        }
+        dscales[g] = static_cast<float>(direct - via_inverse * static_cast<double>(inv) * inv);
+      }
+    });
+  });
+  return {dx, dscale};
 }
 
 }  // namespace fastft

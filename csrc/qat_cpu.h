@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 namespace fastft {
 
 // Fake-quantizes contiguous groups of `group` elements of x (fp32 / fp16 / bf16, numel a multiple of group) in one
@@ -14,5 +16,15 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, int64_t group, int64_t qmin, i
 // scales and the clamp mask are recomputed from x (no mask stored).
 at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t group, int64_t qmin,
                                       int64_t qmax, bool symmetric, double eps);
+
+// Symmetric fake quantization with given fp32 scales (one per group): learned scales.
+at::Tensor fake_quantize_scaled_cpu(const at::Tensor& x, const at::Tensor& scale, int64_t group, int64_t qmin,
+                                    int64_t qmax);
+
+// (dx, dscale) of fake_quantize_scaled: dx straight-through inside the range; dscale = sum dy * q
+// - (1 / s)^2 * sum x_dtype(dy * s) * x over the range (sums in fp64).
+std::tuple<at::Tensor, at::Tensor> fake_quantize_scaled_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                     const at::Tensor& scale, int64_t group,
+                                                                     int64_t qmin, int64_t qmax);
 
 }  // namespace fastft

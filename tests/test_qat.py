@@ -148,7 +148,9 @@ def test_learned_scales_match_torchao_range_learning(dtype, bits, group_size):
     ours = fake_quantize_with_scale(x_ours, scale, bits, group_size)
     our_dx, our_ds = torch.autograd.grad(ours, [x_ours, scale], grad)
     assert torch.equal(ours, theirs) and torch.equal(our_dx, their_dx)
-    assert torch.allclose(our_ds, their_ds, rtol=1e-6, atol=0)  # same formula; exact here, order-sensitive in general
+    # the same formula; the sums (torchao: fp32 in torch's order, fastft's C++: fp64) may differ in the last bits,
+    # and d(scale) is a difference of two such sums
+    assert (our_ds - their_ds).abs().max() <= 1e-5 * their_ds.abs().max()
 
 
 def test_fake_quant_linear_learns_scales_and_converts_with_them():

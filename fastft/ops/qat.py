@@ -98,7 +98,16 @@ fake_quantize.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("fastft::fake_quantize_with_scale", mutates_args=())
 def fake_quantize_with_scale(x: Tensor, scale: Tensor, bits: int, group: int) -> Tensor:
     """Symmetric fake quantization with given fp32 scales (numel / group of them): learned scales (LSQ /
-    torchao range learning). Reference formulas on every device (no fused kernel yet)."""
+    torchao range learning). CPU: one C++ pass; other devices: the reference formulas."""
+    with torch.no_grad():
+        return ref.fake_quantize_with_scale_ref(x, scale, bits, group)
+
+
+@fake_quantize_with_scale.register_kernel("cpu")
+def _(x, scale, bits, group):
+    if backend_for("cpu") == "native":
+        qmin, qmax = ref.qrange(bits)
+        return native_extension().fake_quantize_scaled(x, scale, group, qmin, qmax).reshape(x.shape)
     with torch.no_grad():
         return ref.fake_quantize_with_scale_ref(x, scale, bits, group)
 
@@ -108,17 +117,9 @@ def _(x, scale, bits, group):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _setup_scaled(ctx, inputs, output):
-    x, scale, bits, group = inputs
-    ctx.save_for_backward(x, scale)
-    ctx.options = (bits, group)
-
-
-def _backward_scaled(ctx, grad):
+def _scaled_backward_ref(grad, x, scale, bits, group):
     """As torchao's autograd: with p = x_dtype(dy * s) inside the range (0 outside), dx = p * (1 / s) and
     ds = sum over the group of dy * q - (1 / s)^2 * sum of p * x."""
-    x, scale = ctx.saved_tensors
-    bits, group = ctx.options
     qmin, qmax = ref.qrange(bits)
     groups = x.reshape(-1, group)
     s = scale.reshape(-1, 1)
@@ -126,14 +127,43 @@ def _backward_scaled(ctx, grad):
     pre = torch.round(groups * inv)
     dy = grad.reshape(-1, group)
     passed = torch.where((pre >= qmin) & (pre <= qmax), (dy * s).to(x.dtype).to(torch.float32), 0.0)
-    grad_x = (passed * inv).to(x.dtype).reshape(x.shape) if ctx.needs_input_grad[0] else None
-    grad_scale = None
-    if ctx.needs_input_grad[1]:
-        q = torch.clamp(pre, qmin, qmax).to(x.dtype)
-        direct = (dy.to(torch.float32) * q).sum(-1, keepdim=True)
-        via_inverse = (passed * groups).sum(-1, keepdim=True) * (-(inv * inv))
-        grad_scale = (direct + via_inverse).reshape(scale.shape).to(scale.dtype)
-    return grad_x, grad_scale, None, None
+    q = torch.clamp(pre, qmin, qmax).to(x.dtype)
+    direct = (dy.to(torch.float32) * q).sum(-1, keepdim=True)
+    via_inverse = (passed * groups).sum(-1, keepdim=True) * (-(inv * inv))
+    return (passed * inv).to(x.dtype).reshape(x.shape), (direct + via_inverse).reshape(scale.shape).to(scale.dtype)
+
+
+@torch.library.custom_op("fastft::fake_quantize_with_scale_backward", mutates_args=())
+def fake_quantize_with_scale_backward(grad: Tensor, x: Tensor, scale: Tensor, bits: int,
+                                      group: int) -> tuple[Tensor, Tensor]:
+    """(dx, dscale) of fastft::fake_quantize_with_scale; CPU: one C++ pass (sums in fp64)."""
+    return _scaled_backward_ref(grad, x, scale, bits, group)
+
+
+@fake_quantize_with_scale_backward.register_kernel("cpu")
+def _(grad, x, scale, bits, group):
+    if backend_for("cpu") == "native":
+        qmin, qmax = ref.qrange(bits)
+        dx, dscale = native_extension().fake_quantize_scaled_backward(grad.to(x.dtype), x, scale, group, qmin, qmax)
+        return dx.reshape(x.shape), dscale.reshape(scale.shape)
+    return _scaled_backward_ref(grad, x, scale, bits, group)
+
+
+@fake_quantize_with_scale_backward.register_fake
+def _(grad, x, scale, bits, group):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scale)
+
+
+def _setup_scaled(ctx, inputs, output):
+    x, scale, bits, group = inputs
+    ctx.save_for_backward(x, scale)
+    ctx.options = (bits, group)
+
+
+def _backward_scaled(ctx, grad):
+    x, scale = ctx.saved_tensors
+    grad_x, grad_scale = fake_quantize_with_scale_backward(grad, x, scale, *ctx.options)
+    return (grad_x if ctx.needs_input_grad[0] else None, grad_scale if ctx.needs_input_grad[1] else None, None, None)
 
 
 fake_quantize_with_scale.register_autograd(_backward_scaled, setup_context=_setup_scaled)
