@@ -19,10 +19,8 @@ from fastft.reference import qat as ref
 
 
 def _reference(x: Tensor, bits: int, group: int, symmetric: bool, eps: float) -> Tensor:
-    qmin, qmax = ref.qrange(bits)
-    scale, zero_point = ref.qparams_ref(x, bits, group, symmetric, eps)
-    q = torch.clamp(torch.round(x.reshape(-1, group) * (1.0 / scale)) + zero_point, qmin, qmax)
-    return ((q.to(x.dtype) - zero_point.to(x.dtype)) * scale).reshape(x.shape).to(x.dtype)
+    with torch.no_grad():
+        return ref.fake_quantize_groups_ref(x, bits, group, symmetric, eps)
 
 
 def _reference_backward(grad: Tensor, x: Tensor, bits: int, group: int, symmetric: bool, eps: float) -> Tensor:

@@ -81,10 +81,9 @@ def qparams_ref(x: Tensor, bits: int, group: int, symmetric: bool, eps: Optional
         return scale.to(torch.float32), zero_point.to(torch.int32).to(torch.float32)
 
 
-def fake_quantize_ref(x: Tensor, bits: int = 4, group_size: int = 32, symmetric: bool = True,
-                      granularity: str = "per_group", eps: Optional[float] = None) -> Tensor:
-    """x (..., K) in fp32 / fp16 / bf16 -> fake-quantized x, same shape and dtype (differentiable, STE)."""
-    group = group_length(x.shape, group_size, granularity, symmetric)
+def fake_quantize_groups_ref(x: Tensor, bits: int, group: int, symmetric: bool, eps: Optional[float] = None) -> Tensor:
+    """Fake quantization over contiguous groups of `group` elements (validated arguments); differentiable in x
+    with torchao's straight-through rounding."""
     qmin, qmax = qrange(bits)
     scale, zero_point = qparams_ref(x, bits, group, symmetric, eps)
     groups = x.reshape(-1, group)
@@ -92,6 +91,13 @@ def fake_quantize_ref(x: Tensor, bits: int = 4, group_size: int = 32, symmetric:
     # q and the zero point go to x's dtype before the fp32 scale multiplies them, as in torchao (this rounds the
     # gradient dy * scale to x's dtype on the way back)
     return ((q.to(x.dtype) - zero_point.to(x.dtype)) * scale).reshape(x.shape).to(x.dtype)
+
+
+def fake_quantize_ref(x: Tensor, bits: int = 4, group_size: int = 32, symmetric: bool = True,
+                      granularity: str = "per_group", eps: Optional[float] = None) -> Tensor:
+    """x (..., K) in fp32 / fp16 / bf16 -> fake-quantized x, same shape and dtype (differentiable, STE)."""
+    return fake_quantize_groups_ref(x, bits, group_length(x.shape, group_size, granularity, symmetric), symmetric,
+                                    eps)
 
 
 def fake_quantize_with_scale_ref(x: Tensor, scale: Tensor, bits: int, group: int) -> Tensor:
