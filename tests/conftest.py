@@ -18,6 +18,20 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
+def causal_lm_losses(model, batch, steps: int, lr: float = 1e-3) -> list[float]:
+    """Per-step losses of `steps` AdamW steps on a causal LM over batch(step) (labels = inputs)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        ids = batch(step)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
     with use_backend(request.param):

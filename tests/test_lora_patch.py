@@ -10,6 +10,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           Qwen2ForCausalLM)
 
 import fastft
+from conftest import causal_lm_losses
 
 VOCAB = 128
 
@@ -41,16 +42,7 @@ def batch(seed=0):
 
 
 def losses_over_steps(model, steps):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for step in range(steps):
-        ids = batch(step)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return causal_lm_losses(model, batch, steps)
 
 
 @pytest.mark.parametrize("kind", ("llama", "qwen2", "gpt2"))

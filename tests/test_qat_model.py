@@ -8,6 +8,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fastft.qat
+from conftest import causal_lm_losses
 from fastft.nn import FakeQuantLinear, QuantizedLinear
 
 torchao = pytest.importorskip("torchao")
@@ -26,16 +27,7 @@ def batch(step):
 
 
 def train(model, steps=20):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for step in range(steps):
-        ids = batch(step)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return causal_lm_losses(model, batch, steps)
 
 
 @pytest.mark.parametrize("activation_bits", (None, 8))

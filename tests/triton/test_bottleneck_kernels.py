@@ -9,17 +9,13 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels run on CPU only under TRITON_INTERPRET=1, set before triton is imported",
                 allow_module_level=True)
 
+from conftest import rel_error  # noqa: E402
 from fastft.ops import bottleneck as ops  # noqa: E402
 from fastft.ops import use_backend  # noqa: E402
 from fastft.reference.bottleneck import ACTIVATIONS, bottleneck_adapter_ref  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
-
-def rel_error(actual, expected):
-    actual, expected = actual.detach().double(), expected.detach().double()
-    assert not torch.isnan(actual).any()
-    return float((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-30))
 
 
 def run(x, args, activation, layer_norm, grad):

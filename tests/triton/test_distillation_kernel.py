@@ -10,15 +10,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels run on CPU only under TRITON_INTERPRET=1, set before triton is imported",
                 allow_module_level=True)
 
+from conftest import rel_error  # noqa: E402
 from fastft.losses import fused_linear_distillation  # noqa: E402
 from fastft.ops import use_backend  # noqa: E402
 from fastft.reference.distillation import distillation_ref  # noqa: E402
 
-
-def rel_error(actual, expected):
-    actual, expected = actual.detach().double(), expected.detach().double()
-    assert not torch.isnan(actual).any()
-    return float((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-30))
 
 
 @pytest.mark.parametrize("beta", (0.0, 0.1, 0.5, 1.0))
