@@ -18,7 +18,7 @@ def _info(_args) -> int:
     for device, line in describe().items():
         print(f"  {device}: {line}")
     names = ("nf4_dequantize", "nf4_dequantize_into", "nf4_linear", "nf4_linear_grad_input", "lora_dropout",
-             "lora_delta", "fused_linear_distillation", "fused_linear_distillation_backward")
+             "lora_deltas", "fused_linear_distillation", "fused_linear_distillation_backward")
     print("  ops: " + ", ".join(f"fastft::{name}" for name in names))
     return 0
 

@@ -1,4 +1,4 @@
-"""fastft::lora_delta and fastft::lora_dropout vs the reference; the dropout's statistics."""
+"""fastft::lora_deltas (one adapter and groups) and fastft::lora_dropout vs the reference; the dropout's statistics."""
 
 import pytest
 import torch
@@ -38,6 +38,58 @@ def test_lora_delta_matches_reference(backend, x_dtype, p, shape):
         assert rel_error(ours, theirs) < 1e-5
 
 
+@pytest.mark.parametrize("p", (0.0, 0.1))
+@pytest.mark.parametrize("x_dtype", (torch.float32, torch.bfloat16))
+def test_group_matches_reference_per_adapter(backend, p, x_dtype):
+    """Three adapters reading one x (ragged ranks, a bias on two, own scales and seeds) in one op call."""
+    ranks, in_features = (8, 16, 3), 70
+    x = torch.randn(2, 9, in_features).to(x_dtype).requires_grad_()
+    As = [torch.randn(r, in_features, requires_grad=True) for r in ranks]
+    Bs = [torch.randn(20 + i, r, requires_grad=True) for i, r in enumerate(ranks)]
+    biases = [torch.randn(20, requires_grad=True), None, torch.randn(22, requires_grad=True)]
+    scales, seeds = [0.5, 2.0, 1.5], [3, 4, 2**32 - 1]
+    grads = [torch.randn(2, 9, B.shape[0]) for B in Bs]
+    deltas, u = ops.lora_deltas(x, As, Bs, scales, p, seeds, [biases[0], biases[2]], [True, False, True])
+    assert u.shape == (18, sum(ranks))
+    leaves = [x, *As, *Bs, biases[0], biases[2]]
+    ours = torch.autograd.grad(deltas, leaves, grads)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, As64, Bs64 = leaves64[0], leaves64[1:4], leaves64[4:7]
+    biases64 = [leaves64[7], None, leaves64[8]]
+    expected = [ref.lora_delta_ref(x64, *args) for args in zip(As64, Bs64, scales, (p,) * 3, seeds, biases64)]
+    theirs = torch.autograd.grad(expected, leaves64, [g.double() for g in grads])
+    for delta, reference in zip(deltas, expected):
+        assert rel_error(delta, reference) < 1e-5
+    assert ours[0].dtype == x_dtype and rel_error(ours[0], theirs[0]) < TOLERANCE[x_dtype]
+    for grad, reference in zip(ours[1:], theirs[1:]):
+        assert rel_error(grad, reference) < 1e-5
+
+
+def test_group_gradcheck(backend):
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    As = [torch.randn(r, 24, dtype=torch.float64, requires_grad=True) for r in (4, 2)]
+    Bs = [torch.randn(10, r, dtype=torch.float64, requires_grad=True) for r in (4, 2)]
+    bias = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, A0, A1, B0, B1, b: ops.lora_deltas(  # noqa: E731
+        x, [A0, A1], [B0, B1], [0.5, 2.0], 0.3, [99, 100], [b], [False, True])[0]
+    assert torch.autograd.gradcheck(fn, (x, *As, *Bs, bias))
+
+
+def test_group_bad_input():
+    x, A, B = torch.randn(4, 8), torch.randn(2, 8), torch.randn(5, 2)
+    with pytest.raises(ValueError, match="non-empty lists of one length"):
+        ops.lora_deltas(x, [A, A], [B], [1.0, 1.0], 0.0, [1, 2], [], [False, False])
+    with pytest.raises(ValueError, match="one bias per True in has_bias"):
+        ops.lora_deltas(x, [A], [B], [1.0], 0.0, [1], [], [True])
+    with pytest.raises(TypeError, match=r"lora_As\[1\] is torch.float64"):
+        ops.lora_deltas(x, [A, A.double()], [B, B], [1.0, 1.0], 0.0, [1, 2], [], [False, False])
+    with pytest.raises(ValueError, match=r"lora_As\[0\] must be \(rank, 8\)"):
+        ops.lora_deltas(x, [torch.randn(2, 7)], [B], [1.0], 0.0, [1], [], [False])
+    with pytest.raises(ValueError, match=r"lora_Bs\[0\] must be \(out_features, 2\)"):
+        ops.lora_deltas(x, [A], [torch.randn(5, 3)], [1.0], 0.0, [1], [], [False])
+
+
 def test_lora_delta_gradcheck(backend):
     x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
     A = torch.randn(4, 24, dtype=torch.float64, requires_grad=True)
@@ -51,7 +103,10 @@ def test_lora_opcheck():
     x = torch.randn(6, 24, requires_grad=True)
     A = torch.randn(4, 24, requires_grad=True)
     B = torch.randn(10, 4, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastft.lora_delta.default, (x, A, B, 2.0, 0.2, 5, None))
+    torch.library.opcheck(torch.ops.fastft.lora_deltas.default, (x, [A], [B], [2.0], 0.2, [5], [], [False]))
+    B2, bias = torch.randn(7, 4, requires_grad=True), torch.randn(7, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastft.lora_deltas.default,
+                          (x, [A, A], [B, B2], [2.0, 1.0], 0.0, [5, 6], [bias], [False, True]))
     torch.library.opcheck(torch.ops.fastft.lora_dropout.default, (torch.randn(7, 9), 0.25, 3))
 
 

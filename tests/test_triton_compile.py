@@ -1,4 +1,5 @@
-"""The Triton kernels of kernels/ (nf4, bottleneck, distillation, qat) compile for an H100 (sm_90) down to a cubin, without a GPU.
+"""The Triton kernels of kernels/ (nf4, lora, bottleneck, distillation, qat) compile for an H100 (sm_90) down to
+a cubin, without a GPU.
 
 The interpreter tests check the arithmetic; this checks what only the real compiler sees (tl.dot operand
 shapes and dtypes, layouts, constexpr branches)."""
@@ -95,3 +96,22 @@ def test_qat_kernel_compiles_for_sm90(dtype, backward):
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
     assert compiled.asm["cubin"] and "div.rn.f32" in compiled.asm["ptx"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel_name", ("_lora_down_kernel", "_lora_grad_x_kernel", "_lora_grad_a_kernel"))
+@pytest.mark.parametrize("dtype", ("bf16", "fp32"))
+def test_lora_kernels_compile_for_sm90(kernel_name, dtype):
+    from fastft.kernels import lora
+
+    kernel = getattr(lora, kernel_name)
+    constexprs = {"DROPOUT": True, "INTERPRET_BF16": False, "BLOCK_M": 64, "BLOCK_R": 16, "BLOCK_K": 64}
+    pointers = {"seed_ptr": "*i64", "offsets_ptr": "*i32"}
+    scalars = {"threshold": "i64", "keep_scale": "fp32"}
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, f"*{dtype}") if name.endswith("_ptr")
+                 else scalars.get(name, "i32") for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
+    if dtype == "bf16":
+        assert "mma" in compiled.asm["ptx"]  # the rank-r products run on tensor cores

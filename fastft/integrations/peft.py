@@ -2,6 +2,12 @@
 instances for fastft subclasses whose forward runs the fused LoRA op (and, for 4-bit bases, fastft's fused
 NF4 matmul on bitsandbytes' own storage). No parameter or buffer is added, so peft's save/merge/adapter
 machinery works unchanged; whatever the fused path does not cover runs peft's own forward.
+
+Sibling projections that read one input (q/k/v of an attention block, gate/up of an MLP) form an input group: the
+first member called computes the LoRA terms of every member in one fastft::lora_deltas call (x read once, one
+rank-r GEMM without dropout) and hands each sibling its term when the sibling is called with that same tensor.
+A group whose members turn out to read different inputs (cross-attention, cached keys) stops grouping, and the
+patch report says so.
 """
 
 from __future__ import annotations
@@ -25,10 +31,14 @@ class PatchReport:
 
     fused: Counter = field(default_factory=Counter)
     unfused: dict[str, str] = field(default_factory=dict)
+    input_groups: dict[str, str] = field(default_factory=dict)  # group -> "grouped", or why it stopped
 
     def __str__(self) -> str:
         lines = [f"fastft.patch: fused {sum(self.fused.values())} module(s)"]
         lines += [f"  {kind}: {count}" for kind, count in sorted(self.fused.items())]
+        if self.input_groups:
+            lines.append(f"LoRA input groups (one call for the siblings' rank-r terms): {len(self.input_groups)}")
+            lines += [f"  {name}: {state}" for name, state in sorted(self.input_groups.items())]
         if self.unfused:
             lines.append(f"left on peft's forward: {len(self.unfused)}")
             lines += [f"  {name}: {reason}" for name, reason in sorted(self.unfused.items())]
@@ -65,17 +75,109 @@ def _runs_fused(layer, kwargs) -> bool:
             and not any(name in variants for name in layer.active_adapters))
 
 
-def _add_lora(layer, x, result, cast_result_per_adapter: bool):
-    cast_enabled = getattr(layer, "cast_input_dtype_enabled", True)
+def _adapter_terms(layer, training: bool) -> list[tuple]:
+    """(lora_A, lora_B, scale, dropout p, lora bias) of each active adapter of `layer`, in peft's order."""
+    terms = []
     for name in layer.active_adapters:
-        if name not in layer.lora_A:
-            continue
-        lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name]
-        if not cast_enabled and x.dtype != lora_A.dtype:
-            raise TypeError(f"input dtype casting is disabled but x is {x.dtype} and lora_A is {lora_A.dtype}")
-        delta, _ = lora_ops.lora_delta(x, lora_A, lora_B.weight, float(layer.scaling[name]),
-                                       _dropout_p(layer.lora_dropout[name], layer.training), _new_seed(),
-                                       lora_B.bias)
+        if name in layer.lora_A:
+            lora_B = layer.lora_B[name]
+            terms.append((layer.lora_A[name].weight, lora_B.weight, float(layer.scaling[name]),
+                          _dropout_p(layer.lora_dropout[name], training), lora_B.bias))
+    return terms
+
+
+def _check_cast(layer, x: torch.Tensor, terms: list[tuple]) -> None:
+    if not getattr(layer, "cast_input_dtype_enabled", True):
+        for lora_A, *_ in terms:
+            if x.dtype != lora_A.dtype:
+                raise TypeError(f"input dtype casting is disabled but x is {x.dtype} and lora_A is {lora_A.dtype}")
+
+
+def _lora_deltas(x: torch.Tensor, terms: list[tuple]) -> list[torch.Tensor]:
+    """The LoRA term of each (lora_A, lora_B, scale, p, bias): one fastft::lora_deltas call per (A dtype, p)."""
+    deltas: list = [None] * len(terms)
+    calls: dict[tuple, list[int]] = {}
+    for index, (lora_A, _, _, p, _) in enumerate(terms):
+        calls.setdefault((lora_A.dtype, p), []).append(index)
+    for (_, p), indices in calls.items():
+        As, Bs, scales, _, biases = zip(*(terms[i] for i in indices))
+        group_deltas, _ = lora_ops.lora_deltas(x, list(As), list(Bs), list(scales), p,
+                                               [_new_seed() for _ in indices],
+                                               [b for b in biases if b is not None], [b is not None for b in biases])
+        for i, delta in zip(indices, group_deltas):
+            deltas[i] = delta
+    return deltas
+
+
+class _InputGroup:
+    """Sibling LoRA layers reading one input. The first member called with x computes every eligible member's
+    terms; the others take theirs when called with the same, unmodified x (same object, same version)."""
+
+    def __init__(self, name: str, members: list, report: PatchReport):
+        self.name, self.members, self.report = name, members, report
+        self.active = True
+        self.x = None
+        self.version = -1
+        self.pending: dict[int, list] = {}  # id(member) -> its deltas, for the current x
+
+    def deltas(self, layer, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """layer's LoRA terms for x, or None where the group does not serve this call."""
+        if not self.active or torch.compiler.is_compiling():
+            return None
+        if x is self.x and x._version == self.version and id(layer) in self.pending:
+            return self.pending.pop(id(layer))
+        if self.pending:  # a member left its term unused, or was called with another input: stop grouping
+            self.active, self.x, self.pending = False, None, {}
+            self.report.input_groups[self.name] = "stopped: the members read different inputs (each runs alone)"
+            return None
+        members = [m for m in self.members if m is layer or _runs_fused(m, {})]
+        terms = [_adapter_terms(m, m.training) for m in members]
+        for member, member_terms in zip(members, terms):
+            _check_cast(member, x, member_terms)
+        flat = _lora_deltas(x, [term for member_terms in terms for term in member_terms])
+        start = 0
+        for member, member_terms in zip(members, terms):
+            self.pending[id(member)] = flat[start:start + len(member_terms)]
+            start += len(member_terms)
+        mine = self.pending.pop(id(layer))
+        self.x, self.version = (x, x._version) if self.pending else (None, -1)
+        return mine
+
+    def take(self, layer, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """deltas(), releasing x once every member has taken its terms."""
+        mine = self.deltas(layer, x)
+        if not self.pending:
+            self.x = None
+        return mine
+
+
+# Sibling projections that read the same input in transformers models.
+_INPUT_GROUP_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"),
+                      ("w1", "w3"))
+
+
+def _form_input_groups(model: nn.Module, report: PatchReport) -> None:
+    for parent_name, parent in model.named_modules():
+        for names in _INPUT_GROUP_NAMES:
+            members = {n: getattr(parent, n, None) for n in names}
+            members = {n: m for n, m in members.items() if getattr(type(m), "_fastft_peft_class", None) is not None}
+            if len(members) < 2 or len({m.in_features for m in members.values()}) > 1:
+                continue
+            group_name = f"{parent_name}.({', '.join(members)})" if parent_name else f"({', '.join(members)})"
+            group = _InputGroup(group_name, list(members.values()), report)
+            for member in members.values():
+                member.__dict__["_fastft_input_group"] = group
+            report.input_groups[group_name] = "grouped"
+
+
+def _add_lora(layer, x, result, cast_result_per_adapter: bool):
+    group = layer.__dict__.get("_fastft_input_group")
+    deltas = group.take(layer, x) if group is not None else None
+    if deltas is None:
+        terms = _adapter_terms(layer, layer.training)
+        _check_cast(layer, x, terms)
+        deltas = _lora_deltas(x, terms)
+    for delta in deltas:
         result = result + (delta.to(result.dtype) if cast_result_per_adapter else delta)
     return result
 
@@ -199,6 +301,8 @@ def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True, qat: bool = 
             continue
         module.__class__ = _fused_class(type(module), forward)
         report.fused[f"lora.{type(module)._fastft_peft_class.__name__}"] += 1
+    if lora:
+        _form_input_groups(model, report)
     if qat:
         from fastft.integrations.qat import patch_torchao
 
@@ -215,6 +319,7 @@ def unpatch(model: nn.Module) -> int:
         original = getattr(type(module), "_fastft_peft_class", None)
         if original is not None:
             module.__class__ = original
+            module.__dict__.pop("_fastft_input_group", None)
             restored += 1
         for child_name, child in list(module.named_children()):
             replaced = child.__dict__.get("_fastft_replaced")
