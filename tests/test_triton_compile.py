@@ -115,3 +115,19 @@ def test_lora_kernels_compile_for_sm90(kernel_name, dtype):
     assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
     if dtype == "bf16":
         assert "mma" in compiled.asm["ptx"]  # the rank-r products run on tensor cores
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backward", (False, True))
+def test_learned_scale_qat_kernel_compiles_for_sm90(backward):
+    from fastft.kernels import qat
+
+    kernel = qat._fake_quantize_scaled_kernel
+    constexprs = {"BACKWARD": backward, "BLOCK_G": 64, "BLOCK_K": 32}
+    pointers = {"scale_ptr": "*fp32", "grad_scale_ptr": "*fp32"}
+    scalars = {"n_groups": "i32", "group": "i32", "qmin": "fp32", "qmax": "fp32"}
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "*bf16") if name.endswith("_ptr")
+                 else scalars[name] for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+    assert compiled.asm["cubin"] and "div.rn.f32" in compiled.asm["ptx"]

@@ -96,16 +96,21 @@ fake_quantize.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("fastft::fake_quantize_with_scale", mutates_args=())
 def fake_quantize_with_scale(x: Tensor, scale: Tensor, bits: int, group: int) -> Tensor:
     """Symmetric fake quantization with given fp32 scales (numel / group of them): learned scales (LSQ /
-    torchao range learning). CPU: one C++ pass; other devices: the reference formulas."""
+    torchao range learning). CPU: one C++ pass; CUDA: one Triton pass."""
     with torch.no_grad():
         return ref.fake_quantize_with_scale_ref(x, scale, bits, group)
 
 
-@fake_quantize_with_scale.register_kernel("cpu")
+@fake_quantize_with_scale.register_kernel(("cpu", "cuda"))
 def _(x, scale, bits, group):
-    if backend_for("cpu") == "native":
-        qmin, qmax = ref.qrange(bits)
+    backend = backend_for(x.device.type)
+    qmin, qmax = ref.qrange(bits)
+    if backend == "native":
         return native_extension().fake_quantize_scaled(x, scale, group, qmin, qmax).reshape(x.shape)
+    if backend == "triton":
+        from fastft.kernels import qat as kernels
+
+        return kernels.fake_quantize_scaled(x, scale, group, qmin, qmax)
     with torch.no_grad():
         return ref.fake_quantize_with_scale_ref(x, scale, bits, group)
 
@@ -134,15 +139,22 @@ def _scaled_backward_ref(grad, x, scale, bits, group):
 @torch.library.custom_op("fastft::fake_quantize_with_scale_backward", mutates_args=())
 def fake_quantize_with_scale_backward(grad: Tensor, x: Tensor, scale: Tensor, bits: int,
                                       group: int) -> tuple[Tensor, Tensor]:
-    """(dx, dscale) of fastft::fake_quantize_with_scale; CPU: one C++ pass (sums in fp64)."""
+    """(dx, dscale) of fastft::fake_quantize_with_scale; CPU: one C++ pass (sums in fp64); CUDA: one Triton pass
+    (fp32 sums over each group, as torchao's autograd)."""
     return _scaled_backward_ref(grad, x, scale, bits, group)
 
 
-@fake_quantize_with_scale_backward.register_kernel("cpu")
+@fake_quantize_with_scale_backward.register_kernel(("cpu", "cuda"))
 def _(grad, x, scale, bits, group):
-    if backend_for("cpu") == "native":
-        qmin, qmax = ref.qrange(bits)
+    backend = backend_for(x.device.type)
+    qmin, qmax = ref.qrange(bits)
+    if backend == "native":
         dx, dscale = native_extension().fake_quantize_scaled_backward(grad.to(x.dtype), x, scale, group, qmin, qmax)
+        return dx.reshape(x.shape), dscale.reshape(scale.shape)
+    if backend == "triton":
+        from fastft.kernels import qat as kernels
+
+        dx, dscale = kernels.fake_quantize_scaled_backward(grad, x, scale, group, qmin, qmax)
         return dx.reshape(x.shape), dscale.reshape(scale.shape)
     return _scaled_backward_ref(grad, x, scale, bits, group)
 

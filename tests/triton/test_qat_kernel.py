@@ -33,3 +33,27 @@ def test_kernel_is_bit_exact(dtype, bits, config):
         results[backend] = (out, dx)
     assert torch.equal(results["triton"][0], results["reference"][0])
     assert torch.equal(results["triton"][1], results["reference"][1])
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("bits,group_size", ((4, 32), (8, 48), (2, 96)))
+def test_learned_scale_kernel_matches_reference(dtype, bits, group_size):
+    """Forward and dx bit-exact with the reference formulas (torchao's); d(scale) is a difference of fp32 sums
+    taken in another order, so it agrees to fp32 rounding."""
+    from fastft.qat import fake_quantize_with_scale, initial_scales
+
+    g = torch.Generator().manual_seed(bits + group_size)
+    x = (torch.randn(21, 96, generator=g) * 3).to(dtype)
+    scale = initial_scales(x, bits, group_size)
+    scale = scale * torch.empty(scale.shape).uniform_(0.6, 1.4, generator=g)  # as after some training
+    grad = torch.randn(21, 96, generator=g).to(dtype)
+    results = {}
+    for backend in ("triton", "reference"):
+        leaf, leaf_scale = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        with use_backend(backend):
+            out = fake_quantize_with_scale(leaf, leaf_scale, bits, group_size)
+            results[backend] = (out, *torch.autograd.grad(out, [leaf, leaf_scale], grad))
+    ours, theirs = results["triton"], results["reference"]
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    assert ours[2].dtype == torch.float32 and ours[2].shape == scale.shape
+    assert (ours[2] - theirs[2]).abs().max() <= 1e-5 * theirs[2].abs().max()
