@@ -2,6 +2,7 @@
 
     loss = fastft.losses.fused_linear_distillation(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                                    labels, beta=0.5, temperature=2.0)
+    loss = fastft.losses.fused_linear_cross_entropy(hidden, lm_head_weight, labels)   # = F.cross_entropy(logits, labels)
 
 Semantics are TRL's generalized JSD and Hinton's KD (fastft/reference/distillation.py): soft term JSD(beta)
 between teacher and student at temperature T (beta=0 forward KL(P||Q), beta=1 reverse KL(Q||P)), times T^2 when
@@ -68,6 +69,19 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, label
         raise ValueError("num_items_in_batch applies to reduction='mean' only")
 
 
+def _denominator(reduction: str, num_items_in_batch, flat_labels: Tensor | None, ignore_index: int, rows: int) -> float:
+    """What a "mean" divides the summed per-token losses by: num_items_in_batch, else the tokens not ignored."""
+    if reduction != "mean":
+        return 1.0
+    if num_items_in_batch is not None:
+        denominator = float(num_items_in_batch)
+    elif flat_labels is not None:
+        denominator = float((flat_labels != ignore_index).sum())
+    else:
+        denominator = float(rows)
+    return 1.0 if denominator == 0 else denominator
+
+
 def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                               teacher_weight: Tensor, labels: Tensor | None = None, *,
                               student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
@@ -84,16 +98,7 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
     flat_labels = None if labels is None else labels.reshape(-1).long()
-    if reduction == "mean":
-        if num_items_in_batch is not None:
-            denominator = float(num_items_in_batch)
-        elif flat_labels is not None:
-            denominator = float((flat_labels != ignore_index).sum())
-        else:
-            denominator = float(hidden.shape[0])
-        denominator = max(denominator, 1.0) if denominator == 0 else denominator
-    else:
-        denominator = 1.0
+    denominator = _denominator(reduction, num_items_in_batch, flat_labels, ignore_index, hidden.shape[0])
     loss, *_ = ops.fused_linear_distillation(
         hidden, student_weight, teacher, teacher_weight.detach(), flat_labels, student_bias,
         None if teacher_bias is None else teacher_bias.detach(), float(beta), float(temperature), float(alpha),
@@ -101,3 +106,39 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
         student_hidden.requires_grad,
         student_weight.requires_grad, student_bias is not None and student_bias.requires_grad)
     return loss.reshape(leading) if reduction == "none" else loss
+
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                               ignore_index: int = -100, reduction: str = "mean",
+                               num_items_in_batch: int | Tensor | None = None) -> Tensor:
+    """F.cross_entropy(hidden @ weight^T + bias, labels) for hidden (..., H), weight (V, H), integer labels (...),
+    without the (tokens, V) logits: token chunks of ~8 MiB fp32 logits, gradients for hidden (and for weight and
+    bias when they require grad) computed in the forward pass. "mean" divides by the tokens not labelled
+    ignore_index, or by num_items_in_batch (transformers' sum / num_items_in_batch); "sum"; "none" (per token,
+    shaped like labels). The loss is fp32 (fp64 for fp64 inputs); bf16/fp16 logits are accumulated in fp32."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"weight must be (vocab, {hidden.shape[-1]}) for hidden of last dim {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32) or \
+            labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must be integer with shape {tuple(hidden.shape[:-1])}, got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError("num_items_in_batch applies to reduction='mean' only")
+    devices = {t.device for t in (hidden, weight, labels, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1).long()
+    denominator = _denominator(reduction, num_items_in_batch, flat_labels, ignore_index, rows.shape[0])
+    loss, *_ = ops.fused_linear_distillation(
+        rows, weight, None, None, flat_labels, bias, None, 0.0, 1.0, 0.0, False, int(ignore_index), 0, denominator,
+        reduction == "none", hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    return loss.reshape(labels.shape) if reduction == "none" else loss

@@ -1,8 +1,9 @@
 """A LoRA training step of a mini Llama (4 layers, hidden 1024, intermediate 2816, 16 heads, vocab 32000,
-batch 4 x 512 tokens, r=16 on all seven projections, dropout 0.05), peft vs peft patched by fastft, with an fp32
-or a bitsandbytes 4-bit base. Each case runs in its own process so that its peak RSS is its own.
+batch 4 x 512 tokens, r=16 on all seven projections, dropout 0.05), peft vs peft patched by fastft (default
+`fastft.patch`, and with fused_loss=True: the LM loss from hidden states, no logits), with an fp32 or a
+bitsandbytes 4-bit base. Each case runs in its own process so that its peak RSS is its own.
 
-    python -m fastft.bench.lora_step --base nf4 --fastft   # one case, prints a JSON line
+    python -m fastft.bench.lora_step --base nf4 --variant fastft   # one case, prints a JSON line
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from fastft.bench.harness import Machine, Row
 
-CASES = (("fp32", False), ("fp32", True), ("nf4", False), ("nf4", True))
+VARIANTS = ("peft", "fastft", "fastft+loss")
 
 
 def _model(base: str):
@@ -42,12 +43,12 @@ def _model(base: str):
     return get_peft_model(model, lora)
 
 
-def run_case(base: str, use_fastft: bool, steps: int) -> dict:
+def run_case(base: str, variant: str, steps: int) -> dict:
     import fastft
 
     model = _model(base)
-    if use_fastft:
-        fastft.patch(model)
+    if variant != "peft":
+        fastft.patch(model, fused_loss=variant == "fastft+loss")
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 32000, (4, 512), generator=torch.Generator().manual_seed(0))
@@ -67,31 +68,35 @@ def run_case(base: str, use_fastft: bool, steps: int) -> dict:
 
 def run(machine: Machine, steps: int = 3, progress=print) -> list[Row]:
     measured = {}
-    for base, use_fastft in CASES:
-        progress(f"mini Llama LoRA step, {base} base, {'fastft' if use_fastft else 'peft'} (own process)")
-        command = [sys.executable, "-m", "fastft.bench.lora_step", "--base", base, "--steps", str(steps)]
-        command += ["--fastft"] if use_fastft else []
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        measured[base, use_fastft] = json.loads(output.strip().splitlines()[-1])
+    for base in ("fp32", "nf4"):
+        for variant in VARIANTS:
+            progress(f"mini Llama LoRA step, {base} base, {variant} (own process)")
+            command = [sys.executable, "-m", "fastft.bench.lora_step", "--base", base, "--variant", variant,
+                       "--steps", str(steps)]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            measured[base, variant] = json.loads(output.strip().splitlines()[-1])
     rows = []
     for base, peer, target, ratio in (("fp32", "peft", ">= 1.2x peft", 1.2),
                                       ("nf4", "peft + bitsandbytes", ">= 1.6x peft + bnb, <= 0.75x its peak RSS", 1.6)):
-        ours, theirs = measured[base, True], measured[base, False]
-        row = Row(f"mini Llama LoRA step, {base} base ({ours['tokens_per_s']:.0f} vs {theirs['tokens_per_s']:.0f} "
-                  f"tok/s; peak RSS {ours['peak_rss_mib']:.0f} vs {theirs['peak_rss_mib']:.0f} MiB)",
-                  ours["step_ms"], peer, theirs["step_ms"], target=target)
-        row.met = row.speedup >= ratio and (base == "fp32" or ours["peak_rss_mib"] <= 0.75 * theirs["peak_rss_mib"])
-        rows.append(row)
+        theirs = measured[base, "peft"]
+        for variant in VARIANTS[1:]:
+            ours = measured[base, variant]
+            row = Row(f"mini Llama LoRA step, {base} base, {variant} ({ours['tokens_per_s']:.0f} vs "
+                      f"{theirs['tokens_per_s']:.0f} tok/s; peak RSS {ours['peak_rss_mib']:.0f} vs "
+                      f"{theirs['peak_rss_mib']:.0f} MiB)", ours["step_ms"], peer, theirs["step_ms"], target=target)
+            row.met = row.speedup >= ratio and (
+                base == "fp32" or ours["peak_rss_mib"] <= 0.75 * theirs["peak_rss_mib"])
+            rows.append(row)
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base", choices=("fp32", "nf4"), required=True)
-    parser.add_argument("--fastft", action="store_true")
+    parser.add_argument("--variant", choices=VARIANTS, default="fastft")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
-    print(json.dumps(run_case(args.base, args.fastft, args.steps)))
+    print(json.dumps(run_case(args.base, args.variant, args.steps)))
     return 0
 
 

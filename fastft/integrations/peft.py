@@ -257,10 +257,14 @@ def _plain_bnb_4bit_layers(model: nn.Module):
                 yield module, child_name, f"{name}.{child_name}" if name else child_name, child
 
 
-def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True, qat: bool = True) -> PatchReport:
+def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True, qat: bool = True,
+          fused_loss: bool = False) -> PatchReport:
     """Fuse the LoRA layers of `model` (a PeftModel, or a transformers model with adapters) in place, (nf4=True)
-    run bitsandbytes 4-bit layers through fastft's fused NF4 matmul on their own storage, and (qat=True) run the
-    fake quantization of a torchao-prepared model's FakeQuantizedLinears on fastft's kernels.
+    run bitsandbytes 4-bit layers through fastft's fused NF4 matmul on their own storage, (qat=True) run the
+    fake quantization of a torchao-prepared model's FakeQuantizedLinears on fastft's kernels, and (fused_loss=True)
+    compute a causal LM's training loss from its hidden states without materializing the logits (outputs.logits is
+    then None in training with labels: off by default, since scripts may read the logits; see
+    fastft/integrations/causal_lm.py).
 
     Per instance and reversible (`unpatch`): other models and torch.nn.functional are untouched.
     """
@@ -307,14 +311,19 @@ def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True, qat: bool = 
         from fastft.integrations.qat import patch_torchao
 
         patch_torchao(model, report)
+    if fused_loss:
+        from fastft.integrations.causal_lm import patch_causal_lm_loss
+
+        patch_causal_lm_loss(model, report)
     return report
 
 
 def unpatch(model: nn.Module) -> int:
     """Undo `patch` on `model`: peft's, bitsandbytes' and torchao's modules come back; returns how many."""
+    from fastft.integrations.causal_lm import unpatch_causal_lm_loss
     from fastft.integrations.qat import unpatch_torchao
 
-    restored = unpatch_torchao(model)
+    restored = unpatch_torchao(model) + unpatch_causal_lm_loss(model)
     for module in list(model.modules()):
         original = getattr(type(module), "_fastft_peft_class", None)
         if original is not None:

@@ -11,6 +11,8 @@ four passes over a cached row, AVX2 exp/log) instead of ~20 torch ops; on CUDA i
 cases (teacher top-k, fp64) use torch ops.
 
 - teacher_topk > 0: the soft term over the teacher's top-k tokens + a rest bucket; 0: the full vocabulary.
+- No teacher (teacher_hidden and teacher_weight None, alpha = 0): the fused linear cross-entropy of the student
+  alone, per token -log softmax(z)[label] with gradient softmax(z) - onehot(label) (a causal LM's loss).
 - fastft::fused_linear_distillation(...) -> (loss, grad_hidden, grad_weight, grad_bias): with a scalar reduction
   (per_token=False) the gradients are computed in the forward pass (scaled by the incoming gradient in
   backward); with per_token=True only the per-token losses, and backward reruns the chunks with per-token weights
@@ -121,8 +123,23 @@ def _soft(zs, zt, beta, temperature, want_grad, topk, grad_scale):
     return soft, grad.mul_(grad_scale)
 
 
+def _cross_entropy_rows(zs, labels, ignore_index, want_grad):
+    """Per-row cross-entropy of the logits zs and (want_grad) its gradient softmax - onehot; 0 for ignored rows."""
+    log_probs = F.log_softmax(zs, dim=-1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
+    loss = torch.where(valid, -log_probs.gather(1, safe).squeeze(1), 0.0)
+    if not want_grad:
+        return loss, None
+    grad = log_probs.exp_()
+    grad.scatter_add_(1, safe, torch.full_like(loss, -1.0).unsqueeze(1))
+    return loss, grad.mul_(valid.unsqueeze(1))
+
+
 def _rows(zs, zt, labels, beta, temperature, alpha, scale_by_t2, ignore_index, want_grad, topk):
     """Per-row loss and (want_grad) its gradient with respect to the student logits zs (zs, zt: scratch)."""
+    if zt is None:
+        return _cross_entropy_rows(zs, labels, ignore_index, want_grad)
     factor = alpha * (temperature**2 if scale_by_t2 else 1.0)
     with_ce = labels is not None and alpha != 1.0
     ce_log_probs = F.log_softmax(zs, dim=-1) if with_ce else None  # before zs becomes scratch
@@ -159,8 +176,10 @@ def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
         r1 = min(r0 + step, n)
         hidden = student_hidden[r0:r1]
         zs = _logits(hidden, student_weight, student_bias, dtype)
-        with torch.no_grad():
-            zt = _logits(teacher_hidden[r0:r1], teacher_weight, teacher_bias, dtype)
+        zt = None
+        if teacher_hidden is not None:
+            with torch.no_grad():
+                zt = _logits(teacher_hidden[r0:r1], teacher_weight, teacher_bias, dtype)
         chunk_labels = None if labels is None else labels[r0:r1]
         loss, dz = _rows(zs, zt, chunk_labels, beta, temperature, alpha, scale_by_t2, ignore_index, want_grad,
                          teacher_topk)
@@ -184,7 +203,7 @@ def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
 
 @torch.library.custom_op("fastft::fused_linear_distillation", mutates_args=())
 def fused_linear_distillation(
-    student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
+    student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor],
     labels: Optional[Tensor], student_bias: Optional[Tensor], teacher_bias: Optional[Tensor], beta: float,
     temperature: float, alpha: float, scale_by_t2: bool, ignore_index: int, teacher_topk: int, denominator: float,
     per_token: bool, want_hidden: bool, want_weight: bool, want_bias: bool,
@@ -213,8 +232,8 @@ def _(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, st
 
 @torch.library.custom_op("fastft::fused_linear_distillation_backward", mutates_args=())
 def fused_linear_distillation_backward(
-    grad_losses: Tensor, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
-    teacher_weight: Tensor, labels: Optional[Tensor], student_bias: Optional[Tensor], teacher_bias: Optional[Tensor],
+    grad_losses: Tensor, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor],
+    teacher_weight: Optional[Tensor], labels: Optional[Tensor], student_bias: Optional[Tensor], teacher_bias: Optional[Tensor],
     beta: float, temperature: float, alpha: float, scale_by_t2: bool, ignore_index: int, teacher_topk: int,
     want_hidden: bool, want_weight: bool, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:

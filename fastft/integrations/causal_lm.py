@@ -1,0 +1,98 @@
+"""`fastft.patch(model, fused_loss=True)`: a transformers causal LM's training loss computed from its last hidden
+states by `fastft.losses.fused_linear_cross_entropy`, so the (tokens, vocab) fp32 logits, their log-softmax and
+their gradient (three tensors of tokens x vocab x 4 bytes each in transformers' loss) never exist.
+
+The class of the causal-LM instance is swapped for a subclass (per instance, reversible). In training, when labels
+are given, its forward runs the model with `logits_to_keep=1` and the fused loss on the final hidden states, and
+returns `logits=None` (as Liger-Kernel's fused cross-entropy does); in eval mode, without labels, or with
+arguments it does not handle, it is transformers' own forward. Only model types whose logits are exactly
+`lm_head(last hidden state)` are patched (no logit scaling or soft-capping).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch.nn.functional as F
+from torch import nn
+
+from fastft.losses import fused_linear_cross_entropy
+
+# config.model_type of causal LMs whose forward is: hidden = model(...).last_hidden_state; logits = lm_head(hidden);
+# loss = ForCausalLMLoss(logits, labels) (labels shifted by one, ignore_index -100).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _fused_loss_forward(self, *args, labels=None, **kwargs):
+    original = type(self)._fastft_original_class
+    if (labels is None or not self.training or args or kwargs.get("return_dict") is False
+            or kwargs.get("logits_to_keep", 0) != 0):
+        return original.forward(self, *args, labels=labels, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from fastft.integrations.distillation import head_weight
+
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    wants_hidden_states = kwargs.pop("output_hidden_states", False)
+    outputs = original.forward(self, labels=None, logits_to_keep=1, output_hidden_states=True, **kwargs)
+    hidden = outputs.hidden_states[-1]
+    if shift_labels is None:  # position t predicts token t + 1, as transformers' ForCausalLMLoss
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    weight, bias = head_weight(self.get_output_embeddings())
+    loss = fused_linear_cross_entropy(hidden, weight, shift_labels.to(hidden.device), bias=bias,
+                                      ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states if wants_hidden_states else None,
+                                  attentions=outputs.attentions)
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _fused_class(original: type) -> type:
+    if original not in _FUSED_CLASSES:
+        @functools.wraps(original.forward)  # the original signature: Trainer keeps the dataset columns it names
+        def forward(self, *args, **kwargs):
+            return _fused_loss_forward(self, *args, **kwargs)
+
+        _FUSED_CLASSES[original] = type(f"Fastft{original.__name__}", (original,), {
+            "forward": forward, "_fastft_original_class": original,
+            "__doc__": f"{original.__name__} whose training loss is fastft's fused linear cross-entropy (class "
+                       "swapped by fastft.patch(fused_loss=True); fastft.unpatch restores it)."})
+    return _FUSED_CLASSES[original]
+
+
+def patch_causal_lm_loss(model: nn.Module, report) -> None:
+    """Swap the class of the transformers causal LMs in `model` (itself, or inside a PeftModel) for fused-loss
+    subclasses, recording them (or why not) in `report` (a PatchReport)."""
+    from transformers import PreTrainedModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal_lm_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    for name, module in model.named_modules():
+        if getattr(type(module), "_fastft_original_class", None) is not None:
+            report.fused["causal LM loss (fused linear cross-entropy)"] += 1
+            continue
+        if not isinstance(module, PreTrainedModel) or type(module).__name__ not in causal_lm_classes:
+            continue
+        model_type = getattr(module.config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            report.unfused[name or type(module).__name__] = (
+                f"loss: model type {model_type!r} is not one whose logits are exactly lm_head(last hidden state) "
+                f"({', '.join(SUPPORTED_MODEL_TYPES)})")
+            continue
+        module.__class__ = _fused_class(type(module))
+        report.fused["causal LM loss (fused linear cross-entropy)"] += 1
+
+
+def unpatch_causal_lm_loss(model: nn.Module) -> int:
+    restored = 0
+    for module in model.modules():
+        original = getattr(type(module), "_fastft_original_class", None)
+        if original is not None:
+            module.__class__ = original
+            restored += 1
+    return restored
+
