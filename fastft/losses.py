@@ -112,7 +112,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *
                                ignore_index: int = -100, reduction: str = "mean",
                                num_items_in_batch: int | Tensor | None = None) -> Tensor:
     """F.cross_entropy(hidden @ weight^T + bias, labels) for hidden (..., H), weight (V, H), integer labels (...),
-    without the (tokens, V) logits: token chunks of ~8 MiB fp32 logits, gradients for hidden (and for weight and
+    without the (tokens, V) logits: token chunks of ~32 MiB fp32 logits, gradients for hidden (and for weight and
     bias when they require grad) computed in the forward pass. "mean" divides by the tokens not labelled
     ignore_index, or by num_items_in_batch (transformers' sum / num_items_in_batch); "sum"; "none" (per token,
     shaped like labels). The loss is fp32 (fp64 for fp64 inputs); bf16/fp16 logits are accumulated in fp32."""
