@@ -2,7 +2,7 @@
 
     loss = fastft.losses.fused_linear_distillation(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                                    labels, beta=0.5, temperature=2.0)
-    loss = fastft.losses.fused_linear_cross_entropy(hidden, lm_head_weight, labels)   # = F.cross_entropy(logits, labels)
+    loss = fastft.losses.fused_linear_cross_entropy(hidden, lm_head_weight, labels)  # F.cross_entropy's value
 
 Semantics are TRL's generalized JSD and Hinton's KD (fastft/reference/distillation.py): soft term JSD(beta)
 between teacher and student at temperature T (beta=0 forward KL(P||Q), beta=1 reverse KL(Q||P)), times T^2 when

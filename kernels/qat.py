@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastft.kernels.nf4 import _to_bf16_rtne
+from fastft.kernels.nf4 import _INTERPRET, _dot, _to_bf16_rtne
 
 
 @triton.jit
@@ -49,14 +49,9 @@ def _store(ptr, v, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _fake_quantize_kernel(x_ptr, grad_ptr, out_ptr, n_groups, group, qmin, qmax, eps, SYMMETRIC: tl.constexpr,
-                          BACKWARD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
-    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
-    cols = tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < n_groups) & (cols[None, :] < group)
-    offsets = rows[:, None] * group + cols[None, :]
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+def _qparams(x, mask, qmin, qmax, eps, SYMMETRIC: tl.constexpr, DTYPE: tl.constexpr):
+    """(scale, zero point, 1 / scale), fp32, of each row of the fp32 tile x (a row = a group; masked-out lanes
+    ignored): torchao's choose_qparams, with the scale rounded to DTYPE."""
     lo = tl.min(tl.where(mask, x, float("inf")), axis=1)
     hi = tl.max(tl.where(mask, x, float("-inf")), axis=1)
     min_neg = tl.minimum(lo, 0.0)
@@ -70,15 +65,55 @@ def _fake_quantize_kernel(x_ptr, grad_ptr, out_ptr, n_groups, group, qmin, qmax,
         scale = tl.maximum(_in_dtype(tl.math.div_rn(spread, qmax - qmin), DTYPE), eps)
         zero_point = _in_dtype(qmin - _round_half_even(_in_dtype(tl.math.div_rn(min_neg, scale), DTYPE)), DTYPE)
         zero_point = tl.minimum(tl.maximum(zero_point, qmin), qmax)
-    inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    pre = _round_half_even(x * inv[:, None]) + zero_point[:, None]
+    return scale, zero_point, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
+def _fake_quantized(x, scale, zero_point, inv, qmin, qmax, DTYPE: tl.constexpr):
+    """Fake-quantized values of the fp32 tile x, each element with the (broadcast) qparams of its group; fp32
+    holding a DTYPE value."""
+    q = tl.minimum(tl.maximum(_round_half_even(x * inv) + zero_point, qmin), qmax)
+    return _in_dtype((q - zero_point) * scale, DTYPE)
+
+
+@triton.jit
+def _straight_through(grad, x, scale, zero_point, inv, qmin, qmax, DTYPE: tl.constexpr):
+    """torchao's gradient at x for the incoming fp32 grad: DTYPE(grad * scale) / scale where not clamped, else 0."""
+    pre = _round_half_even(x * inv) + zero_point
+    return tl.where((pre >= qmin) & (pre <= qmax), _in_dtype(grad * scale, DTYPE) * inv, 0.0)
+
+
+@triton.jit
+def _fake_quantize_kernel(x_ptr, grad_ptr, out_ptr, n_groups, group, qmin, qmax, eps, SYMMETRIC: tl.constexpr,
+                          BACKWARD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+    cols = tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < n_groups) & (cols[None, :] < group)
+    offsets = rows[:, None] * group + cols[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    scale, zero_point, inv = _qparams(x, mask, qmin, qmax, eps, SYMMETRIC, DTYPE)
     if BACKWARD:
         grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        through = _in_dtype(grad * scale[:, None], DTYPE) * inv[:, None]
-        _store(out_ptr + offsets, tl.where((pre >= qmin) & (pre <= qmax), through, 0.0), mask, DTYPE)
+        through = _straight_through(grad, x, scale[:, None], zero_point[:, None], inv[:, None], qmin, qmax, DTYPE)
+        _store(out_ptr + offsets, through, mask, DTYPE)
     else:
-        q = tl.minimum(tl.maximum(pre, qmin), qmax)
-        _store(out_ptr + offsets, (q - zero_point[:, None]) * scale[:, None], mask, DTYPE)
+        _store(out_ptr + offsets, _fake_quantized(x, scale[:, None], zero_point[:, None], inv[:, None], qmin, qmax,
+                                                  DTYPE), mask, DTYPE)
+
+
+@triton.jit
+def _qparams_kernel(x_ptr, scale_ptr, zero_point_ptr, n_groups, group, qmin, qmax, eps, SYMMETRIC: tl.constexpr,
+                    BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 scale and zero point of each group: what the fused fake-quant matmuls read (N * K / group floats)."""
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+    cols = tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < n_groups) & (cols[None, :] < group)
+    x = tl.load(x_ptr + rows[:, None] * group + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale, zero_point, _ = _qparams(x, mask, qmin, qmax, eps, SYMMETRIC, DTYPE)
+    tl.store(scale_ptr + rows, scale, mask=rows < n_groups)
+    tl.store(zero_point_ptr + rows, zero_point, mask=rows < n_groups)
 
 
 def _launch(x, grad, group, qmin, qmax, symmetric, eps, backward):
@@ -152,3 +187,173 @@ def fake_quantize_scaled(x, scale, group, qmin, qmax):
 def fake_quantize_scaled_backward(grad, x, scale, group, qmin, qmax):
     """(dx in x's dtype and shape, d(scale) fp32 (numel / group,)) for grad of x's shape."""
     return _launch_scaled(x, scale, grad.to(x.dtype), group, qmin, qmax)
+
+
+# Fused fake-quant linear: y = fq_x(x) @ fq_w(W)^T + b with the fake quantization done in the GEMMs' prologues
+# (x per token, asymmetric; W per group of `group` along K, symmetric) from precomputed qparams, so neither
+# fake-quantized operand is ever written; backward's straight-through masks are applied in the epilogues.
+# Bytes per GEMM: x, W (and dy) read once per tile row/column, plus M * 2 + N * K / group fp32 qparams.
+
+
+@triton.jit
+def _weight_tile(w_ptr, w_scale_ptr, offs_n, offs_k, N, K, group, w_qmin, w_qmax, QUANTIZE_W: tl.constexpr,
+                 DTYPE: tl.constexpr):
+    """fq_w(W)[n, k] (or W) for n in offs_n, k in offs_k, as an fp32 (len(offs_n), len(offs_k)) tile."""
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    if QUANTIZE_W:
+        scale = tl.load(w_scale_ptr + offs_n[:, None] * (K // group) + offs_k[None, :] // group, mask=mask,
+                        other=1.0)
+        inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        w = _fake_quantized(w, scale, 0.0, inv, w_qmin, w_qmax, DTYPE)
+    return w
+
+
+@triton.jit
+def _input_tile(x_ptr, x_scale_ptr, x_zero_ptr, offs_m, offs_k, M, K, a_qmin, a_qmax, QUANTIZE_X: tl.constexpr,
+                DTYPE: tl.constexpr):
+    """fq_x(x)[m, k] (or x) for m in offs_m, k in offs_k, as an fp32 tile."""
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    if QUANTIZE_X:
+        scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=1.0)
+        zero_point = tl.load(x_zero_ptr + offs_m, mask=offs_m < M, other=0.0)
+        inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        x = _fake_quantized(x, scale[:, None], zero_point[:, None], inv[:, None], a_qmin, a_qmax, DTYPE)
+    return x
+
+
+@triton.jit
+def _fake_quant_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, x_scale_ptr, x_zero_ptr, w_scale_ptr, M, N, K, group,
+                              a_qmin, a_qmax, w_qmin, w_qmax, QUANTIZE_X: tl.constexpr, QUANTIZE_W: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out (M, N) = fq_x(x) @ fq_w(W)^T + bias."""
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = _input_tile(x_ptr, x_scale_ptr, x_zero_ptr, offs_m, offs_k, M, K, a_qmin, a_qmax, QUANTIZE_X, DTYPE)
+        w = _weight_tile(w_ptr, w_scale_ptr, offs_n, offs_k, N, K, group, w_qmin, w_qmax, QUANTIZE_W, DTYPE)
+        acc = _dot(x.to(DTYPE), tl.trans(w).to(DTYPE), acc, INTERPRET_BF16)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    _store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, (offs_m[:, None] < M) & (offs_n[None, :] < N), DTYPE)
+
+
+@triton.jit
+def _fake_quant_matmul_grad_x_kernel(dy_ptr, w_ptr, x_ptr, dx_ptr, x_scale_ptr, x_zero_ptr, w_scale_ptr, M, N, K,
+                                     group, a_qmin, a_qmax, w_qmin, w_qmax, QUANTIZE_X: tl.constexpr,
+                                     QUANTIZE_W: tl.constexpr, INTERPRET_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
+                                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dx (M, K) = STE_x(dy @ fq_w(W)): the product rounded to x's dtype, then fq_x's straight-through gradient."""
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(dy_ptr + offs_m[:, None] * N + offs_n[None, :],
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        w = _weight_tile(w_ptr, w_scale_ptr, offs_n, offs_k, N, K, group, w_qmin, w_qmax, QUANTIZE_W, DTYPE)
+        acc = _dot(dy, w.to(DTYPE), acc, INTERPRET_BF16)
+    grad = _in_dtype(acc, DTYPE)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    if QUANTIZE_X:
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=1.0)[:, None]
+        zero_point = tl.load(x_zero_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+        inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        grad = _straight_through(grad, x, scale, zero_point, inv, a_qmin, a_qmax, DTYPE)
+    _store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], grad, mask, DTYPE)
+
+
+@triton.jit
+def _fake_quant_matmul_grad_w_kernel(dy_ptr, x_ptr, w_ptr, dw_ptr, x_scale_ptr, x_zero_ptr, w_scale_ptr, M, N, K,
+                                     group, a_qmin, a_qmax, w_qmin, w_qmax, QUANTIZE_X: tl.constexpr,
+                                     QUANTIZE_W: tl.constexpr, INTERPRET_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
+                                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dW (N, K) = STE_w(dy^T @ fq_x(x)): the product rounded to W's dtype, then fq_w's straight-through gradient."""
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        dy_t = tl.load(dy_ptr + offs_m[None, :] * N + offs_n[:, None],
+                       mask=(offs_m[None, :] < M) & (offs_n[:, None] < N), other=0.0)
+        x = _input_tile(x_ptr, x_scale_ptr, x_zero_ptr, offs_m, offs_k, M, K, a_qmin, a_qmax, QUANTIZE_X, DTYPE)
+        acc = _dot(dy_t, x.to(DTYPE), acc, INTERPRET_BF16)
+    grad = _in_dtype(acc, DTYPE)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    if QUANTIZE_W:
+        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(w_scale_ptr + offs_n[:, None] * (K // group) + offs_k[None, :] // group, mask=mask, other=1.0)
+        inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        grad = _straight_through(grad, w, scale, 0.0, inv, w_qmin, w_qmax, DTYPE)
+    _store(dw_ptr + offs_n[:, None] * K + offs_k[None, :], grad, mask, DTYPE)
+
+
+_MATMUL_BLOCK = 64
+
+
+def qparams(x: torch.Tensor, group: int, qmin: float, qmax: float, symmetric: bool, eps: float):
+    """(scale, zero point), fp32 (numel / group,) each, of contiguous x's groups of `group` elements."""
+    n_groups = x.numel() // group
+    scale = torch.empty(n_groups, dtype=torch.float32, device=x.device)
+    zero_point = torch.empty_like(scale)
+    block_k = triton.next_power_of_2(group)
+    block_g = max(1, min(64, 4096 // block_k))
+    _qparams_kernel[(triton.cdiv(n_groups, block_g),)](
+        x, scale, zero_point, n_groups, group, float(qmin), float(qmax), float(eps), SYMMETRIC=symmetric,
+        BLOCK_G=block_g, BLOCK_K=block_k, enable_fp_fusion=False)
+    return scale, zero_point
+
+
+class FakeQuantOperands:
+    """x (M, K) and W (N, K), contiguous, one dtype, with the qparams of what is fake-quantized: x per token
+    (x_range = (qmin, qmax)) and W per group of `group` (w_range), None for an operand used as it is."""
+
+    def __init__(self, x, weight, group, x_range, w_range, eps):
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+            raise TypeError(f"x and weight must share one dtype of float32, float16, bfloat16, got {x.dtype} and "
+                            f"{weight.dtype}")
+        self.x, self.weight, self.group = x, weight, group
+        (self.M, self.K), self.N = x.shape, weight.shape[0]
+        self.x_range, self.w_range = x_range or (0.0, 0.0), w_range or (0.0, 0.0)
+        self.x_params = qparams(x, self.K, *x_range, False, eps) if x_range else (x, x)
+        self.w_scale = qparams(weight, group, *w_range, True, eps)[0] if w_range else weight
+        self.flags = dict(QUANTIZE_X=x_range is not None, QUANTIZE_W=w_range is not None,
+                          INTERPRET_BF16=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=_MATMUL_BLOCK,
+                          BLOCK_N=_MATMUL_BLOCK, BLOCK_K=_MATMUL_BLOCK)
+
+    def launch(self, kernel, grid, tensors, **flags):
+        kernel[grid](*tensors, *self.x_params, self.w_scale, self.M, self.N, self.K, self.group, *self.x_range,
+                     *self.w_range, **self.flags, **flags, enable_fp_fusion=False)
+
+
+def fake_quant_matmul(ops: FakeQuantOperands, bias) -> torch.Tensor:
+    """fq_x(x) @ fq_w(W)^T + bias, (M, N) in x's dtype."""
+    out = torch.empty((ops.M, ops.N), dtype=ops.x.dtype, device=ops.x.device)
+    grid = (triton.cdiv(ops.M, _MATMUL_BLOCK), triton.cdiv(ops.N, _MATMUL_BLOCK))
+    ops.launch(_fake_quant_matmul_kernel, grid, (ops.x, ops.weight, bias if bias is not None else ops.x, out),
+               HAS_BIAS=bias is not None)
+    return out
+
+
+def fake_quant_matmul_grad_x(ops: FakeQuantOperands, dy: torch.Tensor) -> torch.Tensor:
+    """STE_x(dy @ fq_w(W)), (M, K); dy (M, N) contiguous in x's dtype."""
+    dx = torch.empty_like(ops.x)
+    grid = (triton.cdiv(ops.M, _MATMUL_BLOCK), triton.cdiv(ops.K, _MATMUL_BLOCK))
+    ops.launch(_fake_quant_matmul_grad_x_kernel, grid, (dy, ops.weight, ops.x, dx))
+    return dx
+
+
+def fake_quant_matmul_grad_w(ops: FakeQuantOperands, dy: torch.Tensor) -> torch.Tensor:
+    """STE_w(dy^T @ fq_x(x)), (N, K); dy (M, N) contiguous in x's dtype."""
+    dw = torch.empty_like(ops.weight)
+    grid = (triton.cdiv(ops.N, _MATMUL_BLOCK), triton.cdiv(ops.K, _MATMUL_BLOCK))
+    ops.launch(_fake_quant_matmul_grad_w_kernel, grid, (dy, ops.x, ops.weight, dw))
+    return dw

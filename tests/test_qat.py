@@ -172,3 +172,49 @@ def test_fake_quant_linear_learns_scales_and_converts_with_them():
     with torch.no_grad():
         assert torch.equal(converted(x), layer(x))
     assert "weight_scale" in layer.state_dict()
+
+
+def composed_fake_quant_linear(x, weight, bias, activation_bits, quantize_weight):
+    """The QAT linear as separate autograd steps: fake-quantize x (per token) and W (per group), then F.linear."""
+    x_q = fake_quantize(x, activation_bits, granularity="per_token", symmetric=False) if activation_bits else x
+    w_q = fake_quantize(weight, 4, 32) if quantize_weight else weight
+    return torch.nn.functional.linear(x_q, w_q, bias)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("activation_bits, quantize_weight", ((8, True), (0, True), (8, False), (4, False)))
+def test_fake_quant_linear_op_equals_the_composed_layer(backend, dtype, activation_bits, quantize_weight):
+    """Same outputs and gradients as fake_quantize + F.linear under autograd, which saves x_q and W_q; the op saves
+    x and W only."""
+    g = torch.Generator().manual_seed(activation_bits)
+    x = (torch.randn(37, 96, generator=g) * 2).to(dtype)
+    weight = torch.randn(40, 96, generator=g).to(dtype)
+    bias = torch.randn(40, generator=g).to(dtype)
+    grad = torch.randn(37, 40, generator=g).to(dtype)
+    results = []
+    for run in (lambda *t: qat_ops.fake_quant_linear(*t, 4, 32, activation_bits, quantize_weight),
+                lambda *t: composed_fake_quant_linear(*t, activation_bits, quantize_weight)):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        out = run(*leaves)
+        results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+
+
+def test_fake_quant_linear_opcheck():
+    x, weight, bias = torch.randn(6, 64, requires_grad=True), torch.randn(8, 64, requires_grad=True), torch.randn(8)
+    torch.library.opcheck(torch.ops.fastft.fake_quant_linear.default, (x, weight, bias, 4, 32, 8, True))
+    torch.library.opcheck(torch.ops.fastft.fake_quant_linear.default, (x, weight, None, 4, 32, 0, False))
+
+
+def test_fake_quant_linear_saves_x_and_the_weight_only():
+    from fastft.bench.harness import saved_for_backward_bytes
+
+    x = torch.randn(64, 96, requires_grad=True)
+    weight, bias = torch.randn(40, 96, requires_grad=True), torch.randn(40, requires_grad=True)
+    ours = saved_for_backward_bytes(lambda: qat_ops.fake_quant_linear(x, weight, bias, 4, 32, 8, True),
+                                    exclude=[weight, bias])
+    composed = saved_for_backward_bytes(lambda: composed_fake_quant_linear(x, weight, bias, 8, True),
+                                        exclude=[weight, bias])
+    assert ours == x.nbytes  # fake-quantized copies of x and W are recomputed in backward
+    assert composed >= 2 * x.nbytes + weight.nbytes

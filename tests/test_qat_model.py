@@ -69,11 +69,11 @@ def test_convert_gives_the_fake_quantized_outputs_and_packs_int4():
 
 
 def test_frozen_weight_is_fake_quantized_once_until_it_changes(monkeypatch):
-    from fastft.nn import fake_quant_linear
+    from fastft.ops import qat as qat_ops
 
-    calls = []
-    real = fake_quant_linear.fake_quantize
-    monkeypatch.setattr(fake_quant_linear, "fake_quantize", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    calls = []  # fake quantizations of the weight, wherever they happen
+    real = qat_ops.fake_quantize
+    monkeypatch.setattr(qat_ops, "fake_quantize", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     layer = FakeQuantLinear.from_linear(nn.Linear(64, 16), weight_bits=4, group_size=32)
     layer.weight.requires_grad_(False)
     x = torch.randn(3, 64, requires_grad=True)
@@ -86,7 +86,7 @@ def test_frozen_weight_is_fake_quantized_once_until_it_changes(monkeypatch):
     layer.weight.requires_grad_(True)
     layer(x)
     layer(x)
-    assert len(calls) == 4  # a trainable weight is fake-quantized every call, with autograd
+    assert len(calls) == 4  # a trainable weight is fake-quantized every call (and again in its backward)
 
 
 def test_fake_quant_linear_matches_torchao_linear_and_shares_parameters():

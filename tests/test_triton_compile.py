@@ -131,3 +131,25 @@ def test_learned_scale_qat_kernel_compiles_for_sm90(backward):
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
     assert compiled.asm["cubin"] and "div.rn.f32" in compiled.asm["ptx"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel_name", ("_fake_quant_matmul_kernel", "_fake_quant_matmul_grad_x_kernel",
+                                         "_fake_quant_matmul_grad_w_kernel", "_qparams_kernel"))
+def test_fused_fake_quant_linear_kernels_compile_for_sm90(kernel_name):
+    from fastft.kernels import qat
+
+    kernel = getattr(qat, kernel_name)
+    constexprs = {"QUANTIZE_X": True, "QUANTIZE_W": True, "HAS_BIAS": True, "INTERPRET_BF16": False, "BLOCK_M": 64,
+                  "BLOCK_N": 64, "BLOCK_K": 64, "SYMMETRIC": False, "BLOCK_G": 1}
+    constexprs = {name: value for name, value in constexprs.items() if name in kernel.arg_names}
+    floats = {"a_qmin", "a_qmax", "w_qmin", "w_qmax", "qmin", "qmax", "eps"}
+    pointers = {"x_scale_ptr": "*fp32", "x_zero_ptr": "*fp32", "w_scale_ptr": "*fp32", "scale_ptr": "*fp32",
+                "zero_point_ptr": "*fp32"}
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "*bf16") if name.endswith("_ptr")
+                 else "fp32" if name in floats else "i32" for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+    assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
+    if kernel_name != "_qparams_kernel":
+        assert "mma" in compiled.asm["ptx"]  # bf16 tiles, fake-quantized in registers, on tensor cores

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastft.ops import qat as qat_ops
 from fastft.qat import fake_quantize, fake_quantize_with_scale, initial_scales
 
 
@@ -15,11 +16,12 @@ class FakeQuantLinear(nn.Linear):
     """y = fq_a(x) @ fq_w(W)^T + b, fq_w: symmetric per-group fake quantization of the weight (weight_bits,
     group_size), fq_a: optional asymmetric per-token fake quantization of the input (activation_bits).
 
-    When the weight does not require grad (QAT with LoRA or other adapters on a frozen base), its fake-quantized
-    form is computed once and reused until the weight changes (tracked by its version counter and identity), instead
-    of being recomputed every step. Parameters and state_dict keys are nn.Linear's, plus `weight_scale`
-    ((out_features, in_features // group_size), fp32) with learn_scales=True: learned per-group scales (LSQ /
-    torchao range learning), initialized from the weight.
+    The matmul is fastft::fake_quant_linear: backward keeps x and W, not their fake-quantized copies (on CUDA
+    the fake quantization happens inside the GEMM tiles). When the weight does not require grad (QAT with LoRA or
+    other adapters on a frozen base), its fake-quantized form is computed once and reused until the weight changes
+    (tracked by its version counter and identity), instead of being recomputed every step. Parameters and state_dict
+    keys are nn.Linear's, plus `weight_scale` ((out_features, in_features // group_size), fp32) with
+    learn_scales=True: learned per-group scales (LSQ / torchao range learning), initialized from the weight.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, weight_bits: int = 4,
@@ -69,9 +71,18 @@ class FakeQuantLinear(nn.Linear):
         return self._cache[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.activation_bits is not None:
-            x = fake_quantize(x, self.activation_bits, granularity="per_token", symmetric=False)
-        return F.linear(x, self.fake_quantized_weight(), self.bias)
+        if self.weight_scale is not None:  # learned scales: their gradient comes from fake_quantize_with_scale
+            if self.activation_bits is not None:
+                x = fake_quantize(x, self.activation_bits, granularity="per_token", symmetric=False)
+            return F.linear(x, self.fake_quantized_weight(), self.bias)
+        trainable = self.weight.requires_grad and torch.is_grad_enabled()
+        weight = self.weight if trainable else self.fake_quantized_weight()
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dtype != weight.dtype:
+            raise TypeError(f"x must have the weight's dtype ({weight.dtype}), got {x.dtype}")
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        y = qat_ops.fake_quant_linear(rows, weight, self.bias, self.weight_bits, self.group_size,
+                                      self.activation_bits or 0, trainable)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, weight_bits={self.weight_bits}, group_size={self.group_size}, "

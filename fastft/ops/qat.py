@@ -7,11 +7,20 @@
   the clamp was active. The scales and the clamp mask are recomputed from x in one pass, so backward saves only x
   (itemsize bytes per element, and for a weight that is the parameter itself); torchao's autograd keeps fp32
   intermediates of x's size instead.
+- fastft::fake_quant_linear(x, weight, bias, weight_bits, group, activation_bits, quantize_weight): the linear of
+  a QAT layer, y = fq_a(x) @ fq_w(W)^T + b (fq_a: asymmetric per token, activation_bits > 0; fq_w: symmetric per
+  group, when quantize_weight). Saves x and W only, not their fake-quantized copies: backward recomputes them
+  (CPU: one pass each, then ATen GEMMs and the straight-through passes) or, on CUDA, never writes them: the Triton
+  GEMMs fake-quantize tiles in their prologues from precomputed qparams and apply the straight-through masks in
+  their epilogues (kernels/qat.py).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastft.ops.backend import backend_for, native_extension
@@ -177,3 +186,75 @@ def _backward_scaled(ctx, grad):
 
 
 fake_quantize_with_scale.register_autograd(_backward_scaled, setup_context=_setup_scaled)
+
+
+def _quantized_operands(x, weight, weight_bits, group, activation_bits, quantize_weight):
+    """fq_a(x) and fq_w(W) (or x and W where not fake-quantized), as fastft::fake_quantize computes them."""
+    eps = ref.default_eps(x.dtype, None)
+    x_q = fake_quantize(x, activation_bits, x.shape[1], False, eps) if activation_bits else x
+    w_q = fake_quantize(weight, weight_bits, group, True, eps) if quantize_weight else weight
+    return x_q, w_q
+
+
+def _triton_operands(x, weight, weight_bits, group, activation_bits, quantize_weight):
+    from fastft.kernels import qat as kernels
+
+    x_range = ref.qrange(activation_bits) if activation_bits else None
+    w_range = ref.qrange(weight_bits) if quantize_weight else None
+    return kernels.FakeQuantOperands(x.contiguous(), weight.contiguous(), group, x_range, w_range,
+                                     ref.default_eps(x.dtype, None))
+
+
+@torch.library.custom_op("fastft::fake_quant_linear", mutates_args=())
+def fake_quant_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_bits: int, group: int,
+                      activation_bits: int, quantize_weight: bool) -> Tensor:
+    if backend_for(x.device.type) == "triton":
+        from fastft.kernels import qat as kernels
+
+        return kernels.fake_quant_matmul(
+            _triton_operands(x, weight, weight_bits, group, activation_bits, quantize_weight), bias)
+    x_q, w_q = _quantized_operands(x, weight, weight_bits, group, activation_bits, quantize_weight)
+    return F.linear(x_q, w_q, bias)
+
+
+@fake_quant_linear.register_fake
+def _(x, weight, bias, weight_bits, group, activation_bits, quantize_weight):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _setup_linear(ctx, inputs, output):
+    x, weight, bias, *options = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.options, ctx.has_bias = options, bias is not None
+
+
+def _backward_linear(ctx, grad):
+    x, weight = ctx.saved_tensors
+    weight_bits, group, activation_bits, quantize_weight = ctx.options
+    dy = grad.to(x.dtype).contiguous()
+    want_x, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x = grad_weight = grad_bias = None
+    if backend_for(x.device.type) == "triton":
+        from fastft.kernels import qat as kernels
+
+        operands = _triton_operands(x, weight, *ctx.options)
+        grad_x = kernels.fake_quant_matmul_grad_x(operands, dy) if want_x else None
+        grad_weight = kernels.fake_quant_matmul_grad_w(operands, dy) if want_weight else None
+    else:
+        x_q, w_q = _quantized_operands(x, weight, *ctx.options)
+        if want_x:
+            grad_x = dy @ w_q
+            if activation_bits:
+                grad_x = fake_quantize_backward(grad_x, x, activation_bits, x.shape[1], False,
+                                                ref.default_eps(x.dtype, None))
+        if want_weight:
+            grad_weight = dy.t() @ x_q
+            if quantize_weight:
+                grad_weight = fake_quantize_backward(grad_weight, weight, weight_bits, group, True,
+                                                     ref.default_eps(x.dtype, None))
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = dy.sum(0)
+    return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+fake_quant_linear.register_autograd(_backward_linear, setup_context=_setup_linear)

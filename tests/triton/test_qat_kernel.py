@@ -57,3 +57,28 @@ def test_learned_scale_kernel_matches_reference(dtype, bits, group_size):
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
     assert ours[2].dtype == torch.float32 and ours[2].shape == scale.shape
     assert (ours[2] - theirs[2]).abs().max() <= 1e-5 * theirs[2].abs().max()
+
+
+@pytest.mark.parametrize("dtype, tolerance", ((torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)))
+@pytest.mark.parametrize("activation_bits, quantize_weight", ((8, True), (0, True), (4, False)))
+def test_fused_fake_quant_linear_kernels(dtype, tolerance, activation_bits, quantize_weight):
+    """The GEMMs with fake quantization in their prologues and the straight-through masks in their epilogues vs the
+    reference op (fake-quantized operands written out, then torch matmuls): equal up to the GEMMs' summation
+    order, with every fake-quantized value and mask the same."""
+    from conftest import rel_error
+    from fastft.ops import qat as qat_ops
+
+    for rows, out_features, in_features in ((37, 40, 96), (3, 70, 160)):
+        g = torch.Generator().manual_seed(rows)
+        x = (torch.randn(rows, in_features, generator=g) * 2).to(dtype)
+        weight = torch.randn(out_features, in_features, generator=g).to(dtype)
+        bias = torch.randn(out_features, generator=g).to(dtype)
+        grad = torch.randn(rows, out_features, generator=g).to(dtype)
+        results = {}
+        for backend in ("triton", "reference"):
+            leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+            with use_backend(backend):
+                out = qat_ops.fake_quant_linear(*leaves, 4, 32, activation_bits, quantize_weight)
+                results[backend] = (out, *torch.autograd.grad(out, leaves, grad))
+        for ours, theirs in zip(results["triton"], results["reference"]):
+            assert ours.dtype == dtype and rel_error(ours, theirs) < tolerance
