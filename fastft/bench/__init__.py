@@ -42,7 +42,8 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
         rows = adapters.run_layer(machine, repeats=repeats, progress=progress)
         rows += adapters.run_step(machine, steps=repeats, progress=progress)
     elif suite == "lora":
-        rows = lora_step.run(machine, steps=repeats, progress=progress)
+        rows = lora.run_group(machine, repeats=max(repeats, 3), progress=progress)
+        rows += lora_step.run(machine, steps=repeats, progress=progress)
     else:
         rows = distillation.run_time(machine, repeats=repeats, progress=progress)
         memory_rows, growth = distillation.run_memory(progress=progress)

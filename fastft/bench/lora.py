@@ -61,3 +61,39 @@ def run_layer(machine: Machine, tokens: int = 2048, size: int = 4096, rank: int 
         else:
             results[-1].met = results[-1].speedup >= 1.5
     return results
+
+
+def run_group(machine: Machine, tokens: int = 2048, hidden: int = 1024, rank: int = 16, repeats: int = 5,
+              progress=print) -> list[Row]:
+    """The q/k/v projections of the mini Llama's attention (tokens x hidden, three hidden x hidden bases, LoRA r=16,
+    dropout 0.05) reading one x, fwd+bwd: fastft's input group (one call for the three LoRA terms, x saved once)
+    vs peft (three dropouts, each saving a mask and the dropped x)."""
+    from peft import LoraConfig, get_peft_model
+
+    progress(f"LoRA q/k/v group {tokens}x{hidden}, r={rank}, fwd+bwd")
+    torch.manual_seed(0)
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(hidden, hidden, bias=False) for _ in range(3))
+
+        def forward(self, x):
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj"])
+    peft_model = get_peft_model(Attention(), config)
+    patched = copy.deepcopy(peft_model)
+    fastft.patch(patched)
+    x = torch.randn(tokens, hidden, requires_grad=True)
+    grads = [torch.randn(tokens, hidden) for _ in range(3)]
+
+    def step(model):
+        return lambda: torch.autograd.backward(model(x), grads)
+
+    ms = compare_ms({"fastft": step(patched), "peft": step(peft_model)}, repeats=repeats)
+    saved = {name: saved_for_backward_bytes(lambda: model(x), exclude=list(model.parameters()))
+             for name, model in (("fastft", patched), ("peft", peft_model))}
+    flops = 3 * 2 * 2 * tokens * hidden * hidden
+    return [Row(f"LoRA r={rank} q/k/v group {tokens}x{hidden}, fp32 bases, fwd+bwd", ms["fastft"], "peft",
+                ms["peft"], machine.gemm_ms(flops), fastft_saved_bytes=saved["fastft"], peer_saved_bytes=saved["peft"])]
