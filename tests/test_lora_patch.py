@@ -135,12 +135,58 @@ def test_patch_is_per_instance_and_reversible():
     assert torch.equal(outputs(patched), outputs(reference))
 
 
-def test_dora_is_reported_and_runs_peft_forward():
-    reference, patched = peft_pair(use_dora=True)
+@pytest.mark.parametrize("kind", ("llama", "gpt2"))
+@pytest.mark.parametrize("dropout", (0.0, 0.1))
+def test_dora_is_fused_and_trains_as_peft(kind, dropout):
+    """DoRA (one active adapter, dense base): g * (W x + s B A x) with g = m / |W + s B A|_row computed without an
+    out x in matrix; with dropout, peft's own dropout module draws the same masks. Same losses and magnitudes."""
+    reference, patched = peft_pair(kind, dropout=dropout, use_dora=True)
     report = fastft.patch(patched)
-    assert sum(report.fused.values()) == 0 and len(report.unfused) == 14
-    assert all("DoRA" in reason or "variant" in reason for reason in report.unfused.values())
-    assert torch.equal(outputs(patched), outputs(reference))
+    assert report.fused["lora.Linear"] == (8 if kind == "gpt2" else 14) and not report.unfused
+    torch.manual_seed(7)
+    expected = losses_over_steps(reference, 10)
+    torch.manual_seed(7)
+    assert losses_over_steps(patched, 10) == pytest.approx(expected, rel=1e-5)
+    theirs = dict(reference.named_parameters())
+    for name, param in patched.named_parameters():
+        if "lora_magnitude_vector" in name:
+            assert torch.allclose(param, theirs[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_two_active_dora_adapters_run_peft_forward():
+    reference, patched = peft_pair(use_dora=True)
+    fastft.patch(patched)
+    for model in (reference, patched):
+        torch.manual_seed(1)
+        model.add_adapter("second", lora_config("llama", use_dora=True))
+        model.base_model.set_adapter(["default", "second"])
+    assert torch.equal(outputs(patched), outputs(reference))  # peft's own path, op for op
+
+
+def test_dora_weight_norm_without_the_full_matrix():
+    from fastft.integrations.peft import _dora_weight_norm
+
+    g = torch.Generator().manual_seed(0)
+    weight, lora_A, lora_B = torch.randn(70, 50, generator=g), torch.randn(8, 50, generator=g), torch.randn(70, 8,
+                                                                                                          generator=g)
+    expected = torch.linalg.norm(weight.double() + 0.7 * lora_B.double() @ lora_A.double(), dim=1)
+    assert torch.allclose(_dora_weight_norm(weight, lora_A, lora_B, 0.7).double(), expected, rtol=1e-5)
+
+
+def test_dora_on_a_4bit_base_is_reported():
+    import tempfile
+
+    from peft.tuners.lora.bnb import Linear4bit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    with tempfile.TemporaryDirectory() as folder:
+        base_model("llama").save_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32), dtype=torch.float32)
+    model = get_peft_model(model, lora_config("llama", use_dora=True))
+    report = fastft.patch(model)
+    assert any(isinstance(m, Linear4bit) for m in model.modules())
+    assert report.unfused and all("DoRA on a Linear4bit base" in r for r in report.unfused.values())
 
 
 def test_dropout_is_off_in_eval_and_replays_under_checkpointing():

@@ -43,6 +43,7 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
         rows += adapters.run_step(machine, steps=repeats, progress=progress)
     elif suite == "lora":
         rows = lora.run_group(machine, repeats=max(repeats, 3), progress=progress)
+        rows += lora.run_dora(machine, repeats=max(repeats, 3), progress=progress)
         rows += lora_step.run(machine, steps=repeats, progress=progress)
     else:
         rows = distillation.run_time(machine, repeats=repeats, progress=progress)

@@ -97,3 +97,29 @@ def run_group(machine: Machine, tokens: int = 2048, hidden: int = 1024, rank: in
     flops = 3 * 2 * 2 * tokens * hidden * hidden
     return [Row(f"LoRA r={rank} q/k/v group {tokens}x{hidden}, fp32 bases, fwd+bwd", ms["fastft"], "peft",
                 ms["peft"], machine.gemm_ms(flops), fastft_saved_bytes=saved["fastft"], peer_saved_bytes=saved["peft"])]
+
+
+def run_dora(machine: Machine, tokens: int = 2048, size: int = 4096, rank: int = 16, repeats: int = 3,
+             progress=print) -> list[Row]:
+    """One DoRA projection (tokens x size @ size x size, fp32, r=16), fwd+bwd, dropout 0 and 0.05: fastft's fused
+    DoRA (norm without the size x size product, one scaled sum) vs peft's DoRA forward."""
+    from peft import LoraConfig, get_peft_model
+
+    rows = []
+    x = torch.randn(tokens, size, requires_grad=True)
+    grad = torch.randn(tokens, size)
+    for dropout in (0.0, 0.05):
+        progress(f"DoRA r={rank} layer {tokens}x{size}, dropout {dropout}, fwd+bwd")
+        torch.manual_seed(0)
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=["proj"], use_dora=True)
+        peft_model = get_peft_model(_OneLayer(nn.Linear(size, size, bias=False)), config)
+        patched = copy.deepcopy(peft_model)
+        fastft.patch(patched)
+        ms = compare_ms({"fastft": lambda: patched(x).backward(grad), "peft": lambda: peft_model(x).backward(grad)},
+                        repeats=repeats)
+        saved = {name: saved_for_backward_bytes(lambda: model(x), exclude=list(model.parameters()))
+                 for name, model in (("fastft", patched), ("peft", peft_model))}
+        rows.append(Row(f"DoRA r={rank} layer, fp32 base, dropout {dropout}, fwd+bwd", ms["fastft"], "peft DoRA",
+                        ms["peft"], machine.gemm_ms(2 * 2 * tokens * size * size), fastft_saved_bytes=saved["fastft"],
+                        peer_saved_bytes=saved["peft"]))
+    return rows

@@ -71,7 +71,7 @@ def run_layer(machine: Machine, tokens: int = 2048, size: int = 4096, repeats: i
 def run_step(machine: Machine, steps: int = 3, progress=print) -> list[Row]:
     """A mini Llama QAT step (the LoRA benchmark's model: 4 layers, hidden 1024, vocab 32000, 4 x 512 tokens; int4
     g32 weights and int8 per-token activations on every projection but lm_head), fastft (with and without the fused
-    LM loss) vs torchao, interleaved."""
+    LM loss) vs torchao, interleaved with the same step without fake quantization (the floor of any QAT step)."""
     import copy
 
     from torchao.quantization import quantize_
@@ -86,7 +86,7 @@ def run_step(machine: Machine, steps: int = 3, progress=print) -> list[Row]:
     base = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
                                         num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
                                         max_position_embeddings=1024))
-    ours, theirs = base, copy.deepcopy(base)
+    ours, theirs, plain = base, copy.deepcopy(base), copy.deepcopy(base)
     fastft_qat.prepare(ours, weight_bits=4, group_size=32, activation_bits=8)
     quantize_(theirs, QATConfig(
         activation_config=IntxFakeQuantizeConfig(torch.int8, granularity="per_token", is_symmetric=False),
@@ -106,8 +106,9 @@ def run_step(machine: Machine, steps: int = 3, progress=print) -> list[Row]:
     fused_loss = copy.deepcopy(ours)
     fastft.patch(fused_loss, fused_loss=True)  # the LM loss (and lm_head's gradient) without logits
     ms = compare_ms({"fastft": train_step(ours), "fastft + fused loss": train_step(fused_loss),
-                     "torchao": train_step(theirs)}, repeats=steps)
-    rows = []
+                     "torchao": train_step(theirs), "plain": train_step(plain)}, repeats=steps)
+    # The floor: the same step without fake quantization, which no fake-quant implementation can beat.
+    rows = [Row("mini Llama step without fake quantization (the floor)", ms["plain"], "torchao QAT", ms["torchao"])]
     for variant in ("fastft", "fastft + fused loss"):
         row = Row(f"mini Llama QAT step, int4 g32 weights + int8 tokens (4 x 512 tokens), {variant}", ms[variant],
                   "torchao QAT", ms["torchao"], target=">= 1.5x torchao")

@@ -55,11 +55,23 @@ def _dropout_p(module: nn.Module, training: bool) -> float:
     return float(module.p) if isinstance(module, nn.Dropout) and training else 0.0
 
 
+def _is_dora(layer, name: str) -> bool:
+    return type(getattr(layer, "lora_variant", {}).get(name)).__name__ == "DoraLinearVariant"
+
+
+def _dense_base(layer) -> bool:
+    """Whether the base layer is x @ weight(^T) + bias with a dense float weight (nn.Linear, transformers Conv1D)."""
+    base = layer.get_base_layer()
+    return type(base) is nn.Linear or type(base).__name__ == "Conv1D"
+
+
 def _static_reason(layer) -> str | None:
     """Why this LoRA layer can never take the fused path, or None."""
     for name in layer.lora_A:
-        if name in getattr(layer, "lora_variant", {}):
-            return f"adapter '{name}' uses a LoRA variant ({type(layer.lora_variant[name]).__name__}, e.g. DoRA)"
+        if _is_dora(layer, name) and not (type(layer) is peft_lora.Linear and _dense_base(layer)):
+            return f"adapter '{name}' uses DoRA on a {type(layer.get_base_layer()).__name__} base (fused: dense bases)"
+        if name in getattr(layer, "lora_variant", {}) and not _is_dora(layer, name):
+            return f"adapter '{name}' uses a LoRA variant ({type(layer.lora_variant[name]).__name__})"
         if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
             return f"adapter '{name}' has dropout {type(layer.lora_dropout[name]).__name__}"
         if type(layer.lora_A[name]) is not nn.Linear or type(layer.lora_B[name]) is not nn.Linear:
@@ -73,6 +85,50 @@ def _runs_fused(layer, kwargs) -> bool:
     return (not layer.disable_adapters and not layer.merged and kwargs.get("adapter_names") is None
             and all(kwargs.get(k) is None for k in _VARIANT_KWARGS)
             and not any(name in variants for name in layer.active_adapters))
+
+
+def _single_dora_adapter(layer, kwargs) -> str | None:
+    """The active adapter when it is the only one and uses DoRA (with the plain path's other conditions), else None."""
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if (len(active) != 1 or not _is_dora(layer, active[0]) or layer.disable_adapters or layer.merged
+            or kwargs.get("adapter_names") is not None or any(kwargs.get(k) is not None for k in _VARIANT_KWARGS)):
+        return None
+    return active[0]
+
+
+def _dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """Row norms of weight + scale * B @ A (out, in) without forming it: |W_i|^2 + 2 s B_i (W A^T)_i^T +
+    s^2 B_i (A A^T) B_i^T, in fp32 (two rank-r GEMMs over W instead of an out x in product)."""
+    w, a, b = weight.float(), lora_A.float(), lora_B.float()
+    squared = w.pow(2).sum(1) + 2 * scale * (b * (w @ a.t())).sum(1) + scale**2 * ((b @ (a @ a.t())) * b).sum(1)
+    return squared.clamp_(min=0).sqrt_()
+
+
+def _dora_forward(layer, x: torch.Tensor, name: str) -> torch.Tensor:
+    """peft's DoRA output for one adapter: base(x) + (g - 1) W drop(x) + g s B A drop(x), g = m / |W + s B A|_row
+    (the norm detached, as in peft), computed as g * (W drop(x) + s B A drop(x)) (+ base(x) - W drop(x) with
+    dropout): one base GEMM without dropout, no out x in matrix for the norm, the LoRA term from fastft's op."""
+    from peft.utils.other import transpose
+
+    base = layer.get_base_layer()
+    lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    scale = float(layer.scaling[name])
+    result_dtype = x.dtype
+    x = layer._cast_input_dtype(x, lora_A.dtype)
+    weight = transpose(base.weight, layer.fan_in_fan_out).to(x.dtype)
+    with torch.no_grad():
+        norm = _dora_weight_norm(weight, lora_A, lora_B, scale).to(x.dtype)
+    gain = (layer.lora_magnitude_vector[name].weight / norm).view(1, -1)
+    dropout = layer.lora_dropout[name]
+    dropped = x if isinstance(dropout, nn.Identity) or not layer.training else dropout(x)
+    product = torch.nn.functional.linear(dropped, weight)
+    delta, _ = lora_ops.lora_delta(dropped, lora_A, lora_B, scale, 0.0, 0, None)
+    scaled = (product + delta.to(product.dtype)) * gain
+    if dropped is x:
+        out = scaled if base.bias is None else scaled + base.bias
+    else:
+        out = layer.base_layer(x) - product + scaled
+    return out.to(result_dtype)
 
 
 def _adapter_terms(layer, training: bool) -> list[tuple]:
@@ -160,7 +216,8 @@ def _form_input_groups(model: nn.Module, report: PatchReport) -> None:
     for parent_name, parent in model.named_modules():
         for names in _INPUT_GROUP_NAMES:
             members = {n: getattr(parent, n, None) for n in names}
-            members = {n: m for n, m in members.items() if getattr(type(m), "_fastft_peft_class", None) is not None}
+            members = {n: m for n, m in members.items() if getattr(type(m), "_fastft_peft_class", None) is not None
+                       and not getattr(m, "lora_variant", {})}
             if len(members) < 2 or len({m.in_features for m in members.values()}) > 1:
                 continue
             group_name = f"{parent_name}.({', '.join(members)})" if parent_name else f"({', '.join(members)})"
@@ -183,6 +240,10 @@ def _add_lora(layer, x, result, cast_result_per_adapter: bool):
 
 
 def _lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    dora = _single_dora_adapter(self, kwargs) if not args and not kwargs else None
+    if dora is not None:
+        self._check_forward_args(x)
+        return _dora_forward(self, x, dora)
     if not _runs_fused(self, kwargs):
         return self._fastft_peft_class.forward(self, x, *args, **kwargs)
     self._check_forward_args(x, *args, **kwargs)
