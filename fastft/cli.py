@@ -17,9 +17,13 @@ def _info(_args) -> int:
     print(f"fastft {fastft.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
     for device, line in describe().items():
         print(f"  {device}: {line}")
-    names = ("nf4_dequantize", "nf4_dequantize_into", "nf4_linear", "nf4_linear_grad_input", "lora_dropout",
-             "lora_deltas", "fused_linear_distillation", "fused_linear_distillation_backward")
-    print("  ops: " + ", ".join(f"fastft::{name}" for name in names))
+    from torch._library.custom_ops import CustomOpDef
+
+    from fastft import ops
+
+    names = sorted(op._qualname for module in (ops.nf4, ops.lora, ops.distillation, ops.bottleneck, ops.qat)
+                   for op in vars(module).values() if isinstance(op, CustomOpDef))
+    print("  ops: " + ", ".join(names))
     return 0
 
 

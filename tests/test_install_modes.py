@@ -89,3 +89,14 @@ def test_scalar_cpu_paths_match_the_reference():
                             env=dict(os.environ, FASTFT_NO_AVX2="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "scalar paths ok" in result.stdout
+
+
+def test_info_lists_every_op(capsys):
+    from fastft.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu: native (C++ extension built" in out
+    for name in ("nf4_linear", "lora_deltas", "lora_dropout", "fused_linear_distillation", "bottleneck_adapter",
+                 "fake_quantize", "fake_quantize_with_scale", "fake_quant_linear"):
+        assert f"fastft::{name}," in out or out.rstrip().endswith(f"fastft::{name}")
