@@ -5,7 +5,7 @@ adapters reading one x (several adapters of a layer, or the q/k/v projections of
 Adapter g of the group owns columns [offsets[g], offsets[g+1]) of u (M, R), rows of the concatenated A (R, K), and
 its own seed. The dropout mask of adapter g over x (M, K) is regenerated tile by tile from (seed_g, m * K + k) and
 never stored, nor is dropout(x):
-- lora_down:   u[:, g] = dropout_g(x) @ A_g^T          reads x (once per adapter, from L2 after the first), writes u.
+- lora_down:   u[:, g] = dropout_g(x) @ A_g^T          reads x once per adapter of the group, writes u.
 - lora_grad_x: dx = sum_g dropout_g(du_g @ A_g)         reads du (M x R), writes dx once: the group's sum in fp32.
 - lora_grad_A: dA_g = du_g^T @ dropout_g(x)             reads x and du, writes dA (R x K); fp32 accumulation.
 x may be half precision while A is fp32 (peft's fp32 adapters): x tiles are cast to A's dtype in registers, so no

@@ -66,15 +66,22 @@ def run_case(base: str, variant: str, steps: int) -> dict:
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run(machine: Machine, steps: int = 3, progress=print) -> list[Row]:
+def run(machine: Machine, steps: int = 3, rounds: int = 2, progress=print) -> list[Row]:
+    """Each case in its own process, the cases of a base taking turns for `rounds` rounds; a case's step time is
+    its best round (the machine's speed drifts between processes), its peak RSS the largest."""
     measured = {}
     for base in ("fp32", "nf4"):
-        for variant in VARIANTS:
-            progress(f"mini Llama LoRA step, {base} base, {variant} (own process)")
-            command = [sys.executable, "-m", "fastft.bench.lora_step", "--base", base, "--variant", variant,
-                       "--steps", str(steps)]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            measured[base, variant] = json.loads(output.strip().splitlines()[-1])
+        for round_ in range(rounds):
+            for variant in VARIANTS:
+                progress(f"mini Llama LoRA step, {base} base, {variant}, round {round_ + 1} (own process)")
+                command = [sys.executable, "-m", "fastft.bench.lora_step", "--base", base, "--variant", variant,
+                           "--steps", str(steps)]
+                output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                case = json.loads(output.strip().splitlines()[-1])
+                best = measured.setdefault((base, variant), case)
+                if case["step_ms"] < best["step_ms"]:
+                    best.update(step_ms=case["step_ms"], tokens_per_s=case["tokens_per_s"])
+                best["peak_rss_mib"] = max(best["peak_rss_mib"], case["peak_rss_mib"])
     rows = []
     for base, peer, target, ratio in (("fp32", "peft", ">= 1.2x peft", 1.2),
                                       ("nf4", "peft + bitsandbytes", ">= 1.6x peft + bnb, <= 0.75x its peak RSS", 1.6)):

@@ -188,12 +188,18 @@ def _backward_scaled(ctx, grad):
 fake_quantize_with_scale.register_autograd(_backward_scaled, setup_context=_setup_scaled)
 
 
-def _quantized_operands(x, weight, weight_bits, group, activation_bits, quantize_weight):
-    """fq_a(x) and fq_w(W) (or x and W where not fake-quantized), as fastft::fake_quantize computes them."""
-    eps = ref.default_eps(x.dtype, None)
-    x_q = fake_quantize(x, activation_bits, x.shape[1], False, eps) if activation_bits else x
-    w_q = fake_quantize(weight, weight_bits, group, True, eps) if quantize_weight else weight
-    return x_q, w_q
+def _quantized_input(x, activation_bits):
+    """fq_a(x) per token (or x), as fastft::fake_quantize computes it."""
+    if not activation_bits:
+        return x
+    return fake_quantize(x, activation_bits, x.shape[1], False, ref.default_eps(x.dtype, None))
+
+
+def _quantized_weight(weight, weight_bits, group, quantize_weight):
+    """fq_w(W) per group (or W), as fastft::fake_quantize computes it."""
+    if not quantize_weight:
+        return weight
+    return fake_quantize(weight, weight_bits, group, True, ref.default_eps(weight.dtype, None))
 
 
 def _triton_operands(x, weight, weight_bits, group, activation_bits, quantize_weight):
@@ -213,8 +219,8 @@ def fake_quant_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_
 
         return kernels.fake_quant_matmul(
             _triton_operands(x, weight, weight_bits, group, activation_bits, quantize_weight), bias)
-    x_q, w_q = _quantized_operands(x, weight, weight_bits, group, activation_bits, quantize_weight)
-    return F.linear(x_q, w_q, bias)
+    weight_q = _quantized_weight(weight, weight_bits, group, quantize_weight)
+    return F.linear(_quantized_input(x, activation_bits), weight_q, bias)
 
 
 @fake_quant_linear.register_fake
@@ -240,15 +246,14 @@ def _backward_linear(ctx, grad):
         operands = _triton_operands(x, weight, *ctx.options)
         grad_x = kernels.fake_quant_matmul_grad_x(operands, dy) if want_x else None
         grad_weight = kernels.fake_quant_matmul_grad_w(operands, dy) if want_weight else None
-    else:
-        x_q, w_q = _quantized_operands(x, weight, *ctx.options)
+    else:  # each fake-quantized operand is recomputed only for the gradient that needs it
         if want_x:
-            grad_x = dy @ w_q
+            grad_x = dy @ _quantized_weight(weight, weight_bits, group, quantize_weight)
             if activation_bits:
                 grad_x = fake_quantize_backward(grad_x, x, activation_bits, x.shape[1], False,
                                                 ref.default_eps(x.dtype, None))
         if want_weight:
-            grad_weight = dy.t() @ x_q
+            grad_weight = dy.t() @ _quantized_input(x, activation_bits)
             if quantize_weight:
                 grad_weight = fake_quantize_backward(grad_weight, weight, weight_bits, group, True,
                                                      ref.default_eps(x.dtype, None))
