@@ -54,7 +54,12 @@ from fastft.ops import use_backend
 from fastft.losses import fused_linear_distillation
 from fastft.nn import BottleneckAdapter
 from fastft.qat import fake_quantize
+from fastft.ops import lora as lora_ops
+from fastft.reference.lora import lora_dropout_ref
 assert not _C.has_avx2()
+for dtype in (torch.float32, torch.bfloat16):
+    drop_x = torch.randn(301, 67).to(dtype)
+    assert torch.equal(lora_ops.lora_dropout(drop_x, 0.3, 5), lora_dropout_ref(drop_x, 0.3, 5))
 torch.manual_seed(0)
 packed, state = fastft.nf4.quantize(torch.randn(96, 128), 64, double_quant=True)
 x = torch.randn(3, 128)

@@ -110,8 +110,9 @@ def test_lora_opcheck():
     torch.library.opcheck(torch.ops.fastft.lora_dropout.default, (torch.randn(7, 9), 0.25, 3))
 
 
-def test_native_dropout_mask_is_bit_exact(backend):
-    x = torch.randn(301, 67)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16, torch.float64))
+def test_native_dropout_mask_is_bit_exact(backend, dtype):
+    x = torch.randn(301, 67).to(dtype)  # 20167 elements: vector blocks of 8 and a tail in each thread's range
     for p, seed in ((0.05, 0), (0.5, 1), (0.9, 2**31 + 7), (0.3, 2**32 - 1)):
         assert torch.equal(ops.lora_dropout(x, p, seed), ref.lora_dropout_ref(x, p, seed))
 
