@@ -101,6 +101,32 @@ def run_memory(progress=print) -> tuple[list[Row], dict]:
     return rows, growth
 
 
+def run_cross_entropy(machine: Machine, tokens: int = 2048, vocab: int = 32000, repeats: int = 2,
+                      progress=print) -> list[Row]:
+    """A causal LM's loss alone: fastft.losses.fused_linear_cross_entropy vs logits + F.cross_entropy (what
+    transformers computes), fp32, H=1024, fwd+bwd, trainable and frozen head; time and bytes saved for backward.
+    (Liger's fused linear cross-entropy is a Triton kernel: no CPU path to compare with.)"""
+    import torch.nn.functional as F
+
+    from fastft.bench.harness import saved_for_backward_bytes
+    from fastft.losses import fused_linear_cross_entropy
+
+    rows = []
+    for frozen in (False, True):
+        head = "frozen" if frozen else "trainable"
+        progress(f"cross-entropy fwd+bwd, {tokens} tokens, V={vocab}, {head} head")
+        hidden, weight, _, _, labels = _inputs(tokens, vocab, frozen)
+        losses = {"fastft": lambda: fused_linear_cross_entropy(hidden, weight, labels),
+                  "plain": lambda: F.cross_entropy(F.linear(hidden, weight).float(), labels)}
+        ms = compare_ms({name: (lambda fn=fn: fn().backward()) for name, fn in losses.items()}, repeats=repeats)
+        saved = {name: saved_for_backward_bytes(fn, exclude=[hidden, weight]) for name, fn in losses.items()}
+        gemms = (2 if frozen else 3) * 2 * tokens * 1024 * vocab
+        rows.append(Row(f"causal LM cross-entropy fwd+bwd, {head} head", ms["fastft"], "plain torch (logits + "
+                        "F.cross_entropy)", ms["plain"], machine.gemm_ms(gemms), fastft_saved_bytes=saved["fastft"],
+                        peer_saved_bytes=saved["plain"]))
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--impl", choices=IMPLS, required=True)
