@@ -196,15 +196,35 @@ def fake_quantize_scaled_backward(grad, x, scale, group, qmin, qmax):
 
 
 @triton.jit
+def _tile(ptr, rows, cols, R, C):
+    """fp32 tile [rows, cols] of a row-major (R, C) tensor (0 outside), and its in-bounds mask."""
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    return tl.load(ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32), mask
+
+
+@triton.jit
+def _token_qparams(x_scale_ptr, x_zero_ptr, offs_m, M):
+    """(scale, zero point, 1 / scale) of the tokens offs_m, as (len(offs_m), 1) columns."""
+    scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=1.0)[:, None]
+    zero_point = tl.load(x_zero_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    return scale, zero_point, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
+def _group_qparams(w_scale_ptr, offs_n, offs_k, N, K, group):
+    """(scale, 1 / scale) of W's elements [offs_n, offs_k] (one scale per group of `group` along K)."""
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    scale = tl.load(w_scale_ptr + offs_n[:, None] * (K // group) + offs_k[None, :] // group, mask=mask, other=1.0)
+    return scale, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
 def _weight_tile(w_ptr, w_scale_ptr, offs_n, offs_k, N, K, group, w_qmin, w_qmax, QUANTIZE_W: tl.constexpr,
                  DTYPE: tl.constexpr):
     """fq_w(W)[n, k] (or W) for n in offs_n, k in offs_k, as an fp32 (len(offs_n), len(offs_k)) tile."""
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    w, _ = _tile(w_ptr, offs_n, offs_k, N, K)
     if QUANTIZE_W:
-        scale = tl.load(w_scale_ptr + offs_n[:, None] * (K // group) + offs_k[None, :] // group, mask=mask,
-                        other=1.0)
-        inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        scale, inv = _group_qparams(w_scale_ptr, offs_n, offs_k, N, K, group)
         w = _fake_quantized(w, scale, 0.0, inv, w_qmin, w_qmax, DTYPE)
     return w
 
@@ -213,13 +233,10 @@ def _weight_tile(w_ptr, w_scale_ptr, offs_n, offs_k, N, K, group, w_qmin, w_qmax
 def _input_tile(x_ptr, x_scale_ptr, x_zero_ptr, offs_m, offs_k, M, K, a_qmin, a_qmax, QUANTIZE_X: tl.constexpr,
                 DTYPE: tl.constexpr):
     """fq_x(x)[m, k] (or x) for m in offs_m, k in offs_k, as an fp32 tile."""
-    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    x, _ = _tile(x_ptr, offs_m, offs_k, M, K)
     if QUANTIZE_X:
-        scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=1.0)
-        zero_point = tl.load(x_zero_ptr + offs_m, mask=offs_m < M, other=0.0)
-        inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-        x = _fake_quantized(x, scale[:, None], zero_point[:, None], inv[:, None], a_qmin, a_qmax, DTYPE)
+        scale, zero_point, inv = _token_qparams(x_scale_ptr, x_zero_ptr, offs_m, M)
+        x = _fake_quantized(x, scale, zero_point, inv, a_qmin, a_qmax, DTYPE)
     return x
 
 
@@ -255,17 +272,14 @@ def _fake_quant_matmul_grad_x_kernel(dy_ptr, w_ptr, x_ptr, dx_ptr, x_scale_ptr, 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + offs_m[:, None] * N + offs_n[None, :],
-                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        dy, _ = _tile(dy_ptr, offs_m, offs_n, M, N)
         w = _weight_tile(w_ptr, w_scale_ptr, offs_n, offs_k, N, K, group, w_qmin, w_qmax, QUANTIZE_W, DTYPE)
-        acc = _dot(dy, w.to(DTYPE), acc, INTERPRET_BF16)
+        acc = _dot(dy.to(DTYPE), w.to(DTYPE), acc, INTERPRET_BF16)
     grad = _in_dtype(acc, DTYPE)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     if QUANTIZE_X:
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=1.0)[:, None]
-        zero_point = tl.load(x_zero_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
-        inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        x, _ = _tile(x_ptr, offs_m, offs_k, M, K)
+        scale, zero_point, inv = _token_qparams(x_scale_ptr, x_zero_ptr, offs_m, M)
         grad = _straight_through(grad, x, scale, zero_point, inv, a_qmin, a_qmax, DTYPE)
     _store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], grad, mask, DTYPE)
 
@@ -282,16 +296,14 @@ def _fake_quant_matmul_grad_w_kernel(dy_ptr, x_ptr, w_ptr, dw_ptr, x_scale_ptr, 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        dy_t = tl.load(dy_ptr + offs_m[None, :] * N + offs_n[:, None],
-                       mask=(offs_m[None, :] < M) & (offs_n[:, None] < N), other=0.0)
+        dy, _ = _tile(dy_ptr, offs_m, offs_n, M, N)
         x = _input_tile(x_ptr, x_scale_ptr, x_zero_ptr, offs_m, offs_k, M, K, a_qmin, a_qmax, QUANTIZE_X, DTYPE)
-        acc = _dot(dy_t, x.to(DTYPE), acc, INTERPRET_BF16)
+        acc = _dot(tl.trans(dy).to(DTYPE), x.to(DTYPE), acc, INTERPRET_BF16)
     grad = _in_dtype(acc, DTYPE)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     if QUANTIZE_W:
-        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(w_scale_ptr + offs_n[:, None] * (K // group) + offs_k[None, :] // group, mask=mask, other=1.0)
-        inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        w, _ = _tile(w_ptr, offs_n, offs_k, N, K)
+        scale, inv = _group_qparams(w_scale_ptr, offs_n, offs_k, N, K, group)
         grad = _straight_through(grad, w, scale, 0.0, inv, w_qmin, w_qmax, DTYPE)
     _store(dw_ptr + offs_n[:, None] * K + offs_k[None, :], grad, mask, DTYPE)
 

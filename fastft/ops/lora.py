@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -55,10 +56,17 @@ def _dropped(x: Tensor, dtype: torch.dtype, p: float, seed: int) -> Tensor:
     return lora_dropout(rows.contiguous(), p, seed) if p > 0 else rows
 
 
-def _adapter_group(ranks: list[int], p: float, seeds: list[int], device: torch.device):
+@functools.lru_cache(maxsize=64)
+def _cached_group(ranks: tuple, p: float, seeds: tuple, device: torch.device):
     from fastft.kernels import lora as triton_lora
 
-    return triton_lora.AdapterGroup(ranks, p, seeds, device)
+    return triton_lora.AdapterGroup(list(ranks), p, list(seeds), device)
+
+
+def _adapter_group(ranks: list[int], p: float, seeds: list[int], device: torch.device):
+    """The kernels' view of a group (small device tensors): built once per call of the op and reused by its backward's
+    two kernels, which see the same ranks and seeds."""
+    return _cached_group(tuple(ranks), p, tuple(seeds), device)
 
 
 def _down(x: Tensor, A_cat: Tensor, ranks: list[int], p: float, seeds: list[int]) -> Tensor:
