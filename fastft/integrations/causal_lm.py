@@ -11,11 +11,10 @@ arguments it does not handle, it is transformers' own forward. Only model types 
 
 from __future__ import annotations
 
-import functools
-
 import torch.nn.functional as F
 from torch import nn
 
+from fastft.integrations.class_swap import original_class, swap_class
 from fastft.losses import fused_linear_cross_entropy
 
 # config.model_type of causal LMs whose forward is: hidden = model(...).last_hidden_state; logits = lm_head(hidden);
@@ -24,7 +23,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _fused_loss_forward(self, *args, labels=None, **kwargs):
-    original = type(self)._fastft_original_class
+    original = original_class(self)
     if (labels is None or not self.training or args or kwargs.get("return_dict") is False
             or kwargs.get("logits_to_keep", 0) != 0):
         return original.forward(self, *args, labels=labels, **kwargs)
@@ -48,22 +47,6 @@ def _fused_loss_forward(self, *args, labels=None, **kwargs):
                                   attentions=outputs.attentions)
 
 
-_FUSED_CLASSES: dict[type, type] = {}
-
-
-def _fused_class(original: type) -> type:
-    if original not in _FUSED_CLASSES:
-        @functools.wraps(original.forward)  # the original signature: Trainer keeps the dataset columns it names
-        def forward(self, *args, **kwargs):
-            return _fused_loss_forward(self, *args, **kwargs)
-
-        _FUSED_CLASSES[original] = type(f"Fastft{original.__name__}", (original,), {
-            "forward": forward, "_fastft_original_class": original,
-            "__doc__": f"{original.__name__} whose training loss is fastft's fused linear cross-entropy (class "
-                       "swapped by fastft.patch(fused_loss=True); fastft.unpatch restores it)."})
-    return _FUSED_CLASSES[original]
-
-
 def patch_causal_lm_loss(model: nn.Module, report) -> None:
     """Swap the class of the transformers causal LMs in `model` (itself, or inside a PeftModel) for fused-loss
     subclasses, recording them (or why not) in `report` (a PatchReport)."""
@@ -72,7 +55,7 @@ def patch_causal_lm_loss(model: nn.Module, report) -> None:
 
     causal_lm_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     for name, module in model.named_modules():
-        if getattr(type(module), "_fastft_original_class", None) is not None:
+        if original_class(module) is not None and isinstance(module, PreTrainedModel):
             report.fused["causal LM loss (fused linear cross-entropy)"] += 1
             continue
         if not isinstance(module, PreTrainedModel) or type(module).__name__ not in causal_lm_classes:
@@ -83,16 +66,6 @@ def patch_causal_lm_loss(model: nn.Module, report) -> None:
                 f"loss: model type {model_type!r} is not one whose logits are exactly lm_head(last hidden state) "
                 f"({', '.join(SUPPORTED_MODEL_TYPES)})")
             continue
-        module.__class__ = _fused_class(type(module))
+        swap_class(module, _fused_loss_forward, "fastft's fused linear cross-entropy as its training loss")
         report.fused["causal LM loss (fused linear cross-entropy)"] += 1
-
-
-def unpatch_causal_lm_loss(model: nn.Module) -> int:
-    restored = 0
-    for module in model.modules():
-        original = getattr(type(module), "_fastft_original_class", None)
-        if original is not None:
-            module.__class__ = original
-            restored += 1
-    return restored
 

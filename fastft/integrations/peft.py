@@ -20,6 +20,7 @@ from peft.tuners.lora import layer as peft_lora
 from torch import nn
 
 from fastft import nf4
+from fastft.integrations.class_swap import original_class, restore_classes, swap_class
 from fastft.ops import lora as lora_ops
 
 _VARIANT_KWARGS = tuple(getattr(peft_lora, "VARIANT_KWARG_KEYS", ()))  # keyword arguments of LoRA variants (aLoRA)
@@ -216,8 +217,8 @@ def _form_input_groups(model: nn.Module, report: PatchReport) -> None:
     for parent_name, parent in model.named_modules():
         for names in _INPUT_GROUP_NAMES:
             members = {n: getattr(parent, n, None) for n in names}
-            members = {n: m for n, m in members.items() if getattr(type(m), "_fastft_peft_class", None) is not None
-                       and not getattr(m, "lora_variant", {})}
+            members = {n: m for n, m in members.items() if isinstance(m, peft_lora.LoraLayer)
+                       and original_class(m) is not None and not getattr(m, "lora_variant", {})}
             if len(members) < 2 or len({m.in_features for m in members.values()}) > 1:
                 continue
             group_name = f"{parent_name}.({', '.join(members)})" if parent_name else f"({', '.join(members)})"
@@ -245,7 +246,7 @@ def _lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
         self._check_forward_args(x)
         return _dora_forward(self, x, dora)
     if not _runs_fused(self, kwargs):
-        return self._fastft_peft_class.forward(self, x, *args, **kwargs)
+        return original_class(self).forward(self, x, *args, **kwargs)
     self._check_forward_args(x, *args, **kwargs)
     for key in ("adapter_names", *_VARIANT_KWARGS):
         kwargs.pop(key, None)
@@ -280,22 +281,10 @@ def _nf4_state(base: nn.Module) -> nf4.NF4State:
 def _lora_linear4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.get_base_layer()
     if not _runs_fused(self, kwargs) or args or kwargs or torch.is_autocast_enabled():
-        return self._fastft_peft_class.forward(self, x, *args, **kwargs)
+        return original_class(self).forward(self, x, *args, **kwargs)
     self._check_forward_args(x)
     result = _linear4bit_base(base, x)
     return _add_lora(self, x, result, cast_result_per_adapter=True)
-
-
-_FUSED_CLASSES: dict[type, type] = {}
-
-
-def _fused_class(peft_class: type, forward) -> type:
-    if peft_class not in _FUSED_CLASSES:
-        _FUSED_CLASSES[peft_class] = type(f"Fastft{peft_class.__name__}", (peft_class,), {
-            "forward": forward, "_fastft_peft_class": peft_class,
-            "__doc__": f"{peft_class.__name__} whose forward runs fastft's fused LoRA op (class swapped by "
-                       "fastft.patch; fastft.unpatch restores it)."})
-    return _FUSED_CLASSES[peft_class]
 
 
 def _bnb_linear4bit_lora_class():
@@ -344,8 +333,8 @@ def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True, qat: bool = 
             setattr(parent, child_name, fused)
             report.fused["bnb.Linear4bit -> NF4Linear"] += 1
     for name, module in model.named_modules():
-        peft_class = getattr(type(module), "_fastft_peft_class", None)
-        if peft_class is not None:
+        peft_class = original_class(module)
+        if peft_class is not None and isinstance(module, peft_lora.LoraLayer):
             report.fused[f"lora.{peft_class.__name__}"] += 1
             continue
         if not lora or not isinstance(module, peft_lora.LoraLayer):
@@ -364,8 +353,8 @@ def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True, qat: bool = 
         if reason is not None:
             report.unfused[name] = reason
             continue
-        module.__class__ = _fused_class(type(module), forward)
-        report.fused[f"lora.{type(module)._fastft_peft_class.__name__}"] += 1
+        report.fused[f"lora.{type(module).__name__}"] += 1
+        swap_class(module, forward, "fastft's fused LoRA op")
     if lora:
         _form_input_groups(model, report)
     if qat:
@@ -380,17 +369,12 @@ def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True, qat: bool = 
 
 
 def unpatch(model: nn.Module) -> int:
-    """Undo `patch` on `model`: peft's, bitsandbytes' and torchao's modules come back; returns how many."""
-    from fastft.integrations.causal_lm import unpatch_causal_lm_loss
-    from fastft.integrations.qat import unpatch_torchao
-
-    restored = unpatch_torchao(model) + unpatch_causal_lm_loss(model)
+    """Undo `patch` on `model`: peft's, bitsandbytes', torchao's and the causal LM's modules come back; returns how
+    many."""
+    for module in model.modules():
+        module.__dict__.pop("_fastft_input_group", None)
+    restored = restore_classes(model)
     for module in list(model.modules()):
-        original = getattr(type(module), "_fastft_peft_class", None)
-        if original is not None:
-            module.__class__ = original
-            module.__dict__.pop("_fastft_input_group", None)
-            restored += 1
         for child_name, child in list(module.named_children()):
             replaced = child.__dict__.get("_fastft_replaced")
             if replaced is not None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastft.integrations.class_swap import original_class, swap_class
 from fastft.integrations.transformers import _skipped
 from fastft.nn.fake_quant_linear import FakeQuantLinear, QuantizedLinear
 from fastft.qat import fake_quantize
@@ -52,7 +53,6 @@ def convert(model: nn.Module) -> int:
 
 
 _BITS = {getattr(torch, f"int{bits}"): bits for bits in range(2, 9)}
-_SWAPPED_CLASSES: dict = {}
 
 
 def _config_reason(quantizer, weight: bool) -> Optional[str]:
@@ -98,15 +98,6 @@ def _fused_forward(self, x):
     return F.linear(x, _fake_quantize_as(self.weight_fake_quantizer, self.weight), self.bias)
 
 
-def _swapped_class(torchao_class):
-    if torchao_class not in _SWAPPED_CLASSES:
-        _SWAPPED_CLASSES[torchao_class] = type(f"Fastft{torchao_class.__name__}", (torchao_class,), {
-            "forward": _fused_forward, "_fastft_torchao_class": torchao_class,
-            "__doc__": f"{torchao_class.__name__} whose fake quantization runs fastft's one-pass kernels (class "
-                       "swapped by fastft.patch; fastft.unpatch restores it)."})
-    return _SWAPPED_CLASSES[torchao_class]
-
-
 def patch_torchao(model: nn.Module, report) -> None:
     """Swap the class of torchao's FakeQuantizedLinear instances (from torchao's QAT prepare) for a subclass whose
     forward runs fastft's fake quantization (bit-exact with torchao's), recording what was and was not swapped in
@@ -116,7 +107,7 @@ def patch_torchao(model: nn.Module, report) -> None:
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
     for name, module in model.named_modules():
-        if getattr(type(module), "_fastft_torchao_class", None) is not None:
+        if original_class(module) is FakeQuantizedLinear:
             report.fused["torchao.FakeQuantizedLinear"] += 1
             continue
         if type(module) is not FakeQuantizedLinear:
@@ -127,15 +118,6 @@ def patch_torchao(model: nn.Module, report) -> None:
         if reason is not None:
             report.unfused[name] = reason
             continue
-        module.__class__ = _swapped_class(type(module))
+        swap_class(module, _fused_forward, "fastft's one-pass fake quantization kernels")
         report.fused["torchao.FakeQuantizedLinear"] += 1
 
-
-def unpatch_torchao(model: nn.Module) -> int:
-    restored = 0
-    for module in model.modules():
-        original = getattr(type(module), "_fastft_torchao_class", None)
-        if original is not None:
-            module.__class__ = original
-            restored += 1
-    return restored
