@@ -30,6 +30,19 @@ def _four_bit(linear: nn.Linear) -> nn.Module:
     return layer.to("cpu")
 
 
+def _patched_vs_peft(peft_model: nn.Module, x: torch.Tensor, grads, repeats: int) -> tuple[dict, dict]:
+    """(ms, bytes saved for backward) of fwd+bwd through a fastft-patched copy of `peft_model` and through
+    `peft_model` itself, on x with the output gradient(s) `grads`, timed side by side."""
+    patched = copy.deepcopy(peft_model)
+    fastft.patch(patched)
+    models = {"fastft": patched, "peft": peft_model}
+    ms = compare_ms({name: (lambda m=model: torch.autograd.backward(m(x), grads)) for name, model in models.items()},
+                    repeats=repeats)
+    saved = {name: saved_for_backward_bytes(lambda m=model: m(x), exclude=list(model.parameters()))
+             for name, model in models.items()}
+    return ms, saved
+
+
 def run_layer(machine: Machine, tokens: int = 2048, size: int = 4096, rank: int = 16, repeats: int = 5,
               progress=print) -> list[Row]:
     """One projection (tokens x size @ size x size, fp32), LoRA r=16, dropout 0.05, fwd+bwd."""
@@ -44,13 +57,7 @@ def run_layer(machine: Machine, tokens: int = 2048, size: int = 4096, rank: int 
     flops = 2 * 2 * tokens * size * size  # base forward + dx; the rank-r terms are ~1% more
     for base_name, base in (("fp32", dense), ("NF4", _four_bit(dense))):
         progress(f"LoRA layer {tokens}x{size}, {base_name} base, fwd+bwd")
-        peft_model = get_peft_model(_OneLayer(base), config)
-        patched = copy.deepcopy(peft_model)
-        fastft.patch(patched)
-        ms = compare_ms({"fastft": lambda: patched(x).backward(grad), "peft": lambda: peft_model(x).backward(grad)},
-                        repeats=repeats)
-        saved = {name: saved_for_backward_bytes(lambda: model(x), exclude=list(model.parameters()))
-                 for name, model in (("fastft", patched), ("peft", peft_model))}
+        ms, saved = _patched_vs_peft(get_peft_model(_OneLayer(base), config), x, grad, repeats)
         peer = "peft" if base_name == "fp32" else "peft + bitsandbytes"
         target = ">= 1.25x peft, <= 0.35x its saved bytes" if base_name == "fp32" else ">= 1.5x peft + bnb"
         results.append(Row(f"LoRA r={rank} layer, {base_name} base, fwd+bwd", ms["fastft"], peer, ms["peft"],
@@ -82,18 +89,9 @@ def run_group(machine: Machine, tokens: int = 2048, hidden: int = 1024, rank: in
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj"])
-    peft_model = get_peft_model(Attention(), config)
-    patched = copy.deepcopy(peft_model)
-    fastft.patch(patched)
     x = torch.randn(tokens, hidden, requires_grad=True)
     grads = [torch.randn(tokens, hidden) for _ in range(3)]
-
-    def step(model):
-        return lambda: torch.autograd.backward(model(x), grads)
-
-    ms = compare_ms({"fastft": step(patched), "peft": step(peft_model)}, repeats=repeats)
-    saved = {name: saved_for_backward_bytes(lambda: model(x), exclude=list(model.parameters()))
-             for name, model in (("fastft", patched), ("peft", peft_model))}
+    ms, saved = _patched_vs_peft(get_peft_model(Attention(), config), x, grads, repeats)
     flops = 3 * 2 * 2 * tokens * hidden * hidden
     return [Row(f"LoRA r={rank} q/k/v group {tokens}x{hidden}, fp32 bases, fwd+bwd", ms["fastft"], "peft",
                 ms["peft"], machine.gemm_ms(flops), fastft_saved_bytes=saved["fastft"], peer_saved_bytes=saved["peft"])]
@@ -112,13 +110,8 @@ def run_dora(machine: Machine, tokens: int = 2048, size: int = 4096, rank: int =
         progress(f"DoRA r={rank} layer {tokens}x{size}, dropout {dropout}, fwd+bwd")
         torch.manual_seed(0)
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=["proj"], use_dora=True)
-        peft_model = get_peft_model(_OneLayer(nn.Linear(size, size, bias=False)), config)
-        patched = copy.deepcopy(peft_model)
-        fastft.patch(patched)
-        ms = compare_ms({"fastft": lambda: patched(x).backward(grad), "peft": lambda: peft_model(x).backward(grad)},
-                        repeats=repeats)
-        saved = {name: saved_for_backward_bytes(lambda: model(x), exclude=list(model.parameters()))
-                 for name, model in (("fastft", patched), ("peft", peft_model))}
+        ms, saved = _patched_vs_peft(get_peft_model(_OneLayer(nn.Linear(size, size, bias=False)), config), x, grad,
+                                     repeats)
         rows.append(Row(f"DoRA r={rank} layer, fp32 base, dropout {dropout}, fwd+bwd", ms["fastft"], "peft DoRA",
                         ms["peft"], machine.gemm_ms(2 * 2 * tokens * size * size), fastft_saved_bytes=saved["fastft"],
                         peer_saved_bytes=saved["peft"]))
