@@ -99,9 +99,12 @@ def _single_dora_adapter(layer, kwargs) -> str | None:
 
 def _dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
     """Row norms of weight + scale * B @ A (out, in) without forming it: |W_i|^2 + 2 s B_i (W A^T)_i^T +
-    s^2 B_i (A A^T) B_i^T, in fp32 (two rank-r GEMMs over W instead of an out x in product)."""
-    w, a, b = weight.float(), lora_A.float(), lora_B.float()
-    squared = w.pow(2).sum(1) + 2 * scale * (b * (w @ a.t())).sum(1) + scale**2 * ((b @ (a @ a.t())) * b).sum(1)
+    s^2 B_i (A A^T) B_i^T, accumulated in fp32: W is read twice (its row norms, one rank-r GEMM) and no out x in
+    tensor is allocated."""
+    a, b = lora_A.float(), lora_B.float()
+    squared = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square_()
+    squared += 2 * scale * (b * (weight @ lora_A.t().to(weight.dtype)).float()).sum(1)
+    squared += scale**2 * ((b @ (a @ a.t())) * b).sum(1)
     return squared.clamp_(min=0).sqrt_()
 
 
