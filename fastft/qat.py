@@ -27,8 +27,11 @@ def fake_quantize(x: Tensor, bits: int = 4, group_size: int = 32, symmetric: boo
                   granularity: str = "per_group", eps: Optional[float] = None) -> Tensor:
     """Fake-quantize x (..., K) (fp32 / fp16 / bf16) like torchao's `IntxFakeQuantizer` with
     `IntxFakeQuantizeConfig(torch.int{bits}, granularity, group_size=..., is_symmetric=...)`: bit-exact outputs and
-    gradients (straight-through inside the range, zero where clamped). Supported: symmetric per_group /
-    per_channel (weights), asymmetric per_token (activations); bits 2..8. The result has x's shape and dtype."""
+    gradients (straight-through inside the range, zero where clamped). Supported: per_group and per_channel,
+    symmetric or asymmetric; asymmetric per_token (activations); bits 2..8. Asymmetric per_group / per_channel
+    equal torchao's affine primitives (choose_qparams_affine + fake_quantize_affine on blocks of one group), not
+    its IntxFakeQuantizer, whose qparams for that config clamp groups not spread around zero (see
+    fastft/reference/qat.py). The result has x's shape and dtype."""
     if not isinstance(x, Tensor) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"x must be a float32, float16 or bfloat16 tensor, got "
                         f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")

@@ -66,6 +66,46 @@ def test_per_token_asymmetric_is_bit_exact(backend, dtype, bits, shape):
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
 
 
+def torchao_affine_fake_quantize(x, bits, group_size):
+    """torchao's affine primitives, asymmetric, on blocks of (1, group_size): what fastft's asymmetric per-group
+    fake quantization equals (its IntxFakeQuantizer uses other qparams for that config, see fastft.reference.qat)."""
+    from torchao.quantization.quant_primitives import MappingType, _fake_quantize_affine, choose_qparams_affine
+
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    rows = x.reshape(-1, x.shape[-1])
+    scale, zero_point = choose_qparams_affine(rows.detach(), MappingType.ASYMMETRIC, (1, group_size),
+                                              getattr(torch, f"int{bits}"), qmin, qmax, None, torch.float32,
+                                              torch.int32)
+    return _fake_quantize_affine(rows, (1, group_size), scale, zero_point, torch.int32, qmin, qmax).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("granularity,group_size", (("per_group", 32), ("per_group", 160), ("per_channel", 320)))
+def test_per_group_asymmetric_is_bit_exact_with_torchao_affine_primitives(backend, dtype, bits, granularity,
+                                                                          group_size):
+    g = torch.Generator().manual_seed(bits * 10 + group_size)
+    x = (torch.randn(3, 11, 320, generator=g) * 2 + 0.5).to(dtype)
+    x[0, 0] = x[0, 0].abs() + 1.0  # groups above zero: the zero point clamps at qmin
+    x[0, 1] = -x[0, 1].abs() - 1.0  # groups below zero
+    x[0, 2] = 0.0  # all-zero groups: the scale clamps at eps
+    grad = torch.randn(3, 11, 320, generator=g).to(dtype)
+    theirs = outputs_and_grads(lambda t: torchao_affine_fake_quantize(t, bits, group_size), x, grad)
+    ours = outputs_and_grads(lambda t: fake_quantize(t, bits, group_size, symmetric=False,
+                                                     granularity=granularity), x, grad)
+    assert ours[0].dtype == dtype and ours[0].shape == x.shape
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_asymmetric_groups_off_zero_keep_their_resolution():
+    """A group in [1, 5] uses the whole integer range: every value within half a step of its fake-quantized value."""
+    x = torch.linspace(1.0, 5.0, 64).reshape(2, 32)
+    out = fake_quantize(x, 4, 32, symmetric=False)
+    step = (5.0 - 0.0) / 15  # the range includes zero (zero stays representable)
+    assert (out - x).abs().max() <= step / 2 + 1e-6
+    assert out.unique().numel() >= 12
+
+
 def test_straight_through_inside_the_range_and_zero_where_clamped():
     x = torch.randn(8, 32, dtype=torch.float32)  # one group per row
     x[:, 5] = 10.0  # each row's group max: 10 / (10 / 7.5) = 7.5 -> 8 -> clamped to 7
@@ -118,8 +158,6 @@ def test_bad_input_is_named():
         fake_quantize(x, 4, 16, granularity="per_tensor")
     with pytest.raises(ValueError, match="symmetric per_token"):
         fake_quantize(x, 8, granularity="per_token", symmetric=True)
-    with pytest.raises(ValueError, match="asymmetric per_group"):
-        fake_quantize(x, 4, 16, symmetric=False)
     with pytest.raises(TypeError, match="x must be a float32"):
         fake_quantize(x.double(), 4, 16)
 

@@ -127,7 +127,7 @@ def test_patch_runs_a_torchao_prepared_model_on_fastft_kernels(monkeypatch):
     ids = batch(5)
     report = fastft.patch(model)
     assert report.fused["torchao.FakeQuantizedLinear"] == 13
-    assert "only symmetric" in report.unfused["model.layers.1.mlp.down_proj"]
+    assert "asymmetric per-group" in report.unfused["model.layers.1.mlp.down_proj"]
     calls = []
     real = qat_integration.fake_quantize
     monkeypatch.setattr(qat_integration, "fake_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -71,8 +71,12 @@ def _config_reason(quantizer, weight: bool) -> Optional[str]:
     if config.scale_precision != torch.float32 or config.zero_point_domain != ZeroPointDomain.INT:
         return "only fp32 scales with integer zero points are fused"
     symmetric = config.mapping_type == MappingType.SYMMETRIC
-    if weight and not (isinstance(config.granularity, (PerGroup, PerAxis)) and symmetric):
-        return "weights: only symmetric per-group / per-channel fake quantization is fused"
+    if weight and not isinstance(config.granularity, (PerGroup, PerAxis)):
+        return "weights: only per-group / per-channel fake quantization is fused"
+    if weight and not symmetric:
+        return ("weights: asymmetric per-group / per-channel: torchao's IntxFakeQuantizer uses unsigned-range "
+                "qparams in a signed range here (see fastft/reference/qat.py); kept on torchao's path so training "
+                "is unchanged")
     if not weight and not (isinstance(config.granularity, PerToken) and config.mapping_type == MappingType.ASYMMETRIC):
         return "activations: only asymmetric per-token fake quantization is fused"
     return None

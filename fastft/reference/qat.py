@@ -4,12 +4,20 @@ Groups are runs of `group_size` consecutive elements along the last dim (per_cha
 weight; per_token: the whole last dim of an activation). Integer range for `bits`: [-2^(bits-1), 2^(bits-1) - 1].
 - symmetric (per_group, per_channel): amax = max(-min(x_min, 0), max(x_max, 0)); scale = amax / ((qmax - qmin) / 2)
   in x's dtype, clamped to >= eps, then fp32; zero point 0.
-- asymmetric (per_token): scale = (max(x_max, 0) - min(x_min, 0)) / (qmax - qmin) in x's dtype, clamped to >= eps;
+- asymmetric (per_token, per_group, per_channel): scale = (max(x_max, 0) - min(x_min, 0)) / (qmax - qmin) in x's
+  dtype, clamped to >= eps;
   zero point = clamp(qmin - round(min(x_min, 0) / scale), qmin, qmax); scale then fp32.
 - q = clamp(round_half_even(x * (1 / scale)) + zp, qmin, qmax); out = ((q - zp) * scale) in x's dtype.
 - Backward (the scales are constants, as in torchao): dx = x_dtype(dy * scale) * (1 / scale) where the clamp was
   inactive, 0 where it clamped; e.g. the group max of a symmetric int4 group maps to 7.5 -> 8 -> 7 and gets no gradient.
 eps defaults to the smallest normal number of x's dtype.
+
+Asymmetric per_group / per_channel are torchao's affine primitives on blocks (1, group):
+choose_qparams_affine(MappingType.ASYMMETRIC, int{bits} range) + _fake_quantize_affine, the per-token formula
+applied to each group. torchao's IntxFakeQuantizer computes other qparams for that config: a scale for the unsigned
+range [0, 2^bits - 1] and a float zero point min + scale * 2^(bits-1), truncated to int32, then quantizes into
+the signed range, so a group whose values are not spread around zero is clamped (int4, a group in [1.3, 4.9]
+fake-quantizes to 0.95 everywhere). fastft does not reproduce that.
 """
 
 from __future__ import annotations
@@ -35,9 +43,6 @@ def group_length(shape, group_size: int, granularity: str, symmetric: bool) -> i
     if granularity == "per_token" and symmetric:
         raise ValueError("symmetric per_token fake quantization is not supported (torchao does not support it "
                          "either); use symmetric=False")
-    if granularity != "per_token" and not symmetric:
-        raise ValueError(f"asymmetric {granularity} fake quantization is not supported yet; use symmetric=True "
-                         "(asymmetric is supported per_token)")
     if len(shape) == 0 or shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dim, got shape {tuple(shape)}")
     if granularity != "per_group":

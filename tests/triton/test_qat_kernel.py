@@ -17,7 +17,9 @@ from fastft.qat import fake_quantize  # noqa: E402
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("bits", (2, 4, 8))
 @pytest.mark.parametrize("config", (dict(group_size=32), dict(group_size=48), dict(granularity="per_channel"),
-                                    dict(granularity="per_token", symmetric=False)))
+                                    dict(granularity="per_token", symmetric=False),
+                                    dict(group_size=32, symmetric=False),
+                                    dict(granularity="per_channel", symmetric=False)))
 def test_kernel_is_bit_exact(dtype, bits, config):
     g = torch.Generator().manual_seed(bits)
     x = (torch.randn(21, 96, generator=g) * 3).to(dtype)
