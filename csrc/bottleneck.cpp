@@ -15,6 +15,7 @@
 #include <algorithm>
 
 #include "bottleneck_cpu.h"
+#include "memory.h"
 #include "nf4_codec.h"
 
 namespace fastft {
@@ -128,7 +129,7 @@ FASTFT_AVX2 void row_block(const float* a, int64_t lda, const Panels& b, float a
 FASTFT_AVX2 at::Tensor residual_gemm(const at::Tensor& a, const Panels& b, float alpha,
                                      const std::optional<at::Tensor>& residual) {
   const int64_t T = a.size(0), N = b.N;
-  at::Tensor out = at::empty({T, N}, a.options());
+  at::Tensor out = empty_huge_pages({T, N}, a.options());
   const float* a_ptr = a.const_data_ptr<float>();
   const float* res_ptr = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
   float* out_ptr = out.mutable_data_ptr<float>();

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "lora_cpu.h"
+#include "memory.h"
 #include "nf4_codec.h"
 
 namespace fastft {
@@ -93,7 +94,7 @@ void dropout_range_fast(const T* x, T* out, int64_t begin, int64_t end, uint32_t
 
 at::Tensor lora_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
   const at::Tensor input = x.contiguous();
-  at::Tensor out = at::empty_like(input);
+  at::Tensor out = empty_huge_pages(input.sizes(), input.options());
   const uint32_t seed_mix = mix32(static_cast<uint32_t>(seed & 0xFFFFFFFF));
   const double scaled = p * 4294967296.0;
   const uint32_t threshold = scaled >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(std::llround(scaled));
