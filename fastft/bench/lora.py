@@ -10,6 +10,7 @@ from torch import nn
 
 import fastft
 from fastft.bench.harness import Machine, Row, compare_ms, saved_for_backward_bytes
+from fastft.nn import NF4Linear
 
 
 class _OneLayer(nn.Module):
@@ -30,13 +31,16 @@ def _four_bit(linear: nn.Linear) -> nn.Module:
     return layer.to("cpu")
 
 
-def _patched_vs_peft(peft_model: nn.Module, x: torch.Tensor, grads, repeats: int) -> tuple[dict, dict]:
+def _patched_vs_peft(peft_model: nn.Module, x: torch.Tensor, grads, repeats: int,
+                     floor: nn.Module | None = None) -> tuple[dict, dict]:
     """(ms, bytes saved for backward) of fwd+bwd through a fastft-patched copy of `peft_model` and through
-    `peft_model` itself, on x with the output gradient(s) `grads`, timed side by side."""
+    `peft_model` itself, on x with the output gradient(s) `grads`, timed side by side (with `floor`, a module
+    without LoRA, timed in the same rounds under the name "floor")."""
     patched = copy.deepcopy(peft_model)
     fastft.patch(patched)
     models = {"fastft": patched, "peft": peft_model}
-    ms = compare_ms({name: (lambda m=model: torch.autograd.backward(m(x), grads)) for name, model in models.items()},
+    timed = {**models, "floor": floor} if floor is not None else models
+    ms = compare_ms({name: (lambda m=model: torch.autograd.backward(m(x), grads)) for name, model in timed.items()},
                     repeats=repeats)
     saved = {name: saved_for_backward_bytes(lambda m=model: m(x), exclude=list(model.parameters()))
              for name, model in models.items()}
@@ -45,7 +49,9 @@ def _patched_vs_peft(peft_model: nn.Module, x: torch.Tensor, grads, repeats: int
 
 def run_layer(machine: Machine, tokens: int = 2048, size: int = 4096, rank: int = 16, repeats: int = 5,
               progress=print) -> list[Row]:
-    """One projection (tokens x size @ size x size, fp32), LoRA r=16, dropout 0.05, fwd+bwd."""
+    """One projection (tokens x size @ size x size, fp32), LoRA r=16, dropout 0.05, fwd+bwd; and the floor of any
+    LoRA implementation on that layer: the base projection alone (fp32 nn.Linear, or fastft's NF4 matmul on the same
+    bitsandbytes storage), timed in the same rounds."""
     from peft import LoraConfig, get_peft_model
 
     results = []
@@ -57,7 +63,11 @@ def run_layer(machine: Machine, tokens: int = 2048, size: int = 4096, rank: int 
     flops = 2 * 2 * tokens * size * size  # base forward + dx; the rank-r terms are ~1% more
     for base_name, base in (("fp32", dense), ("NF4", _four_bit(dense))):
         progress(f"LoRA layer {tokens}x{size}, {base_name} base, fwd+bwd")
-        ms, saved = _patched_vs_peft(get_peft_model(_OneLayer(base), config), x, grad, repeats)
+        peft_model = get_peft_model(_OneLayer(base), config)
+        floor = copy.deepcopy(peft_model.base_model.model.proj.base_layer)
+        if base_name == "NF4":
+            floor = NF4Linear.from_bnb(floor)
+        ms, saved = _patched_vs_peft(peft_model, x, grad, repeats, floor=floor)
         peer = "peft" if base_name == "fp32" else "peft + bitsandbytes"
         target = ">= 1.25x peft, <= 0.35x its saved bytes" if base_name == "fp32" else ">= 1.5x peft + bnb"
         results.append(Row(f"LoRA r={rank} layer, {base_name} base, fwd+bwd", ms["fastft"], peer, ms["peft"],
@@ -67,6 +77,9 @@ def run_layer(machine: Machine, tokens: int = 2048, size: int = 4096, rank: int 
             results[-1].met = results[-1].speedup >= 1.25 and saved["fastft"] <= 0.35 * saved["peft"]
         else:
             results[-1].met = results[-1].speedup >= 1.5
+        # peer / floor: the most any LoRA implementation of this layer can gain over the peer on this machine
+        results.append(Row(f"{base_name} base alone, no LoRA (the floor), fwd+bwd", ms["floor"], peer, ms["peft"],
+                           machine.gemm_ms(flops)))
     return results
 
 
