@@ -49,9 +49,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fake_quantize", &fastft::fake_quantize_cpu, "torchao-exact fake quantization of contiguous groups");
   m.def("fake_quantize_backward", &fastft::fake_quantize_backward_cpu,
         "straight-through gradient of fake_quantize, the clamp mask recomputed from x");
-  m.def("fake_quantize_scaled", &fastft::fake_quantize_scaled_cpu, "symmetric fake quantization with given scales");
+  m.def("fake_quantize_scaled", &fastft::fake_quantize_scaled_cpu,
+        "fake quantization with given scales (and zero points)");
   m.def("fake_quantize_scaled_backward", &fastft::fake_quantize_scaled_backward_cpu,
-        "(dx, dscale) of fake_quantize_scaled");
+        "(dx, dscale, dzero_point) of fake_quantize_scaled");
   m.def("distill_soft_rows", &fastft::distill_soft_rows_cpu,
         "per-row generalized JSD and its scaled gradient, written over the student logits tile (fp32)");
 }

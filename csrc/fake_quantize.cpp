@@ -56,7 +56,7 @@ template <typename T>
 void quantize_scalar(const T* x, T* out, int64_t begin, int64_t n, const GroupParams& p, float qmin, float qmax) {
   for (int64_t i = begin; i < n; ++i) {
     const float q = std::min(std::max(std::nearbyint(static_cast<float>(x[i]) * p.inv) + p.zero_point, qmin), qmax);
-    out[i] = static_cast<T>(round_to<T>(round_to<T>(q) - p.zero_point) * p.scale);
+    out[i] = static_cast<T>(round_to<T>(round_to<T>(q) - round_to<T>(p.zero_point)) * p.scale);
   }
 }
 
@@ -221,21 +221,36 @@ at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad_in, const at::Tenso
   return out;
 }
 
-at::Tensor fake_quantize_scaled_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, int64_t group,
-                                    int64_t qmin_i, int64_t qmax_i) {
-  check(x_in, group, qmin_i, qmax_i);
-  TORCH_CHECK(scale_in.scalar_type() == at::kFloat && scale_in.numel() * group == x_in.numel(),
+namespace {
+
+void check_qparams(const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
+                   int64_t group) {
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() * group == x.numel(),
               "fake_quantize_scaled: scale must be float32 with one value per group");
+  TORCH_CHECK(!zero_point.has_value() ||
+                  (zero_point->scalar_type() == at::kFloat && zero_point->numel() == scale.numel()),
+              "fake_quantize_scaled: zero_point must be float32 with one value per group");
+}
+
+}  // namespace
+
+at::Tensor fake_quantize_scaled_cpu(const at::Tensor& x_in, const at::Tensor& scale_in,
+                                    const std::optional<at::Tensor>& zero_point_in, int64_t group, int64_t qmin_i,
+                                    int64_t qmax_i) {
+  check(x_in, group, qmin_i, qmax_i);
+  check_qparams(x_in, scale_in, zero_point_in, group);
   const at::Tensor x = x_in.contiguous(), scale = scale_in.contiguous();
+  const at::Tensor zero_point = zero_point_in.has_value() ? zero_point_in->contiguous() : at::Tensor();
   at::Tensor out = empty_huge_pages(x.sizes(), x.options());
   const float qmin = static_cast<float>(qmin_i), qmax = static_cast<float>(qmax_i);
   const float* scales = scale.const_data_ptr<float>();
+  const float* zero_points = zero_point.defined() ? zero_point.const_data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_scaled_cpu", [&] {
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, x.numel() / group, std::max<int64_t>(1, 16384 / group), [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
-        const GroupParams p{scales[g], 1.f / scales[g], 0.f};
+        const GroupParams p{scales[g], 1.f / scales[g], zero_points != nullptr ? zero_points[g] : 0.f};
         quantize_with<scalar_t>(src + g * group, dst + g * group, group, p, qmin, qmax);
       }
     });
@@ -243,20 +258,23 @@ at::Tensor fake_quantize_scaled_cpu(const at::Tensor& x_in, const at::Tensor& sc
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> fake_quantize_scaled_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                                     const at::Tensor& scale_in, int64_t group,
-                                                                     int64_t qmin_i, int64_t qmax_i) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_scaled_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& scale_in,
+    const std::optional<at::Tensor>& zero_point_in, int64_t group, int64_t qmin_i, int64_t qmax_i) {
   check(x_in, group, qmin_i, qmax_i);
-  TORCH_CHECK(scale_in.scalar_type() == at::kFloat && scale_in.numel() * group == x_in.numel(),
-              "fake_quantize_scaled_backward: scale must be float32 with one value per group");
+  check_qparams(x_in, scale_in, zero_point_in, group);
   TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type(),
               "fake_quantize_scaled_backward: grad must have x's shape and dtype");
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous(), scale = scale_in.contiguous();
+  const at::Tensor zero_point = zero_point_in.has_value() ? zero_point_in->contiguous() : at::Tensor();
   at::Tensor dx = empty_huge_pages(x.sizes(), x.options());
   at::Tensor dscale = at::empty_like(scale);
+  at::Tensor dzero_point = zero_point.defined() ? at::empty_like(zero_point) : at::empty({0}, scale.options());
   const float qmin = static_cast<float>(qmin_i), qmax = static_cast<float>(qmax_i);
   const float* scales = scale.const_data_ptr<float>();
+  const float* zero_points = zero_point.defined() ? zero_point.const_data_ptr<float>() : nullptr;
   float* dscales = dscale.mutable_data_ptr<float>();
+  float* dzero_points = zero_point.defined() ? dzero_point.mutable_data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_scaled_backward", [&] {
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     const scalar_t* gsrc = grad.const_data_ptr<scalar_t>();
@@ -264,24 +282,32 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_scaled_backward_cpu(const at::T
     at::parallel_for(0, x.numel() / group, std::max<int64_t>(1, 16384 / group), [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
         const float s = scales[g], inv = 1.f / s;
+        const float zp = zero_points != nullptr ? zero_points[g] : 0.f, zp_t = round_to<scalar_t>(zp);
         const scalar_t* xg = src + g * group;
         const scalar_t* gg = gsrc + g * group;
         scalar_t* og = dst + g * group;
-        double direct = 0, via_inverse = 0;  // sum dy * q, sum p * x (p: x_dtype(dy * s) inside the range)
+        // sum dy * (T(q) - T(zp)), sum p_in * x, sum p_in, sum p (p = T(dy * s), p_in: p inside the range)
+        double direct = 0, via_inverse = 0, passed_sum = 0, all_sum = 0;
         for (int64_t i = 0; i < group; ++i) {
           const float xv = static_cast<float>(xg[i]), gv = static_cast<float>(gg[i]);
-          const float pre = std::nearbyint(xv * inv);
+          const float pre = std::nearbyint(xv * inv) + zp;
           const bool inside = pre >= qmin && pre <= qmax;
-          const float passed = inside ? round_to<scalar_t>(gv * s) : 0.f;
+          const float p = round_to<scalar_t>(gv * s), passed = inside ? p : 0.f;
           og[i] = static_cast<scalar_t>(passed * inv);
-          direct += static_cast<double>(gv) * round_to<scalar_t>(std::min(std::max(pre, qmin), qmax));
+          const float dequantized = round_to<scalar_t>(round_to<scalar_t>(std::min(std::max(pre, qmin), qmax)) - zp_t);
+          direct += static_cast<double>(gv) * dequantized;
           via_inverse += static_cast<double>(passed) * xv;
+          passed_sum += passed;
+          all_sum += p;
         }
         dscales[g] = static_cast<float>(direct - via_inverse * static_cast<double>(inv) * inv);
+        if (dzero_points != nullptr) {
+          dzero_points[g] = static_cast<float>(passed_sum - round_to<scalar_t>(static_cast<float>(all_sum)));
+        }
       }
     });
   });
-  return {dx, dscale};
+  return {dx, dscale, dzero_point};
 }
 
 }  // namespace fastft

@@ -17,14 +17,17 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, int64_t group, int64_t qmin, i
 at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t group, int64_t qmin,
                                       int64_t qmax, bool symmetric, double eps);
 
-// Symmetric fake quantization with given fp32 scales (one per group): learned scales.
-at::Tensor fake_quantize_scaled_cpu(const at::Tensor& x, const at::Tensor& scale, int64_t group, int64_t qmin,
+// Fake quantization with given fp32 scales (one per group) and, for the asymmetric form, fp32 zero points
+// (learned, so not necessarily integers): q = clamp(round(x / s) + zp), out = (T(q) - T(zp)) * s.
+at::Tensor fake_quantize_scaled_cpu(const at::Tensor& x, const at::Tensor& scale,
+                                    const std::optional<at::Tensor>& zero_point, int64_t group, int64_t qmin,
                                     int64_t qmax);
 
-// (dx, dscale) of fake_quantize_scaled: dx straight-through inside the range; dscale = sum dy * q
-// - (1 / s)^2 * sum x_dtype(dy * s) * x over the range (sums in fp64).
-std::tuple<at::Tensor, at::Tensor> fake_quantize_scaled_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                                                     const at::Tensor& scale, int64_t group,
-                                                                     int64_t qmin, int64_t qmax);
+// (dx, dscale, dzero_point) of fake_quantize_scaled (dzero_point empty without zero points), torchao's autograd
+// in closed form with p = T(dy * s) and p_in = p inside the range (0 at the clamp): dx = T(p_in / s);
+// dscale = sum dy * (T(q) - T(zp)) - (1 / s)^2 * sum p_in * x; dzero_point = sum p_in - T(sum p). Sums in fp64.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_scaled_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
+    int64_t group, int64_t qmin, int64_t qmax);
 
 }  // namespace fastft

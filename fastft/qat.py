@@ -10,7 +10,7 @@ from torch import Tensor
 from fastft.ops import qat as qat_ops
 from fastft.reference.qat import GRANULARITIES, default_eps, group_length, qrange
 
-__all__ = ["GRANULARITIES", "fake_quantize", "fake_quantize_with_scale", "initial_scales"]
+__all__ = ["GRANULARITIES", "fake_quantize", "fake_quantize_with_scale", "initial_qparams", "initial_scales"]
 # and prepare, convert (loaded on first use)
 
 
@@ -43,22 +43,40 @@ def fake_quantize(x: Tensor, bits: int = 4, group_size: int = 32, symmetric: boo
 def initial_scales(weight: Tensor, bits: int = 4, group_size: int = 32) -> Tensor:
     """fp32 scales (rows, K // group_size) of symmetric per-group fake quantization of a 2-D weight, clamped to
     >= 1e-9: the starting point of learned scales, as torchao's range learning initializes them."""
+    return initial_qparams(weight, bits, group_size)[0]
+
+
+def initial_qparams(weight: Tensor, bits: int = 4, group_size: int = 32,
+                    symmetric: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """(scale, zero_point) to start learning from, fp32 (rows, K // group_size) each, of per-group fake quantization
+    of a 2-D weight: the dynamic qparams, scales clamped to >= 1e-9 as torchao's range learning does; zero_point is
+    None when symmetric. Asymmetric qparams are torchao's affine ones (see `fake_quantize`): torchao's
+    IntxFakeQuantizer would start range learning from its tinygemm-style qparams instead."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
     from fastft.reference.qat import qparams_ref
 
-    group = group_length(weight.shape, group_size, "per_group", True)
-    scale, _ = qparams_ref(weight.detach(), bits, group, True)
-    return scale.reshape(weight.shape[0], -1).clamp(min=1e-9)
+    group = group_length(weight.shape, group_size, "per_group", symmetric)
+    scale, zero_point = qparams_ref(weight.detach(), bits, group, symmetric)
+    scale = scale.reshape(weight.shape[0], -1).clamp(min=1e-9)
+    return scale, None if symmetric else zero_point.reshape(weight.shape[0], -1)
 
 
-def fake_quantize_with_scale(x: Tensor, scale: Tensor, bits: int = 4, group_size: int = 32) -> Tensor:
-    """Symmetric per-group fake quantization of x (rows, K) with learnable fp32 scales (rows, K // group_size):
-    torchao's range-learning numerics (IntxFakeQuantizeConfig(..., is_dynamic=False, range_learning=True)),
-    bit-exact in the output and in the gradients of x (straight-through) and of scale (LSQ-style)."""
-    group = group_length(x.shape, group_size, "per_group", True)
+def fake_quantize_with_scale(x: Tensor, scale: Tensor, bits: int = 4, group_size: int = 32,
+                             zero_point: Optional[Tensor] = None) -> Tensor:
+    """Per-group fake quantization of x (rows, K) with learnable fp32 scales (rows, K // group_size) and, for the
+    asymmetric form, learnable fp32 zero points of the same shape: torchao's range-learning numerics
+    (IntxFakeQuantizeConfig(..., is_dynamic=False, range_learning=True), with zero_point_precision=torch.float32
+    when asymmetric), bit-exact in the output and in the gradient of x (straight-through); the gradients of scale
+    (LSQ-style) and zero point are torchao's formulas with their sums taken in fp64 on CPU (fp32 on GPU)."""
+    group = group_length(x.shape, group_size, "per_group", zero_point is None)
     qrange(bits)
-    if scale.dtype != torch.float32 or scale.numel() * group != x.numel():
-        raise ValueError(f"scale must be float32 with one value per group ({x.numel() // group}), got "
-                         f"{scale.dtype} with {scale.numel()}")
-    return qat_ops.fake_quantize_with_scale(x.contiguous(), scale, bits, group)
+    if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.numel() * group != x.numel():
+        got = f"{scale.dtype} with {scale.numel()} values" if isinstance(scale, Tensor) else type(scale).__name__
+        raise ValueError(f"scale must be float32 with one value per group ({x.numel() // group}), got {got}")
+    if zero_point is not None and (not isinstance(zero_point, Tensor) or zero_point.dtype != torch.float32
+                                   or zero_point.shape != scale.shape):
+        got = (f"{zero_point.dtype} of shape {tuple(zero_point.shape)}" if isinstance(zero_point, Tensor)
+               else type(zero_point).__name__)
+        raise ValueError(f"zero_point must be float32 of scale's shape {tuple(scale.shape)}, got {got}")
+    return qat_ops.fake_quantize_with_scale(x.contiguous(), scale, zero_point, bits, group)

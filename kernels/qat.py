@@ -7,9 +7,9 @@ Bit-exactness: divisions are correctly rounded (div_rn), rounding is half-to-eve
 casts to bf16 round to nearest even with integer ops (the interpreter's float cast truncates), and the kernels are
 launched without FMA contraction.
 
-_fake_quantize_scaled_kernel is the same pass with given (learned) per-group fp32 scales, symmetric: forward
-q = clamp(round(x / s)) and q * s; backward dx (straight-through) and d(scale) per group (fp32 sums over the
-group's tile, as torchao's autograd) from one read of x and dy.
+_fake_quantize_scaled_kernel is the same pass with given (learned) per-group fp32 scales and optional zero points:
+forward q = clamp(round(x / s) + zp) and (q - zp) * s; backward dx (straight-through), d(scale) and d(zero point)
+per group (fp32 sums over the group's tile, as torchao's autograd) from one read of x and dy.
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ def fake_quantize_backward(grad, x, group, qmin, qmax, symmetric, eps):
 
 
 @triton.jit
-def _fake_quantize_scaled_kernel(x_ptr, scale_ptr, grad_ptr, out_ptr, grad_scale_ptr, n_groups, group, qmin, qmax,
+def _fake_quantize_scaled_kernel(x_ptr, scale_ptr, zero_point_ptr, grad_ptr, out_ptr, grad_scale_ptr,
+                                 grad_zero_point_ptr, n_groups, group, qmin, qmax, HAS_ZERO_POINT: tl.constexpr,
                                  BACKWARD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -150,43 +151,59 @@ def _fake_quantize_scaled_kernel(x_ptr, scale_ptr, grad_ptr, out_ptr, grad_scale
     offsets = rows[:, None] * group + cols[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + rows, mask=rows < n_groups, other=1.0)
+    if HAS_ZERO_POINT:
+        zero_point = tl.load(zero_point_ptr + rows, mask=rows < n_groups, other=0.0)
+    else:
+        zero_point = tl.zeros_like(scale)
     inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    pre = _round_half_even(x * inv[:, None])
+    pre = _round_half_even(x * inv[:, None]) + zero_point[:, None]
     q = tl.minimum(tl.maximum(pre, qmin), qmax)
+    dequantized = _in_dtype(_in_dtype(q, DTYPE) - _in_dtype(zero_point, DTYPE)[:, None], DTYPE)
     if BACKWARD:
         dy = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        passed = tl.where((pre >= qmin) & (pre <= qmax) & mask, _in_dtype(dy * scale[:, None], DTYPE), 0.0)
+        p = tl.where(mask, _in_dtype(dy * scale[:, None], DTYPE), 0.0)
+        passed = tl.where((pre >= qmin) & (pre <= qmax), p, 0.0)
         _store(out_ptr + offsets, passed * inv[:, None], mask, DTYPE)
-        grad_scale = tl.sum(dy * q, axis=1) + tl.sum(passed * x, axis=1) * (-(inv * inv))
+        grad_scale = tl.sum(dy * dequantized, axis=1) + tl.sum(passed * x, axis=1) * (-(inv * inv))
         tl.store(grad_scale_ptr + rows, grad_scale, mask=rows < n_groups)
+        if HAS_ZERO_POINT:
+            grad_zero_point = tl.sum(passed, axis=1) - _in_dtype(tl.sum(p, axis=1), DTYPE)
+            tl.store(grad_zero_point_ptr + rows, grad_zero_point, mask=rows < n_groups)
     else:
-        _store(out_ptr + offsets, q * scale[:, None], mask, DTYPE)
+        _store(out_ptr + offsets, dequantized * scale[:, None], mask, DTYPE)
 
 
-def _launch_scaled(x, scale, grad, group, qmin, qmax):
+def _launch_scaled(x, scale, zero_point, grad, group, qmin, qmax):
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     x = x.contiguous()
     out = torch.empty_like(x)
     n_groups = x.numel() // group
-    grad_scale = torch.empty(n_groups, dtype=torch.float32, device=x.device) if grad is not None else None
+    backward = grad is not None
+    grad_scale = torch.empty(n_groups, dtype=torch.float32, device=x.device) if backward else None
+    grad_zero_point = (torch.empty(n_groups, dtype=torch.float32, device=x.device) if backward and
+                       zero_point is not None else scale.new_empty(0))
     block_k = triton.next_power_of_2(group)
     block_g = max(1, min(64, 4096 // block_k))
     _fake_quantize_scaled_kernel[(triton.cdiv(n_groups, block_g),)](
-        x, scale.contiguous(), grad.contiguous() if grad is not None else x, out,
-        grad_scale if grad_scale is not None else scale, n_groups, group, float(qmin), float(qmax),
-        BACKWARD=grad is not None, BLOCK_G=block_g, BLOCK_K=block_k, enable_fp_fusion=False)
-    return out, grad_scale
+        x, scale.contiguous(), zero_point.contiguous() if zero_point is not None else scale,
+        grad.contiguous() if backward else x, out, grad_scale if backward else scale,
+        grad_zero_point if grad_zero_point.numel() else scale, n_groups, group, float(qmin), float(qmax),
+        HAS_ZERO_POINT=zero_point is not None, BACKWARD=backward, BLOCK_G=block_g, BLOCK_K=block_k,
+        enable_fp_fusion=False)
+    return out, grad_scale, grad_zero_point
 
 
-def fake_quantize_scaled(x, scale, group, qmin, qmax):
-    """x fake-quantized with the given fp32 scales (one per group of `group` elements); x's shape and dtype."""
-    return _launch_scaled(x, scale, None, group, qmin, qmax)[0]
+def fake_quantize_scaled(x, scale, zero_point, group, qmin, qmax):
+    """x fake-quantized with the given fp32 scales (one per group of `group` elements) and fp32 zero points (or
+    None: symmetric); x's shape and dtype."""
+    return _launch_scaled(x, scale, zero_point, None, group, qmin, qmax)[0]
 
 
-def fake_quantize_scaled_backward(grad, x, scale, group, qmin, qmax):
-    """(dx in x's dtype and shape, d(scale) fp32 (numel / group,)) for grad of x's shape."""
-    return _launch_scaled(x, scale, grad.to(x.dtype), group, qmin, qmax)
+def fake_quantize_scaled_backward(grad, x, scale, zero_point, group, qmin, qmax):
+    """(dx in x's dtype and shape, d(scale) fp32 (numel / group,), d(zero point) fp32 (numel / group,), empty
+    without zero points) for grad of x's shape."""
+    return _launch_scaled(x, scale, zero_point, grad.to(x.dtype), group, qmin, qmax)
 
 
 # Fused fake-quant linear: y = fq_x(x) @ fq_w(W)^T + b with the fake quantization done in the GEMMs' prologues

@@ -131,6 +131,10 @@ def test_saves_only_x():
 
 def test_opcheck():
     x = torch.randn(6, 64, requires_grad=True)
+    scale = torch.rand(6, 2) * 0.1 + 0.05
+    torch.library.opcheck(torch.ops.fastft.fake_quantize_with_scale.default,
+                          (x, scale.requires_grad_(), torch.randn(6, 2, requires_grad=True), 4, 32))
+    torch.library.opcheck(torch.ops.fastft.fake_quantize_with_scale.default, (x, scale, None, 4, 32))
     torch.library.opcheck(torch.ops.fastft.fake_quantize.default, (x, 4, 32, True, 1e-30))
     torch.library.opcheck(torch.ops.fastft.fake_quantize_backward.default,
                           (torch.randn(6, 64), x.detach(), 8, 64, False, 1e-30))
@@ -189,6 +193,58 @@ def test_learned_scales_match_torchao_range_learning(dtype, bits, group_size):
     # the same formula; the sums (torchao: fp32 in torch's order, fastft's C++: fp64) may differ in the last bits,
     # and d(scale) is a difference of two such sums
     assert (our_ds - their_ds).abs().max() <= 1e-5 * their_ds.abs().max()
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("bits,group_size", ((4, 32), (8, 64), (2, 128), (3, 40)))
+def test_learned_zero_points_match_torchao_range_learning(backend, dtype, bits, group_size):
+    """Asymmetric range learning: the same learned (scale, zero point), not integers any more, give torchao's
+    output and dx bit for bit, and its d(scale) and d(zero point) up to the order of their sums."""
+    from fastft.qat import fake_quantize_with_scale, initial_qparams
+
+    g = torch.Generator().manual_seed(bits + group_size)
+    weight = (torch.randn(40, 640, generator=g) * 2 + 0.3).to(dtype)
+    weight[0, :group_size] = weight[0, :group_size].abs() + 1.0  # a group above zero: its zero point at qmin
+    quantizer = torchao_qat.IntxFakeQuantizer(torchao_qat.IntxFakeQuantizeConfig(
+        getattr(torch, f"int{bits}"), group_size=group_size, is_symmetric=False, is_dynamic=False,
+        range_learning=True, zero_point_precision=torch.float32))
+    quantizer._initialized = True
+    quantizer(weight)  # creates torchao's scale and zero point parameters
+    scale, zero_point = initial_qparams(weight, bits, group_size, symmetric=False)
+    with torch.no_grad():  # as after some training: scales off by up to 40%, zero points off the integers
+        quantizer.scale.copy_(scale * torch.empty(scale.shape).uniform_(0.6, 1.4, generator=g))
+        quantizer.zero_point.copy_(zero_point + torch.empty(scale.shape).uniform_(-1.5, 1.5, generator=g))
+    scale = quantizer.scale.detach().clone().requires_grad_()
+    zero_point = quantizer.zero_point.detach().clone().requires_grad_()
+    grad = torch.randn(40, 640, generator=g).to(dtype)
+    x_theirs, x_ours = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    theirs = quantizer(x_theirs)
+    their_grads = torch.autograd.grad(theirs, [x_theirs, quantizer.scale, quantizer.zero_point], grad)
+    ours = fake_quantize_with_scale(x_ours, scale, bits, group_size, zero_point=zero_point)
+    our_grads = torch.autograd.grad(ours, [x_ours, scale, zero_point], grad)
+    assert torch.equal(ours, theirs) and torch.equal(our_grads[0], their_grads[0])
+    assert (our_grads[1] - their_grads[1]).abs().max() <= 1e-5 * their_grads[1].abs().max()
+    # d(zero point) = sum of p inside the range - x_dtype(sum of p): two sums whose order differs (fp32 rounding of
+    # their terms' magnitudes), the second rounded to x's dtype (one unit in its last place)
+    p = (grad.float().reshape(-1, group_size) * scale.detach().reshape(-1, 1)).to(dtype).float()
+    tolerance = (p.abs().sum(-1) * 1e-6 + p.sum(-1).abs() * torch.finfo(dtype).eps).reshape(scale.shape)
+    assert torch.all((our_grads[2] - their_grads[2]).abs() <= tolerance)
+    assert their_grads[2].abs().max() > 0  # some groups clamp, so the zero points do learn
+
+
+def test_learned_qparams_bad_input_is_named():
+    from fastft.qat import fake_quantize_with_scale, initial_qparams
+
+    x = torch.randn(4, 64)
+    scale, zero_point = initial_qparams(x, 4, 32, symmetric=False)
+    with pytest.raises(ValueError, match="zero_point must be float32 of scale's shape"):
+        fake_quantize_with_scale(x, scale, 4, 32, zero_point=zero_point[:, :1])
+    with pytest.raises(ValueError, match="zero_point must be float32"):
+        fake_quantize_with_scale(x, scale, 4, 32, zero_point=zero_point.double())
+    with pytest.raises(ValueError, match="scale must be float32 with one value per group"):
+        fake_quantize_with_scale(x, scale[:, :1], 4, 32, zero_point=zero_point)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        initial_qparams(x[0], 4, 32)
 
 
 def test_fake_quant_linear_learns_scales_and_converts_with_them():

@@ -119,12 +119,14 @@ def test_lora_kernels_compile_for_sm90(kernel_name, dtype):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backward", (False, True))
-def test_learned_scale_qat_kernel_compiles_for_sm90(backward):
+@pytest.mark.parametrize("zero_point", (False, True))
+def test_learned_scale_qat_kernel_compiles_for_sm90(backward, zero_point):
     from fastft.kernels import qat
 
     kernel = qat._fake_quantize_scaled_kernel
-    constexprs = {"BACKWARD": backward, "BLOCK_G": 64, "BLOCK_K": 32}
-    pointers = {"scale_ptr": "*fp32", "grad_scale_ptr": "*fp32"}
+    constexprs = {"HAS_ZERO_POINT": zero_point, "BACKWARD": backward, "BLOCK_G": 64, "BLOCK_K": 32}
+    pointers = {"scale_ptr": "*fp32", "grad_scale_ptr": "*fp32", "zero_point_ptr": "*fp32",
+                "grad_zero_point_ptr": "*fp32"}
     scalars = {"n_groups": "i32", "group": "i32", "qmin": "fp32", "qmax": "fp32"}
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "*bf16") if name.endswith("_ptr")
                  else scalars[name] for name in kernel.arg_names}

@@ -7,6 +7,9 @@
   the clamp was active. The scales and the clamp mask are recomputed from x in one pass, so backward saves only x
   (itemsize bytes per element, and for a weight that is the parameter itself); torchao's autograd keeps fp32
   intermediates of x's size instead.
+- fastft::fake_quantize_with_scale(x, scale, zero_point, bits, group): the same with learned fp32 qparams (zero
+  point None: symmetric), torchao range learning's numerics; its backward op gives dx, d(scale) and d(zero point)
+  from one pass over x and dy, saving x and the qparams only.
 - fastft::fake_quant_linear(x, weight, bias, weight_bits, group, activation_bits, quantize_weight): the linear of
   a QAT layer, y = fq_a(x) @ fq_w(W)^T + b (fq_a: asymmetric per token, activation_bits > 0; fq_w: symmetric per
   group, when quantize_weight). Saves x and W only, not their fake-quantized copies: backward recomputes them
@@ -103,86 +106,99 @@ fake_quantize.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("fastft::fake_quantize_with_scale", mutates_args=())
-def fake_quantize_with_scale(x: Tensor, scale: Tensor, bits: int, group: int) -> Tensor:
-    """Symmetric fake quantization with given fp32 scales (numel / group of them): learned scales (LSQ /
-    torchao range learning). CPU: one C++ pass; CUDA: one Triton pass."""
+def fake_quantize_with_scale(x: Tensor, scale: Tensor, zero_point: Optional[Tensor], bits: int, group: int) -> Tensor:
+    """Fake quantization with given fp32 scales (numel / group of them) and, for the asymmetric form, fp32 zero
+    points: learned qparams (LSQ / torchao range learning). CPU: one C++ pass; CUDA: one Triton pass."""
     with torch.no_grad():
-        return ref.fake_quantize_with_scale_ref(x, scale, bits, group)
+        return ref.fake_quantize_with_scale_ref(x, scale, bits, group, zero_point)
 
 
 @fake_quantize_with_scale.register_kernel(("cpu", "cuda"))
-def _(x, scale, bits, group):
+def _(x, scale, zero_point, bits, group):
     backend = backend_for(x.device.type)
     qmin, qmax = ref.qrange(bits)
     if backend == "native":
-        return native_extension().fake_quantize_scaled(x, scale, group, qmin, qmax).reshape(x.shape)
+        return native_extension().fake_quantize_scaled(x, scale, zero_point, group, qmin, qmax).reshape(x.shape)
     if backend == "triton":
         from fastft.kernels import qat as kernels
 
-        return kernels.fake_quantize_scaled(x, scale, group, qmin, qmax)
+        return kernels.fake_quantize_scaled(x, scale, zero_point, group, qmin, qmax)
     with torch.no_grad():
-        return ref.fake_quantize_with_scale_ref(x, scale, bits, group)
+        return ref.fake_quantize_with_scale_ref(x, scale, bits, group, zero_point)
 
 
 @fake_quantize_with_scale.register_fake
-def _(x, scale, bits, group):
+def _(x, scale, zero_point, bits, group):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _scaled_backward_ref(grad, x, scale, bits, group):
-    """As torchao's autograd: with p = x_dtype(dy * s) inside the range (0 outside), dx = p * (1 / s) and
-    ds = sum over the group of dy * q - (1 / s)^2 * sum of p * x."""
+def _scaled_backward_ref(grad, x, scale, zero_point, bits, group):
+    """As torchao's autograd: with p = x_dtype(dy * s) and p_in = p inside the range (0 at the clamp),
+    dx = p_in * (1 / s), ds = sum over the group of dy * (x_dtype(q) - x_dtype(zp)) - (1 / s)^2 * sum of p_in * x,
+    and d(zp) = sum of p_in - x_dtype(sum of p) (zp enters q in fp32 and the dequantization in x's dtype)."""
     qmin, qmax = ref.qrange(bits)
     groups = x.reshape(-1, group)
     s = scale.reshape(-1, 1)
     inv = 1.0 / s
-    pre = torch.round(groups * inv)
+    zp = zero_point.reshape(-1, 1) if zero_point is not None else torch.zeros_like(s)
+    pre = torch.round(groups * inv) + zp
     dy = grad.reshape(-1, group)
-    passed = torch.where((pre >= qmin) & (pre <= qmax), (dy * s).to(x.dtype).to(torch.float32), 0.0)
-    q = torch.clamp(pre, qmin, qmax).to(x.dtype)
-    direct = (dy.to(torch.float32) * q).sum(-1, keepdim=True)
+    p = (dy * s).to(x.dtype)
+    passed = torch.where((pre >= qmin) & (pre <= qmax), p.to(torch.float32), 0.0)
+    dequantized = torch.clamp(pre, qmin, qmax).to(x.dtype) - zp.to(x.dtype)
+    direct = (dy.to(torch.float32) * dequantized).sum(-1, keepdim=True)
     via_inverse = (passed * groups).sum(-1, keepdim=True) * (-(inv * inv))
-    return (passed * inv).to(x.dtype).reshape(x.shape), (direct + via_inverse).reshape(scale.shape).to(scale.dtype)
+    grad_scale = (direct + via_inverse).reshape(scale.shape).to(scale.dtype)
+    grad_zero_point = scale.new_empty(0)
+    if zero_point is not None:
+        grad_zero_point = (passed.sum(-1, keepdim=True) - p.sum(-1, keepdim=True).to(torch.float32))
+        grad_zero_point = grad_zero_point.reshape(zero_point.shape)
+    return (passed * inv).to(x.dtype).reshape(x.shape), grad_scale, grad_zero_point
 
 
 @torch.library.custom_op("fastft::fake_quantize_with_scale_backward", mutates_args=())
-def fake_quantize_with_scale_backward(grad: Tensor, x: Tensor, scale: Tensor, bits: int,
-                                      group: int) -> tuple[Tensor, Tensor]:
-    """(dx, dscale) of fastft::fake_quantize_with_scale; CPU: one C++ pass (sums in fp64); CUDA: one Triton pass
-    (fp32 sums over each group, as torchao's autograd)."""
-    return _scaled_backward_ref(grad, x, scale, bits, group)
+def fake_quantize_with_scale_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Optional[Tensor], bits: int,
+                                      group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dscale, dzero_point) of fastft::fake_quantize_with_scale (dzero_point empty without zero points);
+    CPU: one C++ pass (sums in fp64); CUDA: one Triton pass (fp32 sums over each group, as torchao's autograd)."""
+    return _scaled_backward_ref(grad, x, scale, zero_point, bits, group)
 
 
 @fake_quantize_with_scale_backward.register_kernel(("cpu", "cuda"))
-def _(grad, x, scale, bits, group):
+def _(grad, x, scale, zero_point, bits, group):
     backend = backend_for(x.device.type)
     qmin, qmax = ref.qrange(bits)
     if backend == "native":
-        dx, dscale = native_extension().fake_quantize_scaled_backward(grad.to(x.dtype), x, scale, group, qmin, qmax)
-        return dx.reshape(x.shape), dscale.reshape(scale.shape)
-    if backend == "triton":
+        dx, dscale, dzero = native_extension().fake_quantize_scaled_backward(grad.to(x.dtype), x, scale, zero_point,
+                                                                            group, qmin, qmax)
+    elif backend == "triton":
         from fastft.kernels import qat as kernels
 
-        dx, dscale = kernels.fake_quantize_scaled_backward(grad, x, scale, group, qmin, qmax)
-        return dx.reshape(x.shape), dscale.reshape(scale.shape)
-    return _scaled_backward_ref(grad, x, scale, bits, group)
+        dx, dscale, dzero = kernels.fake_quantize_scaled_backward(grad, x, scale, zero_point, group, qmin, qmax)
+    else:
+        return _scaled_backward_ref(grad, x, scale, zero_point, bits, group)
+    return dx.reshape(x.shape), dscale.reshape(scale.shape), dzero.reshape(zero_point.shape if zero_point is not None
+                                                                           else (0,))
 
 
 @fake_quantize_with_scale_backward.register_fake
-def _(grad, x, scale, bits, group):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scale)
+def _(grad, x, scale, zero_point, bits, group):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scale),
+            torch.empty_like(zero_point) if zero_point is not None else scale.new_empty(0))
 
 
 def _setup_scaled(ctx, inputs, output):
-    x, scale, bits, group = inputs
-    ctx.save_for_backward(x, scale)
+    x, scale, zero_point, bits, group = inputs
+    ctx.save_for_backward(x, scale, zero_point)
     ctx.options = (bits, group)
 
 
 def _backward_scaled(ctx, grad):
-    x, scale = ctx.saved_tensors
-    grad_x, grad_scale = fake_quantize_with_scale_backward(grad, x, scale, *ctx.options)
-    return (grad_x if ctx.needs_input_grad[0] else None, grad_scale if ctx.needs_input_grad[1] else None, None, None)
+    x, scale, zero_point = ctx.saved_tensors
+    grad_x, grad_scale, grad_zero_point = fake_quantize_with_scale_backward(grad, x, scale, zero_point, *ctx.options)
+    needs = ctx.needs_input_grad
+    return (grad_x if needs[0] else None, grad_scale if needs[1] else None,
+            grad_zero_point if zero_point is not None and needs[2] else None, None, None)
 
 
 fake_quantize_with_scale.register_autograd(_backward_scaled, setup_context=_setup_scaled)

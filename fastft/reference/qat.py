@@ -105,12 +105,20 @@ def fake_quantize_ref(x: Tensor, bits: int = 4, group_size: int = 32, symmetric:
                                     eps)
 
 
-def fake_quantize_with_scale_ref(x: Tensor, scale: Tensor, bits: int, group: int) -> Tensor:
-    """Symmetric fake quantization with given (learnable) fp32 scales, one per group of `group` consecutive
-    elements: torchao's range-learning forward, differentiable in x (straight-through) and in scale (LSQ-style:
-    dq/ds = q - x / s inside the range, q at the clamp)."""
+def fake_quantize_with_scale_ref(x: Tensor, scale: Tensor, bits: int, group: int,
+                                 zero_point: Optional[Tensor] = None) -> Tensor:
+    """Fake quantization with given (learnable) fp32 scales, and zero points for the asymmetric form, one per group
+    of `group` consecutive elements: torchao's range-learning forward, op for op, differentiable in x
+    (straight-through), in scale (LSQ-style: dq/ds = q - x / s inside the range, q at the clamp) and in the zero
+    point (0 inside the range, -s at the clamp, summed over two paths as torchao's autograd does):
+        q = clamp(round(x * (1 / s)) + zp, qmin, qmax),  out = x_dtype((x_dtype(q) - x_dtype(zp)) * s)."""
     qmin, qmax = qrange(bits)
     groups = x.reshape(-1, group)
     s = scale.reshape(-1, 1)
-    q = torch.clamp(_RoundSTE.apply(groups * (1.0 / s)), qmin, qmax)
-    return (q.to(x.dtype) * s).reshape(x.shape).to(x.dtype)
+    rounded = _RoundSTE.apply(groups * (1.0 / s))
+    if zero_point is None:
+        q = torch.clamp(rounded, qmin, qmax)
+        return (q.to(x.dtype) * s).reshape(x.shape).to(x.dtype)
+    zp = zero_point.reshape(-1, 1)
+    q = torch.clamp(rounded + zp, qmin, qmax)
+    return ((q.to(x.dtype) - zp.to(x.dtype)) * s).reshape(x.shape).to(x.dtype)
