@@ -137,6 +137,68 @@ def test_patch_runs_a_torchao_prepared_model_on_fastft_kernels(monkeypatch):
     assert all(type(m) is FakeQuantizedLinear for m in model.modules() if isinstance(m, FakeQuantizedLinear))
 
 
+def _torchao_learned_qparams_model(configs):
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig, initialize_fake_quantizers
+
+    model = mini_llama()
+    for config, part in configs:
+        quantize_(model, QATConfig(weight_config=config, step="prepare"),
+                  filter_fn=lambda module, name, part=part: isinstance(module, nn.Linear) and part in name)
+    initialize_fake_quantizers(model, (batch(0),))
+    return model
+
+
+def test_patch_runs_torchao_range_learning_and_static_qparams_with_their_own_parameters():
+    """Learned symmetric scales (range learning) and static asymmetric int8 qparams, patched: the same logits, and
+    10 AdamW steps (weights and scales) give torchao's losses."""
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    import fastft
+
+    learned = IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True, is_dynamic=False,
+                                     range_learning=True)
+    static = IntxFakeQuantizeConfig(torch.int8, group_size=32, is_symmetric=False, is_dynamic=False)
+    model = _torchao_learned_qparams_model(((learned, "self_attn"), (static, "mlp")))
+    theirs = copy.deepcopy(model)
+    report = fastft.patch(model)
+    assert report.fused["torchao.FakeQuantizedLinear"] == 14 and not report.unfused
+    ids = batch(1)
+    assert torch.equal(model(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    our_losses, their_losses = train(model, steps=10), train(theirs, steps=10)
+    for a, b in zip(our_losses, their_losses):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    assert our_losses[-1] < our_losses[0]
+
+
+def test_patch_runs_torchao_learned_zero_points():
+    """Learned float zero points: the same logits and every gradient (weights, scales, zero points) within fp32
+    rounding of torchao's. Longer runs are not compared step for step: a zero point near 0 whose gradient is a
+    cancellation residue moves by about AdamW's lr on that residue's sign, and r + zp against qmax then clamps or
+    not, so the trajectory follows the summation order of d(zero point) (torch's depends on the CPU's vector
+    width; fastft sums in fp64)."""
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    import fastft
+
+    learned = IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=False, is_dynamic=False,
+                                     range_learning=True, zero_point_precision=torch.float32)
+    model = _torchao_learned_qparams_model(((learned, "proj"),))
+    theirs = copy.deepcopy(model)
+    assert fastft.patch(model).fused["torchao.FakeQuantizedLinear"] == 14
+    ids = batch(1)
+    ours_loss, their_loss = model(input_ids=ids, labels=ids).loss, theirs(input_ids=ids, labels=ids).loss
+    assert torch.equal(ours_loss, their_loss)
+    ours_loss.backward()
+    their_loss.backward()
+    learned_names = {"scale", "zero_point"}
+    for (name, ours), (_, their) in zip(model.named_parameters(), theirs.named_parameters()):
+        assert (ours.grad - their.grad).abs().max() <= 1e-5 * their.grad.abs().max() + 1e-12, name
+    assert sum(name.rsplit(".", 1)[-1] in learned_names for name, _ in model.named_parameters()) == 28
+    losses = train(model, steps=10)
+    assert losses[-1] < losses[0]
+
+
 def test_qat_with_lora_on_top_uses_fused_lora_and_a_cached_base(monkeypatch):
     """QAT + LoRA: peft wraps FakeQuantLinear (an nn.Linear), fastft.patch fuses the LoRA term, and the frozen base
     weight is fake-quantized once, not every step; losses equal the unpatched peft model's."""

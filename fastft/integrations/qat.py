@@ -14,7 +14,7 @@ from torch import nn
 from fastft.integrations.class_swap import original_class, swap_class
 from fastft.integrations.transformers import _skipped
 from fastft.nn.fake_quant_linear import FakeQuantLinear, QuantizedLinear
-from fastft.qat import fake_quantize
+from fastft.qat import fake_quantize, fake_quantize_with_scale
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -66,34 +66,45 @@ def _config_reason(quantizer, weight: bool) -> Optional[str]:
     config = quantizer.config
     if config.dtype not in _BITS:
         return f"dtype {config.dtype} is not a signed 2..8-bit integer"
-    if config.range_learning or not config.is_dynamic:
-        return "range learning / static scales have no fused path yet"
     if config.scale_precision != torch.float32 or config.zero_point_domain != ZeroPointDomain.INT:
-        return "only fp32 scales with integer zero points are fused"
+        return "only fp32 scales with integer-domain zero points are fused"
     symmetric = config.mapping_type == MappingType.SYMMETRIC
-    if weight and not isinstance(config.granularity, (PerGroup, PerAxis)):
+    if not weight:
+        if not (isinstance(config.granularity, PerToken) and not symmetric and config.is_dynamic):
+            return "activations: only dynamic asymmetric per-token fake quantization is fused"
+        return None
+    if not isinstance(config.granularity, (PerGroup, PerAxis)):
         return "weights: only per-group / per-channel fake quantization is fused"
-    if weight and not symmetric:
-        return ("weights: asymmetric per-group / per-channel: torchao's IntxFakeQuantizer uses unsigned-range "
-                "qparams in a signed range here (see fastft/reference/qat.py); kept on torchao's path so training "
-                "is unchanged")
-    if not weight and not (isinstance(config.granularity, PerToken) and config.mapping_type == MappingType.ASYMMETRIC):
-        return "activations: only asymmetric per-token fake quantization is fused"
+    if config.is_dynamic and not symmetric:
+        return ("weights: dynamic asymmetric per-group / per-channel: torchao's IntxFakeQuantizer uses "
+                "unsigned-range qparams in a signed range here (see fastft/reference/qat.py); kept on torchao's "
+                "path so training is unchanged")
     return None
 
 
 def _fake_quantize_as(quantizer, x):
+    """x fake-quantized as `quantizer` does: dynamic qparams computed by fastft's kernels (torchao's formulas), or
+    static / learned ones (range learning) taken from the quantizer, which computes them on its first call."""
     from torchao.quantization.granularity import PerGroup, PerToken
 
     if not quantizer.enabled:
         return x
     config = quantizer.config
     granularity = config.granularity
+    bits = _BITS[config.dtype]
+    group_size = granularity.group_size if isinstance(granularity, PerGroup) else x.shape[-1]
+    if not config.is_dynamic:
+        if quantizer.scale is None:  # torchao's first call sets the qparams (and checks range learning's setup)
+            return quantizer(x)
+        zero_point = None if config.is_symmetric else quantizer.zero_point
+        if zero_point is not None and zero_point.dtype != torch.float32:
+            zero_point = zero_point.to(torch.float32)  # static integer zero points: exact in fp32
+        return fake_quantize_with_scale(x, quantizer.scale, bits, group_size, zero_point=zero_point)
     if isinstance(granularity, PerToken):
-        return fake_quantize(x, _BITS[config.dtype], granularity="per_token", symmetric=False, eps=config.eps)
+        return fake_quantize(x, bits, granularity="per_token", symmetric=False, eps=config.eps)
     if isinstance(granularity, PerGroup):
-        return fake_quantize(x, _BITS[config.dtype], granularity.group_size, eps=config.eps)
-    return fake_quantize(x, _BITS[config.dtype], granularity="per_channel", eps=config.eps)
+        return fake_quantize(x, bits, group_size, eps=config.eps)
+    return fake_quantize(x, bits, granularity="per_channel", eps=config.eps)
 
 
 def _fused_forward(self, x):
@@ -104,8 +115,9 @@ def _fused_forward(self, x):
 
 def patch_torchao(model: nn.Module, report) -> None:
     """Swap the class of torchao's FakeQuantizedLinear instances (from torchao's QAT prepare) for a subclass whose
-    forward runs fastft's fake quantization (bit-exact with torchao's), recording what was and was not swapped in
-    `report` (a PatchReport)."""
+    forward runs fastft's fake quantization (bit-exact with torchao's; with static or learned qparams, range
+    learning, the quantizer's own scale and zero point parameters are used and get their gradients), recording
+    what was and was not swapped in `report` (a PatchReport)."""
     if "torchao" not in sys.modules:  # a model cannot hold torchao modules unless torchao was imported
         return
     from torchao.quantization.qat.linear import FakeQuantizedLinear
