@@ -189,7 +189,8 @@ def test_dora_on_a_4bit_base_is_reported():
     assert report.unfused and all("DoRA on a Linear4bit base" in r for r in report.unfused.values())
 
 
-def test_dropout_is_off_in_eval_and_replays_under_checkpointing():
+@pytest.mark.parametrize("use_reentrant", (False, True))
+def test_dropout_is_off_in_eval_and_replays_under_checkpointing(use_reentrant):
     reference, patched = peft_pair(dropout=0.2)
     fastft.patch(patched)
     patched.eval()
@@ -202,7 +203,9 @@ def test_dropout_is_off_in_eval_and_replays_under_checkpointing():
     plain.backward()
     grads = {n: p.grad.clone() for n, p in patched.named_parameters() if p.grad is not None}
     patched.zero_grad()
-    patched.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patched.base_model.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    patched.base_model.model.enable_input_require_grads()  # what peft's prepare_model_for_kbit_training does
     torch.manual_seed(123)
     checkpointed = patched(input_ids=ids, labels=ids).loss
     checkpointed.backward()

@@ -44,6 +44,33 @@ def test_qlora_training_matches_peft_with_bitsandbytes(tmp_path):
     assert sum(type(m) is peft_bnb.Linear4bit for m in patched.modules()) == 14
 
 
+def test_the_qlora_recipe_with_reentrant_checkpointing_gives_peft_gradients(tmp_path):
+    """peft's prepare_model_for_kbit_training (reentrant gradient checkpointing, inputs requiring grad): the patched
+    model's loss and adapter gradients equal peft's (dropout masks replaying under checkpointing: test_lora_patch)."""
+    from peft import prepare_model_for_kbit_training
+
+    models = []
+    for _ in range(2):
+        base = prepare_model_for_kbit_training(four_bit_llama(tmp_path))
+        torch.manual_seed(1)
+        models.append(get_peft_model(base, lora_config("llama")))
+    reference, patched = models
+    assert patched.base_model.model.is_gradient_checkpointing
+    assert fastft.patch(patched).fused["lora.Linear4bit"] == 14
+    ids = batch(3)
+    losses = []
+    for model in (reference, patched):
+        torch.manual_seed(5)
+        losses.append(model(input_ids=ids, labels=ids).loss)
+        losses[-1].backward()
+    assert torch.allclose(losses[1], losses[0], rtol=1e-6)
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert len(grads) == 28
+    for name, param in patched.named_parameters():
+        if param.grad is not None:
+            assert torch.allclose(param.grad, grads[name], rtol=1e-4, atol=1e-6), name
+
+
 def test_plain_4bit_model_runs_on_nf4linear_and_unpatches(tmp_path):
     model = four_bit_llama(tmp_path)
     expected = outputs(model)
