@@ -108,3 +108,37 @@ def test_trainer_runs_a_patched_model_unmodified(tmp_path):
     assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert len(changed) == len(before)
+
+
+def test_bf16_qlora_matches_peft():
+    """A bf16 model with a bf16-compute 4-bit base and fp32 adapters (peft's default autocast of adapter weights):
+    the same loss and logits as peft, and gradients within bf16 rounding. They are not bit-equal: fastft sums the
+    fp32 LoRA input gradients of q/k/v (gate/up) before the one cast to bf16, where peft casts each and adds them in
+    bf16, and that rounding propagates to earlier layers."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        LlamaForCausalLM(config).save_pretrained(Path(folder))
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+        models = []
+        for _ in range(2):
+            base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.bfloat16)
+            torch.manual_seed(1)
+            models.append(get_peft_model(base, lora_config("llama")))
+    reference, patched = models
+    assert patched.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    assert fastft.patch(patched).fused["lora.Linear4bit"] == 14
+    ids = batch(2)
+    ours, theirs = patched(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
+    assert torch.equal(ours.logits, theirs.logits) and torch.equal(ours.loss, theirs.loss)
+    ours.loss.backward()
+    theirs.loss.backward()
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    for name, param in patched.named_parameters():
+        if param.grad is not None:
+            assert (param.grad - grads[name]).abs().max() <= 3e-2 * grads[name].abs().max(), name
