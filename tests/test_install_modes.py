@@ -102,6 +102,6 @@ def test_info_lists_every_op(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "cpu: native (C++ extension built" in out
-    for name in ("nf4_linear", "lora_deltas", "lora_dropout", "fused_linear_distillation", "bottleneck_adapter",
+    for name in ("nf4_linear", "lora_down", "lora_dropout", "fused_linear_distillation", "bottleneck_adapter",
                  "fake_quantize", "fake_quantize_with_scale", "fake_quant_linear"):
         assert f"fastft::{name}," in out or out.rstrip().endswith(f"fastft::{name}")

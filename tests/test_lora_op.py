@@ -1,4 +1,4 @@
-"""fastft::lora_deltas (one adapter and groups) and fastft::lora_dropout vs the reference; the dropout's statistics."""
+"""fastft::lora_down and the LoRA terms built on it (one adapter and groups) and fastft::lora_dropout vs the reference; the dropout's statistics."""
 
 import pytest
 import torch
@@ -102,11 +102,10 @@ def test_lora_delta_gradcheck(backend):
 def test_lora_opcheck():
     x = torch.randn(6, 24, requires_grad=True)
     A = torch.randn(4, 24, requires_grad=True)
-    B = torch.randn(10, 4, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastft.lora_deltas.default, (x, [A], [B], [2.0], 0.2, [5], [], [False]))
-    B2, bias = torch.randn(7, 4, requires_grad=True), torch.randn(7, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastft.lora_deltas.default,
-                          (x, [A, A], [B, B2], [2.0, 1.0], 0.0, [5, 6], [bias], [False, True]))
+    torch.library.opcheck(torch.ops.fastft.lora_down.default, (x, [A], 0.2, [5]))
+    A2 = torch.randn(3, 24, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastft.lora_down.default, (x, [A, A2], 0.0, [5, 6]))
+    torch.library.opcheck(torch.ops.fastft.lora_down.default, (x.detach().reshape(2, 3, 24), [A, A2], 0.3, [5, 6]))
     torch.library.opcheck(torch.ops.fastft.lora_dropout.default, (torch.randn(7, 9), 0.25, 3))
 
 

@@ -233,7 +233,7 @@ def test_transformers_add_adapter_models_are_patched():
 
 
 def test_sibling_projections_share_one_call(monkeypatch):
-    """q/k/v and gate/up form input groups: per layer, one lora_deltas call for q/k/v, one for gate/up, and one
+    """q/k/v and gate/up form input groups: per layer, one lora_down call for q/k/v, one for gate/up, and one
     each for o_proj and down_proj; every call's u holds its members' rank-r products side by side."""
     from fastft.integrations import peft as integration
 
@@ -243,13 +243,13 @@ def test_sibling_projections_share_one_call(monkeypatch):
                                            ("mlp.(gate_proj, up_proj)", "self_attn.(q_proj, k_proj, v_proj)")]
     assert "LoRA input groups (one call for the siblings' rank-r terms): 4" in str(report)
     ranks = []
-    real = integration.lora_ops.lora_deltas
+    real = integration.lora_ops.lora_down
 
     def counted(x, As, *args):
         ranks.append([A.shape[0] for A in As])
         return real(x, As, *args)
 
-    monkeypatch.setattr(integration.lora_ops, "lora_deltas", counted)
+    monkeypatch.setattr(integration.lora_ops, "lora_down", counted)
     ids = batch(4)
     patched(input_ids=ids, labels=ids).loss.backward()
     assert ranks == [[8, 8, 8], [8], [8, 8], [8]] * 2
@@ -297,3 +297,33 @@ def test_groups_whose_members_read_different_inputs_stop_grouping():
     stopped = {name for name, state in report.input_groups.items() if state.startswith("stopped")}
     assert stopped == {"base_model.model.model.decoder.layers.0.encoder_attn.(q_proj, k_proj, v_proj)"}
     assert "stopped: the members read different inputs" in str(report)
+
+
+def test_lora_terms_go_into_the_base_output_in_place_unless_unsafe(monkeypatch):
+    """Same-dtype, non-view base outputs take the up-projections in place (addmm_); a forward hook on a base layer
+    (which may hold its output) or a view (GPT-2's Conv1D) keeps peft's out-of-place sum, and the hook sees the
+    base output alone, as with peft."""
+    from fastft.integrations import peft as integration
+
+    in_place = []
+    real = integration.lora_ops.add_lora_up
+    monkeypatch.setattr(integration.lora_ops, "add_lora_up", lambda *a: in_place.append(1) or real(*a))
+    reference, patched = peft_pair()
+    fastft.patch(patched)
+    ids = batch(7)
+    assert_close(outputs(patched), outputs(reference))
+    assert len(in_place) == 14
+    seen = {}
+    for model, key in ((reference, "peft"), (patched, "fastft")):
+        q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+        q_proj.base_layer.register_forward_hook(lambda m, args, out, key=key: seen.setdefault(key, out))
+    in_place.clear()
+    reference(input_ids=ids)
+    patched(input_ids=ids)
+    assert len(in_place) == 13
+    assert torch.equal(seen["fastft"], seen["peft"])  # the hook's tensor is the base output, untouched
+    in_place.clear()
+    gpt2_reference, gpt2 = peft_pair("gpt2")
+    fastft.patch(gpt2)
+    assert_close(outputs(gpt2), outputs(gpt2_reference))
+    assert not in_place

@@ -4,8 +4,9 @@ NF4 matmul on bitsandbytes' own storage). No parameter or buffer is added, so pe
 machinery works unchanged; whatever the fused path does not cover runs peft's own forward.
 
 Sibling projections that read one input (q/k/v of an attention block, gate/up of an MLP) form an input group: the
-first member called computes the LoRA terms of every member in one fastft::lora_deltas call (x read once, one
-rank-r GEMM without dropout) and hands each sibling its term when the sibling is called with that same tensor.
+first member called computes the rank-r products of every member in one fastft::lora_down call (x read once, one
+rank-r GEMM without dropout) and hands each sibling its products when the sibling is called with that same tensor;
+each member adds its up-projections into its base output in place (one GEMM pass over it, no temporary).
 A group whose members turn out to read different inputs (cross-attention, cached keys) stops grouping, and the
 patch report says so.
 """
@@ -153,20 +154,18 @@ def _check_cast(layer, x: torch.Tensor, terms: list[tuple]) -> None:
                 raise TypeError(f"input dtype casting is disabled but x is {x.dtype} and lora_A is {lora_A.dtype}")
 
 
-def _lora_deltas(x: torch.Tensor, terms: list[tuple]) -> list[torch.Tensor]:
-    """The LoRA term of each (lora_A, lora_B, scale, p, bias): one fastft::lora_deltas call per (A dtype, p)."""
-    deltas: list = [None] * len(terms)
+def _lora_products(x: torch.Tensor, terms: list[tuple]) -> list[torch.Tensor]:
+    """The rank-r product u_g of each (lora_A, lora_B, scale, p, bias): one fastft::lora_down call per (A dtype, p)."""
+    products: list = [None] * len(terms)
     calls: dict[tuple, list[int]] = {}
     for index, (lora_A, _, _, p, _) in enumerate(terms):
         calls.setdefault((lora_A.dtype, p), []).append(index)
     for (_, p), indices in calls.items():
-        As, Bs, scales, _, biases = zip(*(terms[i] for i in indices))
-        group_deltas, _ = lora_ops.lora_deltas(x, list(As), list(Bs), list(scales), p,
-                                               [_new_seed() for _ in indices],
-                                               [b for b in biases if b is not None], [b is not None for b in biases])
-        for i, delta in zip(indices, group_deltas):
-            deltas[i] = delta
-    return deltas
+        As = [terms[i][0] for i in indices]
+        u = lora_ops.lora_down(x, As, p, [_new_seed() for _ in indices])
+        for i, u_g in zip(indices, u.split([A.shape[0] for A in As], dim=1)):
+            products[i] = u_g
+    return products
 
 
 class _InputGroup:
@@ -178,10 +177,10 @@ class _InputGroup:
         self.active = True
         self.x = None
         self.version = -1
-        self.pending: dict[int, list] = {}  # id(member) -> its deltas, for the current x
+        self.pending: dict[int, list] = {}  # id(member) -> its rank-r products, for the current x
 
-    def deltas(self, layer, x: torch.Tensor) -> list[torch.Tensor] | None:
-        """layer's LoRA terms for x, or None where the group does not serve this call."""
+    def products(self, layer, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """layer's rank-r products for x, or None where the group does not serve this call."""
         if not self.active or torch.compiler.is_compiling():
             return None
         if x is self.x and x._version == self.version and id(layer) in self.pending:
@@ -194,7 +193,7 @@ class _InputGroup:
         terms = [_adapter_terms(m, m.training) for m in members]
         for member, member_terms in zip(members, terms):
             _check_cast(member, x, member_terms)
-        flat = _lora_deltas(x, [term for member_terms in terms for term in member_terms])
+        flat = _lora_products(x, [term for member_terms in terms for term in member_terms])
         start = 0
         for member, member_terms in zip(members, terms):
             self.pending[id(member)] = flat[start:start + len(member_terms)]
@@ -204,8 +203,8 @@ class _InputGroup:
         return mine
 
     def take(self, layer, x: torch.Tensor) -> list[torch.Tensor] | None:
-        """deltas(), releasing x once every member has taken its terms."""
-        mine = self.deltas(layer, x)
+        """products(), releasing x once every member has taken its own."""
+        mine = self.products(layer, x)
         if not self.pending:
             self.x = None
         return mine
@@ -231,14 +230,32 @@ def _form_input_groups(model: nn.Module, report: PatchReport) -> None:
             report.input_groups[group_name] = "grouped"
 
 
-def _add_lora(layer, x, result, cast_result_per_adapter: bool):
+def _base_output_is_private(layer) -> bool:
+    """No forward hook can see (and hold) the base layer's input or output: the base may then be called on x's rows
+    and take the LoRA terms into its output in place."""
+    module = nn.modules.module
+    return not (layer.base_layer._forward_hooks or layer.base_layer._forward_pre_hooks
+                or module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
+def _add_lora(layer, x, result, cast_result_per_adapter: bool, in_place: bool):
+    """result + every active adapter's term. in_place (the base output is private, computed on x's rows): the
+    up-projections accumulate into result (addmm_: one pass over it, no (tokens, out) temporary) when it is a 2-D
+    tensor of their dtype (peft's out-of-place sum would otherwise promote) and not a view (autograd forbids in-place
+    changes of views made inside custom ops, and a view's in-place change costs a copy of its gradient)."""
+    terms = _adapter_terms(layer, layer.training)
     group = layer.__dict__.get("_fastft_input_group")
-    deltas = group.take(layer, x) if group is not None else None
-    if deltas is None:
-        terms = _adapter_terms(layer, layer.training)
+    products = group.take(layer, x) if group is not None else None
+    if products is None:
         _check_cast(layer, x, terms)
-        deltas = _lora_deltas(x, terms)
-    for delta in deltas:
+        products = _lora_products(x, terms)
+    if (in_place and result.dim() == 2 and result.is_contiguous() and not result._is_view()
+            and all(lora_B.dtype == result.dtype for _, lora_B, *_ in terms)):
+        for (_, lora_B, scale, _, bias), u_g in zip(terms, products):
+            lora_ops.add_lora_up(result, u_g, lora_B, scale, bias)
+        return result
+    for (_, lora_B, scale, _, bias), u_g in zip(terms, products):
+        delta = lora_ops.lora_up(u_g, lora_B, scale, bias).view(*result.shape[:-1], lora_B.shape[0])
         result = result + (delta.to(result.dtype) if cast_result_per_adapter else delta)
     return result
 
@@ -253,9 +270,11 @@ def _lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     self._check_forward_args(x, *args, **kwargs)
     for key in ("adapter_names", *_VARIANT_KWARGS):
         kwargs.pop(key, None)
-    result = self.base_layer(x, *args, **kwargs)
+    private = _base_output_is_private(self) and not args and not kwargs
+    result = self.base_layer(x.reshape(-1, x.shape[-1]) if private else x, *args, **kwargs)
     result_dtype = result.dtype
-    return _add_lora(self, x, result, cast_result_per_adapter=False).to(result_dtype)
+    result = _add_lora(self, x, result, cast_result_per_adapter=False, in_place=private)
+    return result.reshape(*x.shape[:-1], result.shape[-1]).to(result_dtype)
 
 
 def _linear4bit_base(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -286,8 +305,9 @@ def _lora_linear4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Te
     if not _runs_fused(self, kwargs) or args or kwargs or torch.is_autocast_enabled():
         return original_class(self).forward(self, x, *args, **kwargs)
     self._check_forward_args(x)
-    result = _linear4bit_base(base, x)
-    return _add_lora(self, x, result, cast_result_per_adapter=True)
+    result = _linear4bit_base(base, x.reshape(-1, x.shape[-1]))  # bitsandbytes' forward; it runs no hooks
+    result = _add_lora(self, x, result, cast_result_per_adapter=True, in_place=True)
+    return result.reshape(*x.shape[:-1], result.shape[-1])
 
 
 def _bnb_linear4bit_lora_class():

@@ -2,18 +2,18 @@
 
 - fastft::lora_dropout(x, p, seed): x * keep / (1 - p), the mask a pure function of (seed, flat index)
   (fastft/reference/lora.py). CPU: C++; CUDA: Triton.
-- fastft::lora_deltas(x, As, Bs, scales, p, seeds, biases, has_bias) -> (deltas, u): peft's LoRA terms of a group
-  of adapters reading one x (the active adapters of a layer, or those of sibling projections such as q/k/v),
-  adapter g giving delta_g = scale_g * (u_g @ B_g^T + bias_g) with u = [dropout_g(x.to(A.dtype)) @ A_g^T]_g, all
-  rank-r products in one (M, sum of ranks) tensor u (returned so autograd can save it; callers use the deltas).
-  biases holds the lora biases of the adapters g with has_bias[g], in order (no None holes: autograd tracks the
-  tensors of lists of tensors only). Backward, rank-r first:
-      dB_g = scale_g dy_g^T u_g,  du_g = scale_g dy_g B_g,  dA_g = du_g^T dropout_g(x),
-      dx = sum_g dropout_g'(du_g A_g),  dbias_g = scale_g sum dy_g.
-  Without dropout the group's down-projection, dA and dx are each one GEMM over the concatenated A (x read once);
-  with dropout the CPU path runs them per adapter, and the Triton kernels regenerate each adapter's mask in their
-  tiles (kernels/lora.py). Saved for backward: x itself (shared by the whole group; no fp32 copy when x is half
-  precision) and u (sum of ranks * itemsize(A) bytes per token). Dropout masks and dropout(x) are regenerated.
+- fastft::lora_down(x, As, p, seeds) -> u: the rank-r products of a group of adapters reading one x (the active
+  adapters of a layer, or those of sibling projections such as q/k/v), u = [dropout_g(x.to(A.dtype)) @ A_g^T]_g
+  side by side in one (M, sum of ranks) tensor. Backward, for du:
+      dA_g = du_g^T dropout_g(x),  dx = sum_g dropout_g'(du_g A_g).
+  Without dropout the down-projection, dA and dx are each one GEMM over the concatenated A (x read once); with
+  dropout the CPU path runs them per adapter, and the Triton kernels regenerate each adapter's mask in their tiles
+  (kernels/lora.py). Saved for backward: x itself (shared by the whole group; no fp32 copy when x is half
+  precision). Dropout masks and dropout(x) are regenerated, never stored.
+- The up-projections are ATen GEMMs under autograd (which saves u_g, sum of ranks * itemsize(A) bytes per token):
+  `lora_up` gives peft's term scale_g * (u_g @ B_g^T + bias_g), and `add_lora_up` accumulates it into the base
+  layer's output in place (addmm_), so no (tokens, out) term is written and added. `lora_deltas` / `lora_delta`
+  return the terms of a group / one adapter.
 """
 
 from __future__ import annotations
@@ -136,33 +136,23 @@ def _concatenated(lora_As: list[Tensor]) -> Tensor:
     return lora_As[0].contiguous() if len(lora_As) == 1 else torch.cat(lora_As)
 
 
-@torch.library.custom_op("fastft::lora_deltas", mutates_args=())
-def lora_deltas(x: Tensor, lora_As: list[Tensor], lora_Bs: list[Tensor], scales: list[float], dropout_p: float,
-                seeds: list[int], lora_biases: list[Tensor], has_bias: list[bool]) -> tuple[list[Tensor], Tensor]:
-    _check_group(x, lora_As, lora_Bs, scales, seeds, lora_biases, has_bias)
-    ranks = [A.shape[0] for A in lora_As]
-    u = _down(x, _concatenated(lora_As), ranks, dropout_p, seeds)
-    deltas = []
-    bias_of = _bias_of(lora_biases, has_bias)
-    for u_g, B, bias, scale in zip(u.split(ranks, dim=1), lora_Bs, bias_of, scales):
-        # Scaled after the product, as peft does (same rounding), in place: no second (tokens, out) tensor.
-        delta = torch.nn.functional.linear(u_g.to(B.dtype), B, bias).mul_(scale)
-        deltas.append(delta.reshape(*x.shape[:-1], B.shape[0]))
-    return deltas, u
+@torch.library.custom_op("fastft::lora_down", mutates_args=())
+def lora_down(x: Tensor, lora_As: list[Tensor], dropout_p: float, seeds: list[int]) -> Tensor:
+    """u = [dropout_g(x.to(A.dtype)) @ A_g^T]_g, (tokens, sum of ranks) in A's dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    return _down(rows, _concatenated(lora_As), [A.shape[0] for A in lora_As], dropout_p, seeds)
 
 
-@lora_deltas.register_fake
-def _(x, lora_As, lora_Bs, scales, dropout_p, seeds, lora_biases, has_bias):
+@lora_down.register_fake
+def _(x, lora_As, dropout_p, seeds):
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    deltas = [x.new_empty(*x.shape[:-1], B.shape[0], dtype=B.dtype) for B in lora_Bs]
-    return deltas, x.new_empty(rows, sum(A.shape[0] for A in lora_As), dtype=lora_As[0].dtype)
+    return x.new_empty(rows, sum(A.shape[0] for A in lora_As), dtype=lora_As[0].dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    x, lora_As, lora_Bs, scales, dropout_p, seeds, lora_biases, has_bias = inputs
-    ctx.save_for_backward(x, output[1], *lora_As, *lora_Bs)
-    ctx.scales, ctx.dropout_p, ctx.seeds, ctx.size = scales, dropout_p, seeds, len(lora_As)
-    ctx.has_bias = has_bias
+def _setup_down(ctx, inputs, output):
+    x, lora_As, dropout_p, seeds = inputs
+    ctx.save_for_backward(x, *lora_As)
+    ctx.dropout_p, ctx.seeds = dropout_p, seeds
 
 
 def _any(flags) -> bool:
@@ -170,35 +160,45 @@ def _any(flags) -> bool:
     return any(flags) if isinstance(flags, (list, tuple)) else bool(flags)
 
 
-def _backward(ctx, grad_deltas, grad_u):
-    x, u, *weights = ctx.saved_tensors
-    lora_As, lora_Bs = weights[:ctx.size], weights[ctx.size:]
+def _backward_down(ctx, du):
+    x, *lora_As = ctx.saved_tensors
     ranks = [A.shape[0] for A in lora_As]
-    needs_x, needs_As, needs_Bs, needs_biases = (_any(ctx.needs_input_grad[i]) for i in (0, 1, 2, 6))
-    grad_Bs, grad_biases, du = [None] * ctx.size, [], []
-    for g, (dy, B, u_g, scale) in enumerate(zip(grad_deltas, lora_Bs, u.split(ranks, dim=1), ctx.scales)):
-        dy = dy.reshape(-1, dy.shape[-1]).to(B.dtype)
-        if needs_Bs:
-            grad_Bs[g] = torch.mm(dy.t(), u_g.to(B.dtype)).mul_(scale)
-        if ctx.has_bias[g]:
-            accumulate = torch.promote_types(dy.dtype, torch.float32)
-            grad_biases.append(dy.sum(0, dtype=accumulate).mul_(scale).to(B.dtype) if needs_biases else None)
-        if needs_x or needs_As:
-            du.append(torch.mm(dy, B).mul_(scale).to(lora_As[0].dtype))
-    grad_x, grad_As = None, [None] * ctx.size
-    if needs_x or needs_As:
-        du = torch.cat(du, dim=1) if len(du) > 1 else du[0]
-        if grad_u is not None:
-            du = du + grad_u
-        if needs_As:
-            grad_As = list(_grad_A(du, x, ranks, ctx.dropout_p, ctx.seeds).split(ranks))
-        if needs_x:
-            A_cat = _concatenated(lora_As)
-            grad_x = _grad_x(du, A_cat, ranks, ctx.dropout_p, ctx.seeds, x.dtype).reshape(x.shape)
-    return grad_x, grad_As, grad_Bs, None, None, None, grad_biases, None
+    du = du.to(lora_As[0].dtype)
+    grad_As = [None] * len(ranks)
+    if _any(ctx.needs_input_grad[1]):
+        grad_As = list(_grad_A(du, x, ranks, ctx.dropout_p, ctx.seeds).split(ranks))
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _grad_x(du, _concatenated(lora_As), ranks, ctx.dropout_p, ctx.seeds, x.dtype).reshape(x.shape)
+    return grad_x, grad_As, None, None
 
 
-lora_deltas.register_autograd(_backward, setup_context=_setup_context)
+lora_down.register_autograd(_backward_down, setup_context=_setup_down)
+
+
+def lora_up(u_g: Tensor, lora_B: Tensor, scale: float, lora_bias: Optional[Tensor] = None) -> Tensor:
+    """One adapter's term from its rank-r product: scale * (u_g @ B^T + bias), scaled after the product as peft
+    does (same rounding), in place: no second (tokens, out) tensor."""
+    return torch.nn.functional.linear(u_g.to(lora_B.dtype), lora_B, lora_bias).mul_(scale)
+
+
+def add_lora_up(result: Tensor, u_g: Tensor, lora_B: Tensor, scale: float, lora_bias: Optional[Tensor] = None) -> Tensor:
+    """result += scale * (u_g @ B^T + bias) in place, the product accumulated into result by the GEMM (one pass
+    over result, no (tokens, out) temporary). result (rows, out) must have B's dtype and be free to modify."""
+    result.addmm_(u_g.to(lora_B.dtype), lora_B.t(), alpha=scale)
+    return result if lora_bias is None else result.add_(lora_bias, alpha=scale)
+
+
+def lora_deltas(x: Tensor, lora_As: list[Tensor], lora_Bs: list[Tensor], scales: list[float], dropout_p: float,
+                seeds: list[int], lora_biases: list[Tensor], has_bias: list[bool]) -> tuple[list[Tensor], Tensor]:
+    """(deltas, u): each adapter's term delta_g = scale_g * (u_g @ B_g^T + bias_g), shaped like x with B_g's out
+    features, and u = fastft::lora_down (all rank-r products side by side)."""
+    _check_group(x, lora_As, lora_Bs, scales, seeds, lora_biases, has_bias)
+    ranks = [A.shape[0] for A in lora_As]
+    u = lora_down(x, lora_As, dropout_p, seeds)
+    deltas = [lora_up(u_g, B, scale, bias).reshape(*x.shape[:-1], B.shape[0])
+              for u_g, B, bias, scale in zip(u.split(ranks, dim=1), lora_Bs, _bias_of(lora_biases, has_bias), scales)]
+    return deltas, u
 
 
 def lora_delta(x: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, dropout_p: float, seed: int,

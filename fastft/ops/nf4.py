@@ -122,7 +122,9 @@ def _(x, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blo
         y = native_extension().linear_4bit(rows, *weight, out_features, bias)
     else:
         y = _triton().nf4_matmul(rows, *weight, out_features, bias)
-    return y.reshape(*x.shape[:-1], out_features)
+    # Not a view of y (as matmul folds leading dims): callers may add into the output in place, which autograd
+    # forbids on a view made inside a custom op.
+    return torch.ops.aten._unsafe_view.default(y, [*x.shape[:-1], out_features])
 
 
 @nf4_linear.register_fake
