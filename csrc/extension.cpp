@@ -42,6 +42,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_4bit", &fastft::linear, "y = x @ W^T (+ bias) with a packed 4-bit W");
   m.def("linear_4bit_grad_input", &fastft::linear_grad_input, "dx = dy @ W with a packed 4-bit W");
   m.def("lora_dropout", &fastft::lora_dropout_cpu, "counter-based dropout: x * keep(seed, index) / (1 - p)");
+  m.def("lora_down_dropout", &fastft::lora_down_dropout_cpu, "u = [dropout_g(x) @ A_g^T]_g over row chunks");
+  m.def("lora_grad_a_dropout", &fastft::lora_grad_a_dropout_cpu, "dA = [du_g^T @ dropout_g(x)]_g over row chunks");
+  m.def("lora_grad_x_dropout", &fastft::lora_grad_x_dropout_cpu, "dx = sum_g dropout_g(du_g @ A_g) over row chunks");
   m.def("bottleneck_forward", &fastft::bottleneck_forward_cpu,
         "(out, z): z = v @ w_down^T + b_down, out = residual + scale * (act(z) @ w_up^T + b_up) (fp32)");
   m.def("bottleneck_input_grad", &fastft::bottleneck_input_grad_cpu,

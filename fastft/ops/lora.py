@@ -7,8 +7,9 @@
   side by side in one (M, sum of ranks) tensor. Backward, for du:
       dA_g = du_g^T dropout_g(x),  dx = sum_g dropout_g'(du_g A_g).
   Without dropout the down-projection, dA and dx are each one GEMM over the concatenated A (x read once); with
-  dropout the CPU path runs them per adapter, and the Triton kernels regenerate each adapter's mask in their tiles
-  (kernels/lora.py). Saved for backward: x itself (shared by the whole group; no fp32 copy when x is half
+  dropout the C++ path runs them over row chunks of about 2 MiB, dropping each chunk into a cache-sized buffer per
+  adapter (dropout(x) is never written whole), and the Triton kernels regenerate each adapter's mask in their
+  tiles (kernels/lora.py). Saved for backward: x itself (shared by the whole group; no fp32 copy when x is half
   precision). Dropout masks and dropout(x) are regenerated, never stored.
 - The up-projections are ATen GEMMs under autograd (which saves u_g, sum of ranks * itemsize(A) bytes per token):
   `lora_up` gives peft's term scale_g * (u_g @ B_g^T + bias_g), and `add_lora_up` accumulates it into the base
@@ -78,6 +79,8 @@ def _down(x: Tensor, A_cat: Tensor, ranks: list[int], p: float, seeds: list[int]
         return triton_lora.lora_down(rows, A_cat, _adapter_group(ranks, p, seeds, x.device))
     if p == 0:
         return _dropped(x, A_cat.dtype, 0.0, 0) @ A_cat.t()
+    if backend_for(x.device.type) == "native":
+        return native_extension().lora_down_dropout(x, A_cat, ranks, p, seeds)
     parts = A_cat.split(ranks)
     return torch.cat([_dropped(x, A_cat.dtype, p, seed) @ A.t() for A, seed in zip(parts, seeds)], dim=1)
 
@@ -91,6 +94,8 @@ def _grad_A(du: Tensor, x: Tensor, ranks: list[int], p: float, seeds: list[int])
         return triton_lora.lora_grad_a(du.contiguous(), rows, _adapter_group(ranks, p, seeds, x.device))
     if p == 0:
         return du.t() @ _dropped(x, du.dtype, 0.0, 0)
+    if backend_for(x.device.type) == "native":
+        return native_extension().lora_grad_a_dropout(du, x, ranks, p, seeds)
     return torch.cat([d.t() @ _dropped(x, du.dtype, p, seed) for d, seed in zip(du.split(ranks, dim=1), seeds)])
 
 
@@ -102,6 +107,8 @@ def _grad_x(du: Tensor, A_cat: Tensor, ranks: list[int], p: float, seeds: list[i
         return triton_lora.lora_grad_x(du.contiguous(), A_cat, _adapter_group(ranks, p, seeds, du.device), dtype)
     if p == 0:
         return (du @ A_cat).to(dtype)
+    if backend_for(du.device.type) == "native":
+        return native_extension().lora_grad_x_dropout(du, A_cat, ranks, p, seeds).to(dtype)
     grad = None
     for d, A, seed in zip(du.split(ranks, dim=1), A_cat.split(ranks), seeds):
         term = _dropped(d @ A, A.dtype, p, seed)
@@ -160,17 +167,31 @@ def _any(flags) -> bool:
     return any(flags) if isinstance(flags, (list, tuple)) else bool(flags)
 
 
+@torch.library.custom_op("fastft::lora_down_backward", mutates_args=())
+def lora_down_backward(du: Tensor, x: Tensor, lora_A_cat: Tensor, ranks: list[int], dropout_p: float,
+                       seeds: list[int], want_x: bool, want_A: bool) -> tuple[Tensor, Tensor]:
+    """(dx (M, K) in x's dtype, dA (sum of ranks, K) in A's dtype) for du (M, sum of ranks) in A's dtype; an
+    empty tensor for a gradient not wanted."""
+    grad_x = _grad_x(du, lora_A_cat, ranks, dropout_p, seeds, x.dtype) if want_x else x.new_empty(0)
+    grad_A = _grad_A(du, x, ranks, dropout_p, seeds) if want_A else du.new_empty(0)
+    return grad_x, grad_A
+
+
+@lora_down_backward.register_fake
+def _(du, x, lora_A_cat, ranks, dropout_p, seeds, want_x, want_A):
+    rows = du.shape[0]
+    return (x.new_empty(rows, x.shape[-1]) if want_x else x.new_empty(0),
+            du.new_empty(lora_A_cat.shape) if want_A else du.new_empty(0))
+
+
 def _backward_down(ctx, du):
     x, *lora_As = ctx.saved_tensors
     ranks = [A.shape[0] for A in lora_As]
-    du = du.to(lora_As[0].dtype)
-    grad_As = [None] * len(ranks)
-    if _any(ctx.needs_input_grad[1]):
-        grad_As = list(_grad_A(du, x, ranks, ctx.dropout_p, ctx.seeds).split(ranks))
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _grad_x(du, _concatenated(lora_As), ranks, ctx.dropout_p, ctx.seeds, x.dtype).reshape(x.shape)
-    return grad_x, grad_As, None, None
+    want_x, want_A = bool(ctx.needs_input_grad[0]), _any(ctx.needs_input_grad[1])
+    grad_x, grad_A = lora_down_backward(du.to(lora_As[0].dtype), x, _concatenated(lora_As), ranks, ctx.dropout_p,
+                                        ctx.seeds, want_x, want_A)
+    return (grad_x.reshape(x.shape) if want_x else None, list(grad_A.split(ranks)) if want_A else [None] * len(ranks),
+            None, None)
 
 
 lora_down.register_autograd(_backward_down, setup_context=_setup_down)
