@@ -300,9 +300,9 @@ def test_groups_whose_members_read_different_inputs_stop_grouping():
 
 
 def test_lora_terms_go_into_the_base_output_in_place_unless_unsafe(monkeypatch):
-    """Same-dtype, non-view base outputs take the up-projections in place (addmm_); a forward hook on a base layer
-    (which may hold its output) or a view (GPT-2's Conv1D) keeps peft's out-of-place sum, and the hook sees the
-    base output alone, as with peft."""
+    """Same-dtype, non-view base outputs take the up-projections in place (addmm_); a hook on a base layer (which
+    may hold its output, or see the shapes of its gradients) or a view (GPT-2's Conv1D) keeps peft's out-of-place
+    sum, and the hooks see what they see with peft."""
     from fastft.integrations import peft as integration
 
     in_place = []
@@ -322,6 +322,21 @@ def test_lora_terms_go_into_the_base_output_in_place_unless_unsafe(monkeypatch):
     patched(input_ids=ids)
     assert len(in_place) == 13
     assert torch.equal(seen["fastft"], seen["peft"])  # the hook's tensor is the base output, untouched
+    grads = {}
+
+    def keep_output_grad(key):
+        def hook(module, grad_input, grad_output):
+            grads.setdefault(key, grad_output[0])
+        return hook
+
+    for model, key in ((reference, "peft"), (patched, "fastft")):
+        k_proj = model.base_model.model.model.layers[1].self_attn.k_proj
+        k_proj.base_layer.register_full_backward_hook(keep_output_grad(key))
+    in_place.clear()
+    for model in (reference, patched):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert len(in_place) == 12 and grads["fastft"].shape == grads["peft"].shape == (2, 12, 32)
+    assert torch.allclose(grads["fastft"], grads["peft"], rtol=1e-5, atol=1e-7)
     in_place.clear()
     gpt2_reference, gpt2 = peft_pair("gpt2")
     fastft.patch(gpt2)

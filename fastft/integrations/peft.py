@@ -231,11 +231,12 @@ def _form_input_groups(model: nn.Module, report: PatchReport) -> None:
 
 
 def _base_output_is_private(layer) -> bool:
-    """No forward hook can see (and hold) the base layer's input or output: the base may then be called on x's rows
-    and take the LoRA terms into its output in place."""
-    module = nn.modules.module
-    return not (layer.base_layer._forward_hooks or layer.base_layer._forward_pre_hooks
-                or module._global_forward_hooks or module._global_forward_pre_hooks)
+    """No hook can see (and hold) the base layer's input, output or their gradients: the base may then be called on
+    x's rows and take the LoRA terms into its output in place."""
+    base, module = layer.base_layer, nn.modules.module
+    return not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+                or module._global_forward_hooks or module._global_forward_pre_hooks
+                or module._global_backward_hooks or module._global_backward_pre_hooks)
 
 
 def _add_lora(layer, x, result, cast_result_per_adapter: bool, in_place: bool):
