@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <type_traits>
 
 #include "lora_cpu.h"
@@ -147,27 +148,45 @@ at::Tensor lora_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
   return out;
 }
 
+namespace {
+
+// For each row chunk [r0, r0 + n) of x (2-D, taken to `dtype`) and each adapter g (ranks[g] columns of the
+// concatenated ranks, from col), calls use(r0, n, col, ranks[g], dropped) with dropped = dropout_g(chunk) in a
+// cache-sized buffer.
+template <typename Use>
+void for_each_dropped_chunk(const at::Tensor& x, at::ScalarType dtype, const std::vector<int64_t>& ranks, double p,
+                            const std::vector<int64_t>& seeds, const Use& use) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t rows = chunk_rows(K, c10::elementSize(dtype));
+  at::Tensor buffer = at::empty({std::min(rows, M), K}, x.options().dtype(dtype));
+  for (int64_t r0 = 0; r0 < M; r0 += rows) {
+    const int64_t n = std::min(rows, M - r0);
+    const at::Tensor chunk = x.narrow(0, r0, n).to(dtype).contiguous();
+    const at::Tensor dropped = buffer.narrow(0, 0, n);
+    int64_t col = 0;
+    for (size_t g = 0; g < ranks.size(); ++g) {
+      dropout_into<false>(chunk, dropped, r0 * K, DropoutParams(p, seeds[g]));
+      use(r0, n, col, ranks[g], dropped);
+      col += ranks[g];
+    }
+  }
+}
+
+}  // namespace
+
 at::Tensor lora_down_dropout_cpu(const at::Tensor& x_in, const at::Tensor& a_cat_in,
                                  const std::vector<int64_t>& ranks, double p, const std::vector<int64_t>& seeds) {
   const at::Tensor a_cat = a_cat_in.contiguous();
   check_group(a_cat, ranks, seeds);
   const at::Tensor x = x_in.reshape({-1, x_in.size(-1)}).contiguous();
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(a_cat.size(1) == K, "lora_down: A must have x's last dim ", K, " columns, got ", a_cat.size(1));
-  at::Tensor u = at::empty({M, a_cat.size(0)}, a_cat.options());
-  const int64_t rows = chunk_rows(K, a_cat.element_size());
-  at::Tensor buffer = at::empty({std::min(rows, M), K}, a_cat.options());
-  for (int64_t r0 = 0; r0 < M; r0 += rows) {
-    const int64_t n = std::min(rows, M - r0);
-    const at::Tensor chunk = x.narrow(0, r0, n).to(a_cat.scalar_type()).contiguous();
-    const at::Tensor dropped = buffer.narrow(0, 0, n);
-    int64_t col = 0;
-    for (size_t g = 0; g < ranks.size(); ++g) {
-      dropout_into<false>(chunk, dropped, r0 * K, DropoutParams(p, seeds[g]));
-      u.narrow(0, r0, n).narrow(1, col, ranks[g]).copy_(at::mm(dropped, a_cat.narrow(0, col, ranks[g]).t()));
-      col += ranks[g];
-    }
-  }
+  TORCH_CHECK(a_cat.size(1) == x.size(1), "lora_down: A must have x's last dim ", x.size(1), " columns, got ",
+              a_cat.size(1));
+  at::Tensor u = at::empty({x.size(0), a_cat.size(0)}, a_cat.options());
+  for_each_dropped_chunk(x, a_cat.scalar_type(), ranks, p, seeds,
+                         [&](int64_t r0, int64_t n, int64_t col, int64_t rank, const at::Tensor& dropped) {
+                           u.narrow(0, r0, n).narrow(1, col, rank).copy_(
+                               at::mm(dropped, a_cat.narrow(0, col, rank).t()));
+                         });
   return u;
 }
 
@@ -175,22 +194,14 @@ at::Tensor lora_grad_a_dropout_cpu(const at::Tensor& du_in, const at::Tensor& x_
                                    double p, const std::vector<int64_t>& seeds) {
   const at::Tensor du = du_in.contiguous();
   const at::Tensor x = x_in.reshape({-1, x_in.size(-1)}).contiguous();
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(du.dim() == 2 && du.size(0) == M, "lora grad A: du must be (", M, ", sum of ranks)");
-  at::Tensor grad = at::zeros({du.size(1), K}, du.options());
-  const int64_t rows = chunk_rows(K, du.element_size());
-  at::Tensor buffer = at::empty({std::min(rows, M), K}, du.options());
-  for (int64_t r0 = 0; r0 < M; r0 += rows) {
-    const int64_t n = std::min(rows, M - r0);
-    const at::Tensor chunk = x.narrow(0, r0, n).to(du.scalar_type()).contiguous();
-    const at::Tensor dropped = buffer.narrow(0, 0, n);
-    int64_t col = 0;
-    for (size_t g = 0; g < ranks.size(); ++g) {
-      dropout_into<false>(chunk, dropped, r0 * K, DropoutParams(p, seeds[g]));
-      grad.narrow(0, col, ranks[g]).addmm_(du.narrow(0, r0, n).narrow(1, col, ranks[g]).t(), dropped);
-      col += ranks[g];
-    }
-  }
+  TORCH_CHECK(du.dim() == 2 && du.size(0) == x.size(0) && ranks.size() == seeds.size() &&
+                  std::accumulate(ranks.begin(), ranks.end(), int64_t{0}) == du.size(1),
+              "lora grad A: du must be (", x.size(0), ", sum of ranks), one seed per adapter");
+  at::Tensor grad = at::zeros({du.size(1), x.size(1)}, du.options());
+  for_each_dropped_chunk(x, du.scalar_type(), ranks, p, seeds,
+                         [&](int64_t r0, int64_t n, int64_t col, int64_t rank, const at::Tensor& dropped) {
+                           grad.narrow(0, col, rank).addmm_(du.narrow(0, r0, n).narrow(1, col, rank).t(), dropped);
+                         });
   return grad;
 }
 
