@@ -61,6 +61,25 @@ def test_patched_training_matches_peft(kind):
             assert torch.allclose(param, trained[name], rtol=1e-5, atol=1e-6), name
 
 
+@pytest.mark.parametrize("kind", ("llama", "gpt2"))
+def test_lora_bias_trains_like_peft(kind):
+    """peft's lora_bias=True (a bias on lora_B): added in place into Llama's base outputs, out of place into GPT-2's
+    Conv1D views; 10 AdamW steps give peft's losses and trained biases."""
+    reference, patched = peft_pair(kind, lora_bias=True)
+    assert fastft.patch(patched).fused["lora.Linear"] == {"llama": 14, "gpt2": 8}[kind]
+    ours, theirs = losses_over_steps(patched, 10), losses_over_steps(reference, 10)
+    for a, b in zip(ours, theirs):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    trained = dict(reference.named_parameters())
+    biases = [(name, param) for name, param in patched.named_parameters() if "lora_B" in name and "bias" in name]
+    assert len(biases) == {"llama": 14, "gpt2": 8}[kind]
+    for name, param in biases:
+        # A key bias's gradient is 0 up to rounding (softmax ignores a shift of all of a query's scores), and AdamW
+        # steps on that rounding noise's sign: compared at AdamW's scale (lr 1e-3 per step).
+        atol = 1e-4 if "k_proj" in name else 1e-6
+        assert torch.allclose(param, trained[name], rtol=1e-5, atol=atol), name
+
+
 def outputs(model, **kwargs):
     ids = batch(99)
     with torch.no_grad():
