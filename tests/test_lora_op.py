@@ -1,4 +1,5 @@
-"""fastft::lora_down and the LoRA terms built on it (one adapter and groups) and fastft::lora_dropout vs the reference; the dropout's statistics."""
+"""fastft::lora_down and the LoRA terms built on it (one adapter and groups) and fastft::lora_dropout vs the
+reference; the dropout's statistics."""
 
 import pytest
 import torch

@@ -203,7 +203,8 @@ def lora_up(u_g: Tensor, lora_B: Tensor, scale: float, lora_bias: Optional[Tenso
     return torch.nn.functional.linear(u_g.to(lora_B.dtype), lora_B, lora_bias).mul_(scale)
 
 
-def add_lora_up(result: Tensor, u_g: Tensor, lora_B: Tensor, scale: float, lora_bias: Optional[Tensor] = None) -> Tensor:
+def add_lora_up(result: Tensor, u_g: Tensor, lora_B: Tensor, scale: float,
+                lora_bias: Optional[Tensor] = None) -> Tensor:
     """result += scale * (u_g @ B^T + bias) in place, the product accumulated into result by the GEMM (one pass
     over result, no (tokens, out) temporary). result (rows, out) must have B's dtype and be free to modify."""
     result.addmm_(u_g.to(lora_B.dtype), lora_B.t(), alpha=scale)
