@@ -170,17 +170,20 @@ def _any(flags) -> bool:
 @torch.library.custom_op("fastft::lora_down_backward", mutates_args=())
 def lora_down_backward(du: Tensor, x: Tensor, lora_A_cat: Tensor, ranks: list[int], dropout_p: float,
                        seeds: list[int], want_x: bool, want_A: bool) -> tuple[Tensor, Tensor]:
-    """(dx (M, K) in x's dtype, dA (sum of ranks, K) in A's dtype) for du (M, sum of ranks) in A's dtype; an
-    empty tensor for a gradient not wanted."""
-    grad_x = _grad_x(du, lora_A_cat, ranks, dropout_p, seeds, x.dtype) if want_x else x.new_empty(0)
+    """(dx in x's shape and dtype, dA (sum of ranks, K) in A's dtype) for du (M, sum of ranks) in A's dtype; an
+    empty tensor for a gradient not wanted. dx is not a view, so autograd can add the base layer's dx into it in
+    place (a view costs a fresh (tokens, in) tensor for that sum)."""
+    grad_x = x.new_empty(0)
+    if want_x:
+        grad_x = torch.ops.aten._unsafe_view.default(_grad_x(du, lora_A_cat, ranks, dropout_p, seeds, x.dtype),
+                                                     x.shape)
     grad_A = _grad_A(du, x, ranks, dropout_p, seeds) if want_A else du.new_empty(0)
     return grad_x, grad_A
 
 
 @lora_down_backward.register_fake
 def _(du, x, lora_A_cat, ranks, dropout_p, seeds, want_x, want_A):
-    rows = du.shape[0]
-    return (x.new_empty(rows, x.shape[-1]) if want_x else x.new_empty(0),
+    return (x.new_empty(x.shape) if want_x else x.new_empty(0),
             du.new_empty(lora_A_cat.shape) if want_A else du.new_empty(0))
 
 
@@ -190,8 +193,7 @@ def _backward_down(ctx, du):
     want_x, want_A = bool(ctx.needs_input_grad[0]), _any(ctx.needs_input_grad[1])
     grad_x, grad_A = lora_down_backward(du.to(lora_As[0].dtype), x, _concatenated(lora_As), ranks, ctx.dropout_p,
                                         ctx.seeds, want_x, want_A)
-    return (grad_x.reshape(x.shape) if want_x else None, list(grad_A.split(ranks)) if want_A else [None] * len(ranks),
-            None, None)
+    return grad_x if want_x else None, list(grad_A.split(ranks)) if want_A else [None] * len(ranks), None, None
 
 
 lora_down.register_autograd(_backward_down, setup_context=_setup_down)
