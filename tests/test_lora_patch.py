@@ -361,3 +361,24 @@ def test_lora_terms_go_into_the_base_output_in_place_unless_unsafe(monkeypatch):
     fastft.patch(gpt2)
     assert_close(outputs(gpt2), outputs(gpt2_reference))
     assert not in_place
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dropout", (0.0, 0.1))
+def test_patched_model_compiles(dropout):
+    """torch.compile (aot_eager) of a patched model gives the eager loss and gradients; without dropout the whole
+    model is one graph (with dropout, drawing each call's seed is a host sync, so dynamo breaks the graph there)."""
+    _, patched = peft_pair(dropout=dropout)
+    fastft.patch(patched)
+    ids = batch(3)
+    torch.manual_seed(0)
+    patched(input_ids=ids, labels=ids).loss.backward()
+    eager = {n: p.grad.clone() for n, p in patched.named_parameters() if p.grad is not None}
+    patched.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(patched, backend="aot_eager", fullgraph=dropout == 0.0)
+    torch.manual_seed(0)
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    for name, param in patched.named_parameters():
+        if param.grad is not None:
+            assert torch.allclose(param.grad, eager[name], rtol=1e-5, atol=1e-7), name

@@ -162,7 +162,9 @@ def _lora_products(x: torch.Tensor, terms: list[tuple]) -> list[torch.Tensor]:
         calls.setdefault((lora_A.dtype, p), []).append(index)
     for (_, p), indices in calls.items():
         As = [terms[i][0] for i in indices]
-        u = lora_ops.lora_down(x, As, p, [_new_seed() for _ in indices])
+        # Without dropout the seeds are unused: none is drawn, so torch's random stream advances as with peft (whose
+        # dropout is then an nn.Identity) and torch.compile has no host sync to break its graph on.
+        u = lora_ops.lora_down(x, As, p, [_new_seed() if p > 0 else 0 for _ in indices])
         for i, u_g in zip(indices, u.split([A.shape[0] for A in As], dim=1)):
             products[i] = u_g
     return products
@@ -243,15 +245,16 @@ def _add_lora(layer, x, result, cast_result_per_adapter: bool, in_place: bool):
     """result + every active adapter's term. in_place (the base output is private, computed on x's rows): the
     up-projections accumulate into result (addmm_: one pass over it, no (tokens, out) temporary) when it is a 2-D
     tensor of their dtype (peft's out-of-place sum would otherwise promote) and not a view (autograd forbids in-place
-    changes of views made inside custom ops, and a view's in-place change costs a copy of its gradient)."""
+    changes of views made inside custom ops, and a view's in-place change costs a copy of its gradient). Under
+    torch.compile the sum stays out of place (the compiler fuses it)."""
     terms = _adapter_terms(layer, layer.training)
     group = layer.__dict__.get("_fastft_input_group")
     products = group.take(layer, x) if group is not None else None
     if products is None:
         _check_cast(layer, x, terms)
         products = _lora_products(x, terms)
-    if (in_place and result.dim() == 2 and result.is_contiguous() and not result._is_view()
-            and all(lora_B.dtype == result.dtype for _, lora_B, *_ in terms)):
+    if (in_place and not torch.compiler.is_compiling() and result.dim() == 2 and result.is_contiguous()
+            and not result._is_view() and all(lora_B.dtype == result.dtype for _, lora_B, *_ in terms)):
         for (_, lora_B, scale, _, bias), u_g in zip(terms, products):
             lora_ops.add_lora_up(result, u_g, lora_B, scale, bias)
         return result
