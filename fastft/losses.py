@@ -69,17 +69,19 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, label
         raise ValueError("num_items_in_batch applies to reduction='mean' only")
 
 
-def _denominator(reduction: str, num_items_in_batch, flat_labels: Tensor | None, ignore_index: int, rows: int) -> float:
-    """What a "mean" divides the summed per-token losses by: num_items_in_batch, else the tokens not ignored."""
+def _denominator(reduction: str, num_items_in_batch, flat_labels: Tensor | None, ignore_index: int, rows: int,
+                 device: torch.device) -> Tensor:
+    """What a "mean" divides the summed per-token losses by, as an fp64 scalar tensor on the inputs' device (no host
+    sync, so torch.compile keeps one graph): num_items_in_batch, else the tokens not ignored; 1 where that is 0."""
     if reduction != "mean":
-        return 1.0
+        return torch.ones((), dtype=torch.float64, device=device)
     if num_items_in_batch is not None:
-        denominator = float(num_items_in_batch)
+        denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float64, device=device)
     elif flat_labels is not None:
-        denominator = float((flat_labels != ignore_index).sum())
+        denominator = (flat_labels != ignore_index).sum().to(torch.float64)
     else:
-        denominator = float(rows)
-    return 1.0 if denominator == 0 else denominator
+        denominator = torch.full((), float(rows), dtype=torch.float64, device=device)
+    return torch.where(denominator == 0, 1.0, denominator)
 
 
 def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
@@ -98,7 +100,8 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
     flat_labels = None if labels is None else labels.reshape(-1).long()
-    denominator = _denominator(reduction, num_items_in_batch, flat_labels, ignore_index, hidden.shape[0])
+    denominator = _denominator(reduction, num_items_in_batch, flat_labels, ignore_index, hidden.shape[0],
+                               hidden.device)
     loss, *_ = ops.fused_linear_distillation(
         hidden, student_weight, teacher, teacher_weight.detach(), flat_labels, student_bias,
         None if teacher_bias is None else teacher_bias.detach(), float(beta), float(temperature), float(alpha),
@@ -137,7 +140,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).long()
-    denominator = _denominator(reduction, num_items_in_batch, flat_labels, ignore_index, rows.shape[0])
+    denominator = _denominator(reduction, num_items_in_batch, flat_labels, ignore_index, rows.shape[0], rows.device)
     loss, *_ = ops.fused_linear_distillation(
         rows, weight, None, None, flat_labels, bias, None, 0.0, 1.0, 0.0, False, int(ignore_index), 0, denominator,
         reduction == "none", hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)

@@ -113,8 +113,10 @@ def test_gradcheck_and_opcheck():
         fn = lambda a, b, c: fused_linear_distillation(  # noqa: E731
             a, b, th, tw, labels, student_bias=c, beta=0.3, temperature=2.0, alpha=0.7, reduction=reduction)
         assert torch.autograd.gradcheck(fn, (sh, sw, sb))
+    denominator = torch.tensor(4.0, dtype=torch.float64)
     torch.library.opcheck(torch.ops.fastft.fused_linear_distillation.default,
-                          (sh, sw, th, tw, labels, sb, tb, 0.5, 2.0, 0.5, True, -100, 0, 4.0, False, True, True, True))
+                          (sh, sw, th, tw, labels, sb, tb, 0.5, 2.0, 0.5, True, -100, 0, denominator, False, True, True,
+                           True))
 
 
 @pytest.mark.parametrize("beta", (0.0, 0.5, 1.0))

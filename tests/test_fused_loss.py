@@ -122,6 +122,25 @@ def test_full_fine_tuning_losses_and_weights_match(kind):
     assert causal_lm_losses(patched, batch, 8) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
+def test_compiles_as_one_graph():
+    """The mean's denominator (tokens not ignored, or num_items_in_batch) stays a device tensor, so torch.compile
+    (aot_eager, fullgraph) traces the patched model's loss without a host sync, with the eager gradients."""
+    model = causal_lm("llama")
+    fastft.patch(model, fused_loss=True)
+    ids = batch(7)
+    labels = ids.clone()
+    labels[0, :5] = -100  # ignored tokens: the denominator counts the others
+    model(input_ids=ids, labels=labels).loss.backward()
+    eager = {name: param.grad.clone() for name, param in model.named_parameters()}
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled(input_ids=ids, labels=labels).loss.backward()
+    for name, param in model.named_parameters():
+        assert rel_error(param.grad, eager[name]) < 1e-5, name
+
+
 def test_lora_model_training_and_what_the_outputs_hold():
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
     reference_model = get_peft_model(causal_lm("llama"), config)

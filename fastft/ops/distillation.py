@@ -208,15 +208,15 @@ def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
 def fused_linear_distillation(
     student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor],
     labels: Optional[Tensor], student_bias: Optional[Tensor], teacher_bias: Optional[Tensor], beta: float,
-    temperature: float, alpha: float, scale_by_t2: bool, ignore_index: int, teacher_topk: int, denominator: float,
+    temperature: float, alpha: float, scale_by_t2: bool, ignore_index: int, teacher_topk: int, denominator: Tensor,
     per_token: bool, want_hidden: bool, want_weight: bool, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    row_weights = None if per_token else torch.tensor(1.0 / denominator, dtype=torch.float64)
+    row_weights = None if per_token else 1.0 / denominator.to(torch.float64)
     losses, grad_hidden, grad_weight, grad_bias = _run(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
         temperature, alpha, scale_by_t2, ignore_index, teacher_topk, row_weights, want_hidden, want_weight,
         want_bias)
-    loss = losses if per_token else (losses.sum() / denominator)  # fp32 (fp64 for fp64 inputs)
+    loss = losses if per_token else (losses.sum() / denominator).to(losses.dtype)  # fp32 (fp64 for fp64 inputs)
     return loss, grad_hidden, grad_weight, grad_bias
 
 
