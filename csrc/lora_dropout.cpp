@@ -131,24 +131,11 @@ int64_t chunk_rows(int64_t K, int64_t itemsize) {
   return std::max<int64_t>(1, (int64_t{2} << 20) / std::max<int64_t>(1, K * itemsize));
 }
 
-void check_group(const at::Tensor& a_cat, at::IntArrayRef ranks, at::IntArrayRef seeds) {
-  int64_t total = 0;
-  for (const int64_t r : ranks) total += r;
-  TORCH_CHECK(a_cat.dim() == 2 && total == a_cat.size(0) && ranks.size() == seeds.size(),
-              "lora group: ranks must sum to the concatenated A's rows, one seed per adapter");
+// A group's ranks (one per adapter, one seed each) must add up to `rows`, the concatenated A's rows (du's columns).
+void check_ranks(int64_t rows, const std::vector<int64_t>& ranks, const std::vector<int64_t>& seeds) {
+  TORCH_CHECK(std::accumulate(ranks.begin(), ranks.end(), int64_t{0}) == rows && ranks.size() == seeds.size(),
+              "lora group: the ranks must sum to ", rows, " (the concatenated A's rows), one seed per adapter");
 }
-
-}  // namespace
-
-at::Tensor lora_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
-  const DropoutParams params(p, seed);
-  const at::Tensor input = x.contiguous();
-  at::Tensor out = empty_huge_pages(input.sizes(), input.options());
-  dropout_into<false>(input, out, 0, params);
-  return out;
-}
-
-namespace {
 
 // For each row chunk [r0, r0 + n) of x (2-D, taken to `dtype`) and each adapter g (ranks[g] columns of the
 // concatenated ranks, from col), calls use(r0, n, col, ranks[g], dropped) with dropped = dropout_g(chunk) in a
@@ -174,12 +161,20 @@ void for_each_dropped_chunk(const at::Tensor& x, at::ScalarType dtype, const std
 
 }  // namespace
 
+at::Tensor lora_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
+  const DropoutParams params(p, seed);
+  const at::Tensor input = x.contiguous();
+  at::Tensor out = empty_huge_pages(input.sizes(), input.options());
+  dropout_into<false>(input, out, 0, params);
+  return out;
+}
+
 at::Tensor lora_down_dropout_cpu(const at::Tensor& x_in, const at::Tensor& a_cat_in,
                                  const std::vector<int64_t>& ranks, double p, const std::vector<int64_t>& seeds) {
   const at::Tensor a_cat = a_cat_in.contiguous();
-  check_group(a_cat, ranks, seeds);
   const at::Tensor x = x_in.reshape({-1, x_in.size(-1)}).contiguous();
-  TORCH_CHECK(a_cat.size(1) == x.size(1), "lora_down: A must have x's last dim ", x.size(1), " columns, got ",
+  check_ranks(a_cat.size(0), ranks, seeds);
+  TORCH_CHECK(a_cat.dim() == 2 && a_cat.size(1) == x.size(1), "lora_down: A must have x's last dim ", x.size(1), " columns, got ",
               a_cat.size(1));
   at::Tensor u = at::empty({x.size(0), a_cat.size(0)}, a_cat.options());
   for_each_dropped_chunk(x, a_cat.scalar_type(), ranks, p, seeds,
@@ -194,9 +189,8 @@ at::Tensor lora_grad_a_dropout_cpu(const at::Tensor& du_in, const at::Tensor& x_
                                    double p, const std::vector<int64_t>& seeds) {
   const at::Tensor du = du_in.contiguous();
   const at::Tensor x = x_in.reshape({-1, x_in.size(-1)}).contiguous();
-  TORCH_CHECK(du.dim() == 2 && du.size(0) == x.size(0) && ranks.size() == seeds.size() &&
-                  std::accumulate(ranks.begin(), ranks.end(), int64_t{0}) == du.size(1),
-              "lora grad A: du must be (", x.size(0), ", sum of ranks), one seed per adapter");
+  TORCH_CHECK(du.dim() == 2 && du.size(0) == x.size(0), "lora grad A: du must be (", x.size(0), ", sum of ranks)");
+  check_ranks(du.size(1), ranks, seeds);
   at::Tensor grad = at::zeros({du.size(1), x.size(1)}, du.options());
   for_each_dropped_chunk(x, du.scalar_type(), ranks, p, seeds,
                          [&](int64_t r0, int64_t n, int64_t col, int64_t rank, const at::Tensor& dropped) {
@@ -208,7 +202,7 @@ at::Tensor lora_grad_a_dropout_cpu(const at::Tensor& du_in, const at::Tensor& x_
 at::Tensor lora_grad_x_dropout_cpu(const at::Tensor& du_in, const at::Tensor& a_cat_in,
                                    const std::vector<int64_t>& ranks, double p, const std::vector<int64_t>& seeds) {
   const at::Tensor du = du_in.contiguous(), a_cat = a_cat_in.contiguous();
-  check_group(a_cat, ranks, seeds);
+  check_ranks(a_cat.size(0), ranks, seeds);
   TORCH_CHECK(du.dim() == 2 && du.size(1) == a_cat.size(0) && du.scalar_type() == a_cat.scalar_type(),
               "lora grad x: du must be (rows, sum of ranks) in A's dtype");
   const int64_t M = du.size(0), K = a_cat.size(1);

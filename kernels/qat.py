@@ -116,17 +116,24 @@ def _qparams_kernel(x_ptr, scale_ptr, zero_point_ptr, n_groups, group, qmin, qma
     tl.store(zero_point_ptr + rows, zero_point, mask=rows < n_groups)
 
 
+def _group_launch(n_groups: int, group: int) -> tuple[tuple[int], dict]:
+    """Grid and block sizes of the one-pass group kernels: a group per row of a (BLOCK_G, BLOCK_K) tile, about 4096
+    elements a program."""
+    block_k = triton.next_power_of_2(group)
+    block_g = max(1, min(64, 4096 // block_k))
+    return (triton.cdiv(n_groups, block_g),), dict(BLOCK_G=block_g, BLOCK_K=block_k, enable_fp_fusion=False)
+
+
 def _launch(x, grad, group, qmin, qmax, symmetric, eps, backward):
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     x = x.contiguous()
     out = torch.empty_like(x)
     n_groups = x.numel() // group
-    block_k = triton.next_power_of_2(group)
-    block_g = max(1, min(64, 4096 // block_k))
-    _fake_quantize_kernel[(triton.cdiv(n_groups, block_g),)](
+    grid, blocks = _group_launch(n_groups, group)
+    _fake_quantize_kernel[grid](
         x, grad.contiguous() if grad is not None else x, out, n_groups, group, float(qmin), float(qmax), float(eps),
-        SYMMETRIC=symmetric, BACKWARD=backward, BLOCK_G=block_g, BLOCK_K=block_k, enable_fp_fusion=False)
+        SYMMETRIC=symmetric, BACKWARD=backward, **blocks)
     return out
 
 
@@ -183,14 +190,12 @@ def _launch_scaled(x, scale, zero_point, grad, group, qmin, qmax):
     grad_scale = torch.empty(n_groups, dtype=torch.float32, device=x.device) if backward else None
     grad_zero_point = (torch.empty(n_groups, dtype=torch.float32, device=x.device) if backward and
                        zero_point is not None else scale.new_empty(0))
-    block_k = triton.next_power_of_2(group)
-    block_g = max(1, min(64, 4096 // block_k))
-    _fake_quantize_scaled_kernel[(triton.cdiv(n_groups, block_g),)](
+    grid, blocks = _group_launch(n_groups, group)
+    _fake_quantize_scaled_kernel[grid](
         x, scale.contiguous(), zero_point.contiguous() if zero_point is not None else scale,
         grad.contiguous() if backward else x, out, grad_scale if backward else scale,
         grad_zero_point if grad_zero_point.numel() else scale, n_groups, group, float(qmin), float(qmax),
-        HAS_ZERO_POINT=zero_point is not None, BACKWARD=backward, BLOCK_G=block_g, BLOCK_K=block_k,
-        enable_fp_fusion=False)
+        HAS_ZERO_POINT=zero_point is not None, BACKWARD=backward, **blocks)
     return out, grad_scale, grad_zero_point
 
 
@@ -333,11 +338,9 @@ def qparams(x: torch.Tensor, group: int, qmin: float, qmax: float, symmetric: bo
     n_groups = x.numel() // group
     scale = torch.empty(n_groups, dtype=torch.float32, device=x.device)
     zero_point = torch.empty_like(scale)
-    block_k = triton.next_power_of_2(group)
-    block_g = max(1, min(64, 4096 // block_k))
-    _qparams_kernel[(triton.cdiv(n_groups, block_g),)](
-        x, scale, zero_point, n_groups, group, float(qmin), float(qmax), float(eps), SYMMETRIC=symmetric,
-        BLOCK_G=block_g, BLOCK_K=block_k, enable_fp_fusion=False)
+    grid, blocks = _group_launch(n_groups, group)
+    _qparams_kernel[grid](x, scale, zero_point, n_groups, group, float(qmin), float(qmax), float(eps),
+                          SYMMETRIC=symmetric, **blocks)
     return scale, zero_point
 
 

@@ -237,8 +237,8 @@ def _(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, st
 def fused_linear_distillation_backward(
     grad_losses: Tensor, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor],
     teacher_weight: Optional[Tensor], labels: Optional[Tensor], student_bias: Optional[Tensor],
-    teacher_bias: Optional[Tensor], beta: float, temperature: float, alpha: float, scale_by_t2: bool, ignore_index: int, teacher_topk: int,
-    want_hidden: bool, want_weight: bool, want_bias: bool,
+    teacher_bias: Optional[Tensor], beta: float, temperature: float, alpha: float, scale_by_t2: bool,
+    ignore_index: int, teacher_topk: int, want_hidden: bool, want_weight: bool, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _, grad_hidden, grad_weight, grad_bias = _run(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
