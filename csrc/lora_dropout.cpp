@@ -174,8 +174,8 @@ at::Tensor lora_down_dropout_cpu(const at::Tensor& x_in, const at::Tensor& a_cat
   const at::Tensor a_cat = a_cat_in.contiguous();
   const at::Tensor x = x_in.reshape({-1, x_in.size(-1)}).contiguous();
   check_ranks(a_cat.size(0), ranks, seeds);
-  TORCH_CHECK(a_cat.dim() == 2 && a_cat.size(1) == x.size(1), "lora_down: A must have x's last dim ", x.size(1), " columns, got ",
-              a_cat.size(1));
+  TORCH_CHECK(a_cat.dim() == 2 && a_cat.size(1) == x.size(1), "lora_down: A must have x's last dim ", x.size(1),
+              " columns, got ", a_cat.size(1));
   at::Tensor u = at::empty({x.size(0), a_cat.size(0)}, a_cat.options());
   for_each_dropped_chunk(x, a_cat.scalar_type(), ranks, p, seeds,
                          [&](int64_t r0, int64_t n, int64_t col, int64_t rank, const at::Tensor& dropped) {
