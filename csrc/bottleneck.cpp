@@ -1,18 +1,23 @@
-// The bottleneck adapter's GEMMs whose output is (tokens, hidden), with the residual in their epilogue:
-//   forward:  out = residual + s * (act(z) @ W_up^T + b_up),  z = v @ W_down^T + b_down  (ATen GEMM)
-//   backward: dv = [dy +] dz @ W_down,  dz = act'(z) * s * (dy @ W_up)                   (ATen GEMM)
-// Their inner dimension is the bottleneck r, so the (tokens, hidden) tensors are read (residual) and written (out)
-// once: 8 bytes per element, where ATen's copy-then-GEMM(beta = 1) moves 16. The GEMMs with inner dimension
-// hidden are ATen's (MKL/oneDNN are faster there), as are the activations and their derivatives, which thus round
-// exactly as the reference does.
+// The bottleneck adapter's forward and backward on CPU, fp32, each one pass over blocks of 48 token rows
+// (formulas in fastft/reference/bottleneck.py; s is the adapter's scale):
+//   forward:  z = v W_down^T + b_down,  out = residual + s (act(z) W_up^T + b_up)
+//   backward: u = s dy W_up,  dz = act'(z) u,  dv = [dy +] dz W_down,
+//             dW_up = s dy^T act(z),  db_up = s sum dy,  dW_down = dz^T v,  db_down = sum dz
+// A block's rows of v and dy (192 KiB at hidden 1024) stay in L2 across every GEMM that reads them, so each
+// (tokens, hidden) tensor is read from memory once and out / dv are written once. Run as separate ATen GEMMs, the
+// backward reads dy three times and v once more, and the residual adds write and read (tokens, hidden) products.
+// Every GEMM has the bottleneck r as one dimension; they all run on one AVX2 micro-kernel. The weight gradients
+// accumulate per thread over its blocks and are summed in a fixed order at the end, so results do not depend on
+// scheduling. Activations and their derivatives are ATen's, applied per block, so they round as the reference does.
 //
-// Small-K GEMM kernel (AVX2 + FMA, fp32): B is packed into 16-column panels ([N / 16][K][16], zero-padded, 4 KiB
-// per panel at K = 64); a tile of up to 6 rows x 16 columns keeps 12 ymm accumulators across the k loop (one
-// broadcast of A per row, two panel loads per k) and its epilogue writes [residual +] alpha * (acc + bias) once.
-// Without AVX2 the functions compute the same formulas with ATen ops.
+// Micro-kernel (AVX2 + FMA): a tile of up to 6 rows x 16 columns in 12 ymm accumulators, one broadcast of A per
+// row and two loads of B per k. A is addressed through a row and a k stride (rows of v, dy or act(z), or their
+// transposes); B is rows of 16 floats: weights packed into 16-column panels, or a block of act(z) / dz whose
+// rows are padded to whole panels. Without AVX2 the functions compute the same formulas with ATen ops.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "bottleneck_cpu.h"
 #include "memory.h"
@@ -22,22 +27,32 @@ namespace fastft {
 namespace {
 
 constexpr int64_t kPanel = 16;
-constexpr int kRowBlock = 6;
+constexpr int kTileRows = 6;
+constexpr int64_t kRowBlock = 48;
 
-at::Tensor activate(const at::Tensor& z, const std::string& activation) {
-  if (activation == "relu") return at::relu(z);
-  if (activation == "gelu") return at::gelu(z);
-  if (activation == "gelu_tanh") return at::gelu(z, "tanh");
-  if (activation == "silu") return at::silu(z);
-  TORCH_CHECK(false, "activation must be one of relu, gelu, gelu_tanh, silu; got ", activation);
+int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+void activate_into(at::Tensor& out, const at::Tensor& z, const std::string& activation) {
+  if (activation == "relu") at::relu_out(out, z);
+  else if (activation == "gelu") at::gelu_out(out, z);
+  else if (activation == "gelu_tanh") at::gelu_out(out, z, "tanh");
+  else if (activation == "silu") at::silu_out(out, z);
+  else TORCH_CHECK(false, "activation must be one of relu, gelu, gelu_tanh, silu; got ", activation);
 }
 
-at::Tensor activation_grad(const at::Tensor& grad, const at::Tensor& z, const std::string& activation) {
-  if (activation == "relu") return at::threshold_backward(grad, z, 0);
-  if (activation == "gelu") return at::gelu_backward(grad, z);
-  if (activation == "gelu_tanh") return at::gelu_backward(grad, z, "tanh");
-  if (activation == "silu") return at::silu_backward(grad, z);
-  TORCH_CHECK(false, "activation must be one of relu, gelu, gelu_tanh, silu; got ", activation);
+void activation_grad_into(at::Tensor& out, const at::Tensor& grad, const at::Tensor& z,
+                          const std::string& activation) {
+  if (activation == "relu") at::threshold_backward_out(out, grad, z, 0);
+  else if (activation == "gelu") at::gelu_backward_out(out, grad, z);
+  else if (activation == "gelu_tanh") at::gelu_backward_out(out, grad, z, "tanh");
+  else if (activation == "silu") at::silu_backward_out(out, grad, z);
+  else TORCH_CHECK(false, "activation must be one of relu, gelu, gelu_tanh, silu; got ", activation);
+}
+
+at::Tensor activate(const at::Tensor& z, const std::string& activation) {
+  at::Tensor out = at::empty_like(z);
+  activate_into(out, z, activation);
+  return out;
 }
 
 void check_fp32(const at::Tensor& t, const char* name) {
@@ -45,15 +60,28 @@ void check_fp32(const at::Tensor& t, const char* name) {
               " must be a 2-D float32 tensor, got ", t.scalar_type(), " of shape ", t.sizes());
 }
 
+void check_shapes(const char* fn, const at::Tensor& rows, const at::Tensor& w_down, const at::Tensor& w_up) {
+  const int64_t H = rows.size(1), r = w_down.size(0);
+  TORCH_CHECK(w_down.size(1) == H && w_up.size(0) == H && w_up.size(1) == r, fn, ": shapes ", rows.sizes(),
+              ", w_down ", w_down.sizes(), ", w_up ", w_up.sizes(), " do not chain");
+}
+
+// Row stride of a block copy of (rows, H): whole panels, and an odd number of cache lines so the rows of a block
+// fall into different L1 sets (at H = 1024 an unpadded block's column is 48 lines in one 8-way set).
+int64_t padded_stride(int64_t H) {
+  const int64_t ld = round_up(std::max<int64_t>(H, 1), kPanel);
+  return (ld / kPanel) % 2 == 0 ? ld + kPanel : ld;
+}
+
 #ifdef FASTFT_X86
-// B (K, N) packed into 16-column panels, with the bias (or zeros) padded to whole panels.
+// B (K, N) packed into 16-column panels [N / 16][K][16], zero-padded, with the bias (or zeros) padded likewise.
 struct Panels {
   at::Tensor packed, bias;
   int64_t K, N;
 
   Panels(const at::Tensor& b_in, const std::optional<at::Tensor>& bias_in) : K(b_in.size(0)), N(b_in.size(1)) {
     const at::Tensor b = b_in.contiguous();
-    const int64_t panels = (N + kPanel - 1) / kPanel;
+    const int64_t panels = round_up(N, kPanel) / kPanel;
     packed = at::zeros({panels, K, kPanel}, b.options());
     bias = at::zeros({panels * kPanel}, b.options());
     if (bias_in.has_value()) bias.narrow(0, 0, N).copy_(*bias_in);
@@ -63,96 +91,167 @@ struct Panels {
       const int64_t cols = std::min(kPanel, N - p * kPanel);
       for (int64_t k = 0; k < K; ++k) std::copy_n(src + k * N + p * kPanel, cols, dst + (p * K + k) * kPanel);
     }
+    packed_ptr = packed.const_data_ptr<float>();
+    bias_ptr = bias.const_data_ptr<float>();
   }
-  const float* panel(int64_t p) const { return packed.const_data_ptr<float>() + p * K * kPanel; }
-  const float* bias16(int64_t p) const { return bias.const_data_ptr<float>() + p * kPanel; }
+  const float* panel(int64_t p) const { return packed_ptr + p * K * kPanel; }
+  const float* bias16(int64_t p) const { return bias_ptr + p * kPanel; }
+
+ private:
+  const float* packed_ptr;  // raw pointers: the tile loop asks for a panel per tile
+  const float* bias_ptr;
 };
 
-// One row of a tile's epilogue: out = [residual +] alpha * (acc + bias), the first `cols` of 16 columns.
-FASTFT_AVX2 inline void store_row(__m256 acc0, __m256 acc1, __m256 bias0, __m256 bias1, __m256 alpha,
-                                  const float* residual, float* out, int64_t cols) {
-  __m256 v0 = _mm256_mul_ps(alpha, _mm256_add_ps(acc0, bias0));
-  __m256 v1 = _mm256_mul_ps(alpha, _mm256_add_ps(acc1, bias1));
-  if (cols == kPanel) {
-    if (residual != nullptr) {
-      v0 = _mm256_add_ps(_mm256_loadu_ps(residual), v0);
-      v1 = _mm256_add_ps(_mm256_loadu_ps(residual + 8), v1);
+using Tile = __m256[kTileRows][2];
+
+// c[i] += sum_k A(i, k) * B(k, 0:16) for i < MR, with A(i, k) = a[i * a_row + k * a_k] and B(k, j) = b[k * ldb + j].
+template <int MR>
+FASTFT_AVX2 inline void multiply_accumulate(Tile& c, int64_t K, const float* a, int64_t a_row, int64_t a_k,
+                                            const float* b, int64_t ldb) {
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m256 ai = _mm256_broadcast_ss(a + i * a_row + k * a_k);
+      c[i][0] = _mm256_fmadd_ps(ai, b0, c[i][0]);
+      c[i][1] = _mm256_fmadd_ps(ai, b1, c[i][1]);
     }
-    _mm256_storeu_ps(out, v0);
-    _mm256_storeu_ps(out + 8, v1);
-    return;
   }
-  alignas(32) float tmp[kPanel];
-  _mm256_store_ps(tmp, v0);
-  _mm256_store_ps(tmp + 8, v1);
-  for (int64_t j = 0; j < cols; ++j) out[j] = (residual != nullptr ? residual[j] : 0.f) + tmp[j];
 }
 
-// MR (<= 6) rows of A times one panel. The accumulators are named variables, not an array, so they stay in
-// registers across the k loop.
+// out rows [row, row + MR), panel p of b: [residual +] alpha * (A @ B + bias), the panel's first `cols` columns.
 template <int MR>
-FASTFT_AVX2 inline void tile(const float* a, int64_t lda, const Panels& b, int64_t p, float alpha,
-                             const float* residual, int64_t ldr, float* out, int64_t ldo) {
-  const float* panel = b.panel(p);
-  const int64_t K = b.K, cols = std::min(kPanel, b.N - p * kPanel);
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(panel + k * kPanel), b1 = _mm256_loadu_ps(panel + k * kPanel + 8);
-#define FASTFT_ROW(r)                                       \
-  if constexpr (MR > r) {                                   \
-    const __m256 ar = _mm256_broadcast_ss(a + r * lda + k); \
-    c##r##0 = _mm256_fmadd_ps(ar, b0, c##r##0);             \
-    c##r##1 = _mm256_fmadd_ps(ar, b1, c##r##1);             \
-  }
-    FASTFT_ROW(0) FASTFT_ROW(1) FASTFT_ROW(2) FASTFT_ROW(3) FASTFT_ROW(4) FASTFT_ROW(5)
-#undef FASTFT_ROW
-  }
+FASTFT_AVX2 void gemm_tile(const float* a, int64_t lda, const Panels& b, int64_t p, float alpha,
+                           const float* residual, int64_t ldr, float* out, int64_t ldo) {
+  Tile c;
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) c[i][0] = c[i][1] = _mm256_setzero_ps();
+  multiply_accumulate<MR>(c, b.K, a, lda, 1, b.panel(p), kPanel);
   const __m256 scale = _mm256_set1_ps(alpha);
   const __m256 bias0 = _mm256_loadu_ps(b.bias16(p)), bias1 = _mm256_loadu_ps(b.bias16(p) + 8);
-  const int64_t col = p * kPanel;
-#define FASTFT_STORE(r)                                                                                      \
-  if constexpr (MR > r)                                                                                      \
-    store_row(c##r##0, c##r##1, bias0, bias1, scale, residual != nullptr ? residual + r * ldr + col : nullptr, \
-              out + r * ldo + col, cols);
-  FASTFT_STORE(0) FASTFT_STORE(1) FASTFT_STORE(2) FASTFT_STORE(3) FASTFT_STORE(4) FASTFT_STORE(5)
-#undef FASTFT_STORE
+  const int64_t col = p * kPanel, cols = std::min(kPanel, b.N - col);
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    __m256 v0 = _mm256_mul_ps(scale, _mm256_add_ps(c[i][0], bias0));
+    __m256 v1 = _mm256_mul_ps(scale, _mm256_add_ps(c[i][1], bias1));
+    const float* res = residual != nullptr ? residual + i * ldr + col : nullptr;
+    float* o = out + i * ldo + col;
+    if (cols == kPanel) {
+      if (res != nullptr) {
+        v0 = _mm256_add_ps(_mm256_loadu_ps(res), v0);
+        v1 = _mm256_add_ps(_mm256_loadu_ps(res + 8), v1);
+      }
+      _mm256_storeu_ps(o, v0);
+      _mm256_storeu_ps(o + 8, v1);
+    } else {
+      alignas(32) float tmp[kPanel];
+      _mm256_store_ps(tmp, v0);
+      _mm256_store_ps(tmp + 8, v1);
+      for (int64_t j = 0; j < cols; ++j) o[j] = (res != nullptr ? res[j] : 0.f) + tmp[j];
+    }
+  }
 }
 
 template <int MR>
-FASTFT_AVX2 void row_block(const float* a, int64_t lda, const Panels& b, float alpha, const float* residual,
-                           int64_t ldr, float* out, int64_t ldo) {
-  for (int64_t p = 0; p * kPanel < b.N; ++p) tile<MR>(a, lda, b, p, alpha, residual, ldr, out, ldo);
+FASTFT_AVX2 void gemm_row_tile(const float* a, int64_t lda, const Panels& b, float alpha, const float* residual,
+                               int64_t ldr, float* out, int64_t ldo) {
+  for (int64_t p = 0; p * kPanel < b.N; ++p) gemm_tile<MR>(a, lda, b, p, alpha, residual, ldr, out, ldo);
 }
 
-// out[T, N] = [residual +] alpha * (a[T, K] @ B + bias), rows contiguous, blocks of 6 rows over the threads.
-FASTFT_AVX2 at::Tensor residual_gemm(const at::Tensor& a, const Panels& b, float alpha,
-                                     const std::optional<at::Tensor>& residual) {
-  const int64_t T = a.size(0), N = b.N;
-  at::Tensor out = empty_huge_pages({T, N}, a.options());
-  const float* a_ptr = a.const_data_ptr<float>();
-  const float* res_ptr = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
-  float* out_ptr = out.mutable_data_ptr<float>();
-  const int64_t lda = a.size(1), blocks = (T + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t row = blk * kRowBlock;
-      const float* ar = a_ptr + row * lda;
-      const float* rr = res_ptr != nullptr ? res_ptr + row * N : nullptr;
-      float* orow = out_ptr + row * N;
-      switch (std::min<int64_t>(kRowBlock, T - row)) {
-        case 6: row_block<6>(ar, lda, b, alpha, rr, N, orow, N); break;
-        case 5: row_block<5>(ar, lda, b, alpha, rr, N, orow, N); break;
-        case 4: row_block<4>(ar, lda, b, alpha, rr, N, orow, N); break;
-        case 3: row_block<3>(ar, lda, b, alpha, rr, N, orow, N); break;
-        case 2: row_block<2>(ar, lda, b, alpha, rr, N, orow, N); break;
-        default: row_block<1>(ar, lda, b, alpha, rr, N, orow, N); break;
-      }
+// out (rows, b.N) = [residual +] alpha * (a @ B + bias), a's rows at stride lda; a 6-row tile sweeps every panel
+// so out is written row after row.
+FASTFT_AVX2 void gemm_rows(const float* a, int64_t lda, int64_t rows, const Panels& b, float alpha,
+                           const float* residual, int64_t ldr, float* out, int64_t ldo) {
+  for (int64_t i = 0; i < rows; i += kTileRows) {
+    const float* ai = a + i * lda;
+    const float* ri = residual != nullptr ? residual + i * ldr : nullptr;
+    float* oi = out + i * ldo;
+    switch (std::min<int64_t>(kTileRows, rows - i)) {
+      case 6: gemm_row_tile<6>(ai, lda, b, alpha, ri, ldr, oi, ldo); break;
+      case 5: gemm_row_tile<5>(ai, lda, b, alpha, ri, ldr, oi, ldo); break;
+      case 4: gemm_row_tile<4>(ai, lda, b, alpha, ri, ldr, oi, ldo); break;
+      case 3: gemm_row_tile<3>(ai, lda, b, alpha, ri, ldr, oi, ldo); break;
+      case 2: gemm_row_tile<2>(ai, lda, b, alpha, ri, ldr, oi, ldo); break;
+      default: gemm_row_tile<1>(ai, lda, b, alpha, ri, ldr, oi, ldo); break;
     }
-  });
-  return out;
+  }
+}
+
+// c rows [m, m + MR) (stride ldc, n_pad columns) += x^T y over k < K rows: x (K, M) at stride ldx, y (K, n_pad).
+template <int MR>
+FASTFT_AVX2 void accumulate_tn_tile(const float* x, int64_t ldx, int64_t K, const float* y, int64_t n_pad, float* c,
+                                    int64_t ldc) {
+  for (int64_t q = 0; q < n_pad; q += kPanel) {
+    Tile acc;
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      acc[i][0] = _mm256_loadu_ps(c + i * ldc + q);
+      acc[i][1] = _mm256_loadu_ps(c + i * ldc + q + 8);
+    }
+    multiply_accumulate<MR>(acc, K, x, 1, ldx, y + q, n_pad);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      _mm256_storeu_ps(c + i * ldc + q, acc[i][0]);
+      _mm256_storeu_ps(c + i * ldc + q + 8, acc[i][1]);
+    }
+  }
+}
+
+// c (M, n_pad) += x^T y for a block of K rows; c holds a weight gradient (hidden, r) padded to whole panels.
+FASTFT_AVX2 void accumulate_tn(const float* x, int64_t ldx, int64_t M, int64_t K, const float* y, int64_t n_pad,
+                               float* c) {
+  for (int64_t m = 0; m < M; m += kTileRows) {
+    const float* xm = x + m;
+    float* cm = c + m * n_pad;
+    switch (std::min<int64_t>(kTileRows, M - m)) {
+      case 6: accumulate_tn_tile<6>(xm, ldx, K, y, n_pad, cm, n_pad); break;
+      case 5: accumulate_tn_tile<5>(xm, ldx, K, y, n_pad, cm, n_pad); break;
+      case 4: accumulate_tn_tile<4>(xm, ldx, K, y, n_pad, cm, n_pad); break;
+      case 3: accumulate_tn_tile<3>(xm, ldx, K, y, n_pad, cm, n_pad); break;
+      case 2: accumulate_tn_tile<2>(xm, ldx, K, y, n_pad, cm, n_pad); break;
+      default: accumulate_tn_tile<1>(xm, ldx, K, y, n_pad, cm, n_pad); break;
+    }
+  }
+}
+
+// dst (rows, cols) at stride ld = src rows (stride cols); column sums added to sums (fp64) when given.
+FASTFT_AVX2 void copy_rows(const float* src, int64_t rows, int64_t cols, float* dst, int64_t ld, float* block_sums,
+                           double* sums) {
+  if (sums != nullptr) std::fill_n(block_sums, cols, 0.f);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* s = src + i * cols;
+    std::memcpy(dst + i * ld, s, cols * sizeof(float));
+    if (sums != nullptr)
+      for (int64_t j = 0; j < cols; ++j) block_sums[j] += s[j];
+  }
+  if (sums != nullptr)
+    for (int64_t j = 0; j < cols; ++j) sums[j] += block_sums[j];
 }
 #endif
+
+std::tuple<at::Tensor, at::Tensor> forward_aten(const at::Tensor& v, const at::Tensor& residual,
+                                                const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
+                                                const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
+                                                const std::string& activation, double scale) {
+  at::Tensor z = b_down.has_value() ? at::addmm(*b_down, v, w_down.t()) : at::mm(v, w_down.t());
+  at::Tensor out = b_up.has_value() ? at::add(residual, *b_up, scale) : residual.clone();
+  out.addmm_(activate(z, activation), w_up.t(), 1.0, scale);
+  return {out, z};
+}
+
+BottleneckGrads backward_aten(const at::Tensor& dy, const at::Tensor& v, const at::Tensor& z,
+                              const at::Tensor& w_down, const at::Tensor& w_up, const std::string& activation,
+                              double scale, bool add_dy, bool need_dv, bool need_weights) {
+  at::Tensor u = at::mm(dy, w_up).mul_(scale);
+  at::Tensor dz = at::empty_like(u);
+  activation_grad_into(dz, u, z, activation);
+  at::Tensor dv = !need_dv ? at::empty({0}, dy.options()) : add_dy ? at::addmm(dy, dz, w_down) : at::mm(dz, w_down);
+  if (!need_weights) return {dv, at::empty({0}, dy.options()), at::empty({0}, dy.options()),
+                             at::empty({0}, dy.options()), at::empty({0}, dy.options())};
+  return {dv, at::mm(dz.t(), v), dz.sum(0, false, at::kDouble).to(at::kFloat),
+          at::mm(dy.t(), activate(z, activation)).mul_(scale),
+          dy.sum(0, false, at::kDouble).mul_(scale).to(at::kFloat)};
+}
 
 }  // namespace
 
@@ -165,44 +264,111 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_forward_cpu(const at::Tensor& v_in
   check_fp32(residual_in, "residual");
   check_fp32(w_down, "w_down");
   check_fp32(w_up, "w_up");
-  const int64_t H = v_in.size(1), r = w_down.size(0);
-  TORCH_CHECK(w_down.size(1) == H && w_up.size(0) == H && w_up.size(1) == r && residual_in.sizes() == v_in.sizes(),
-              "bottleneck_forward: shapes v ", v_in.sizes(), ", residual ", residual_in.sizes(), ", w_down ",
-              w_down.sizes(), ", w_up ", w_up.sizes(), " do not chain");
-  at::Tensor z = b_down.has_value() ? at::addmm(*b_down, v_in, w_down.t()) : at::mm(v_in, w_down.t());
+  check_shapes("bottleneck_forward", v_in, w_down, w_up);
+  TORCH_CHECK(residual_in.sizes() == v_in.sizes(), "bottleneck_forward: residual ", residual_in.sizes(),
+              " must have v's shape ", v_in.sizes());
 #ifdef FASTFT_X86
   if (cpu_has_avx2()) {
-    const at::Tensor a = activate(z, activation).contiguous();
-    return {residual_gemm(a, Panels(w_up.t(), b_up), static_cast<float>(scale), residual_in.contiguous()), z};
+    const at::Tensor v = v_in.contiguous(), residual = residual_in.contiguous();
+    const int64_t T = v.size(0), H = v.size(1), r = w_down.size(0);
+    at::Tensor z = at::empty({T, r}, v.options()), out = empty_huge_pages({T, H}, v.options());
+    const Panels down(w_down.t(), b_down), up(w_up.t(), b_up);
+    const float* v_ptr = v.const_data_ptr<float>();
+    const float* res_ptr = residual.const_data_ptr<float>();
+    float* z_ptr = z.mutable_data_ptr<float>();
+    float* out_ptr = out.mutable_data_ptr<float>();
+    const int64_t blocks = (T + kRowBlock - 1) / kRowBlock;
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t row = b0 * kRowBlock; row < std::min(T, b1 * kRowBlock); row += kRowBlock)
+        gemm_rows(v_ptr + row * H, H, std::min(kRowBlock, T - row), down, 1.f, nullptr, 0, z_ptr + row * r, r);
+    });
+    const at::Tensor a = activate(z, activation);
+    const float* a_ptr = a.const_data_ptr<float>();
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t row = b0 * kRowBlock; row < std::min(T, b1 * kRowBlock); row += kRowBlock)
+        gemm_rows(a_ptr + row * r, r, std::min(kRowBlock, T - row), up, static_cast<float>(scale), res_ptr + row * H,
+                  H, out_ptr + row * H, H);
+    });
+    return {out, z};
   }
 #endif
-  at::Tensor out = b_up.has_value() ? at::add(residual_in, *b_up, scale) : residual_in.clone();
-  out.addmm_(activate(z, activation), w_up.t(), 1.0, scale);
-  return {out, z};
+  return forward_aten(v_in, residual_in, w_down, b_down, w_up, b_up, activation, scale);
 }
 
-std::tuple<at::Tensor, at::Tensor> bottleneck_input_grad_cpu(const at::Tensor& dy_in, const at::Tensor& z_in,
-                                                             const at::Tensor& w_up, const at::Tensor& w_down,
-                                                             const std::string& activation, double scale,
-                                                             bool add_dy) {
+BottleneckGrads bottleneck_backward_cpu(const at::Tensor& dy_in, const at::Tensor& v_in, const at::Tensor& z_in,
+                                        const at::Tensor& w_down, const at::Tensor& w_up,
+                                        const std::string& activation, double scale, bool add_dy, bool need_dv,
+                                        bool need_weights) {
   check_fp32(dy_in, "dy");
+  check_fp32(v_in, "v");
   check_fp32(z_in, "z");
-  check_fp32(w_up, "w_up");
   check_fp32(w_down, "w_down");
-  const int64_t T = dy_in.size(0), H = dy_in.size(1), r = w_up.size(1);
-  TORCH_CHECK(w_up.size(0) == H && w_down.size(0) == r && w_down.size(1) == H && z_in.size(0) == T &&
-                  z_in.size(1) == r,
-              "bottleneck_input_grad: shapes dy ", dy_in.sizes(), ", z ", z_in.sizes(), ", w_up ", w_up.sizes(),
-              ", w_down ", w_down.sizes(), " do not chain");
-  at::Tensor dz = activation_grad(at::mm(dy_in, w_up).mul_(scale), z_in, activation);
+  check_fp32(w_up, "w_up");
+  check_shapes("bottleneck_backward", dy_in, w_down, w_up);
+  TORCH_CHECK(v_in.sizes() == dy_in.sizes() && z_in.size(0) == dy_in.size(0) && z_in.size(1) == w_down.size(0),
+              "bottleneck_backward: shapes dy ", dy_in.sizes(), ", v ", v_in.sizes(), ", z ", z_in.sizes(),
+              " do not chain");
 #ifdef FASTFT_X86
   if (cpu_has_avx2()) {
-    const std::optional<at::Tensor> residual = add_dy ? std::optional<at::Tensor>(dy_in.contiguous()) : std::nullopt;
-    return {dz, residual_gemm(dz.contiguous(), Panels(w_down, std::nullopt), 1.f, residual)};
+    const at::Tensor dy = dy_in.contiguous(), v = v_in.contiguous(), z = z_in.contiguous();
+    const int64_t T = dy.size(0), H = dy.size(1), r = w_down.size(0), r_pad = round_up(r, kPanel);
+    const int64_t ld = padded_stride(H), blocks = (T + kRowBlock - 1) / kRowBlock;
+    const int64_t grain = std::max<int64_t>(1, (blocks + at::get_num_threads() - 1) / at::get_num_threads());
+    const int64_t chunks = (blocks + grain - 1) / grain;
+    const at::TensorOptions f32 = dy.options();
+    const Panels dy_to_u(w_up, std::nullopt), dz_to_dv(w_down, std::nullopt);
+    // act(z) and act'(z) over all rows: ATen's elementwise kernels cost ~15 us per call on a 48-row block
+    const at::Tensor act = need_weights ? activate(z, activation) : at::empty({0}, f32);
+    at::Tensor slope = at::empty_like(z);
+    activation_grad_into(slope, at::ones({1, 1}, f32).expand_as(z), z, activation);
+    at::Tensor dv = need_dv ? empty_huge_pages({T, H}, f32) : at::empty({0}, f32);
+    // per chunk of blocks: dW_up^T / s and dW_down^T as (H, r_pad), sum dy and sum dz in fp64; scratch of a block:
+    // copies of its dy and v rows at stride ld, act(z) and dz at stride r_pad (zero padding: accumulate_tn's B)
+    const int64_t parts = need_weights ? chunks : 0;
+    at::Tensor up_parts = at::zeros({parts, H, r_pad}, f32), down_parts = at::zeros({parts, H, r_pad}, f32);
+    at::Tensor dy_sums = at::zeros({parts, H}, f32.dtype(at::kDouble));
+    at::Tensor dz_sums = at::zeros({parts, r}, f32.dtype(at::kDouble));
+    at::Tensor row_copies = at::empty({chunks, 2, kRowBlock, ld}, f32), sums_scratch = at::empty({chunks, H}, f32);
+    at::Tensor panel_rows = at::zeros({chunks, 2, kRowBlock, r_pad}, f32);
+    const float* dy_ptr = dy.const_data_ptr<float>();
+    const float* v_ptr = v.const_data_ptr<float>();
+    const float* act_ptr = need_weights ? act.const_data_ptr<float>() : nullptr;
+    const float* slope_ptr = slope.const_data_ptr<float>();
+    float* dv_ptr = need_dv ? dv.mutable_data_ptr<float>() : nullptr;
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      const int64_t chunk = b0 / grain;
+      float* dy_rows = row_copies.mutable_data_ptr<float>() + chunk * 2 * kRowBlock * ld;
+      float* v_rows = dy_rows + kRowBlock * ld;
+      float* act_rows = panel_rows.mutable_data_ptr<float>() + chunk * 2 * kRowBlock * r_pad;
+      float* dz = act_rows + kRowBlock * r_pad;
+      float* block_sums = sums_scratch.mutable_data_ptr<float>() + chunk * H;
+      float* up_part = need_weights ? up_parts.mutable_data_ptr<float>() + chunk * H * r_pad : nullptr;
+      float* down_part = need_weights ? down_parts.mutable_data_ptr<float>() + chunk * H * r_pad : nullptr;
+      double* dy_sum = need_weights ? dy_sums.mutable_data_ptr<double>() + chunk * H : nullptr;
+      double* dz_sum = need_weights ? dz_sums.mutable_data_ptr<double>() + chunk * r : nullptr;
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t row = blk * kRowBlock, rows = std::min(kRowBlock, T - row);
+        copy_rows(dy_ptr + row * H, rows, H, dy_rows, ld, block_sums, dy_sum);
+        gemm_rows(dy_rows, ld, rows, dy_to_u, static_cast<float>(scale), nullptr, 0, dz, r_pad);  // u
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < r; ++j) dz[i * r_pad + j] *= slope_ptr[(row + i) * r + j];
+        if (need_dv) gemm_rows(dz, r_pad, rows, dz_to_dv, 1.f, add_dy ? dy_rows : nullptr, ld, dv_ptr + row * H, H);
+        if (need_weights) {
+          copy_rows(act_ptr + row * r, rows, r, act_rows, r_pad, nullptr, nullptr);
+          accumulate_tn(dy_rows, ld, H, rows, act_rows, r_pad, up_part);
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t j = 0; j < r; ++j) dz_sum[j] += dz[i * r_pad + j];
+          copy_rows(v_ptr + row * H, rows, H, v_rows, ld, nullptr, nullptr);
+          accumulate_tn(v_rows, ld, H, rows, dz, r_pad, down_part);
+        }
+      }
+    });
+    if (!need_weights) return {dv, at::empty({0}, f32), at::empty({0}, f32), at::empty({0}, f32), at::empty({0}, f32)};
+    return {dv, down_parts.sum(0).narrow(1, 0, r).t().contiguous(), dz_sums.sum(0).to(at::kFloat),
+            up_parts.sum(0).narrow(1, 0, r).mul(scale), dy_sums.sum(0).mul_(scale).to(at::kFloat)};
   }
 #endif
-  at::Tensor dv = add_dy ? at::addmm(dy_in, dz, w_down) : at::mm(dz, w_down);
-  return {dz, dv};
+  return backward_aten(dy_in, v_in, z_in, w_down, w_up, activation, scale, add_dy, need_dv, need_weights);
 }
 
 }  // namespace fastft

@@ -17,11 +17,14 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_forward_cpu(const at::Tensor& v, c
                                                           const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
                                                           const std::string& activation, double scale);
 
-// Backward to the input: dz = act'(z) * scale * (dy @ w_up) (T, r) and dv = [dy +] dz @ w_down (T, H), the dy
-// term when add_dy (a sequential adapter without a norm, whose input is also its residual). Returns (dz, dv).
-std::tuple<at::Tensor, at::Tensor> bottleneck_input_grad_cpu(const at::Tensor& dy, const at::Tensor& z,
-                                                             const at::Tensor& w_up, const at::Tensor& w_down,
-                                                             const std::string& activation, double scale,
-                                                             bool add_dy);
+// (dv, dw_down, db_down, dw_up, db_up) of out = residual + scale * (act(z) @ w_up^T + b_up), z = v @ w_down^T + b_down,
+// for the output gradient dy (T, H): dv = [dy +] dz @ w_down with dz = act'(z) * scale * (dy @ w_up), the dy term
+// when add_dy (a sequential adapter without a norm, whose input is also its residual); dv is empty unless need_dv,
+// the four weight gradients empty unless need_weights.
+using BottleneckGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+BottleneckGrads bottleneck_backward_cpu(const at::Tensor& dy, const at::Tensor& v, const at::Tensor& z,
+                                        const at::Tensor& w_down, const at::Tensor& w_up,
+                                        const std::string& activation, double scale, bool add_dy, bool need_dv,
+                                        bool need_weights);
 
 }  // namespace fastft

@@ -47,8 +47,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_grad_x_dropout", &fastft::lora_grad_x_dropout_cpu, "dx = sum_g dropout_g(du_g @ A_g) over row chunks");
   m.def("bottleneck_forward", &fastft::bottleneck_forward_cpu,
         "(out, z): z = v @ w_down^T + b_down, out = residual + scale * (act(z) @ w_up^T + b_up) (fp32)");
-  m.def("bottleneck_input_grad", &fastft::bottleneck_input_grad_cpu,
-        "(dz, dv): dz = act'(z) * scale * (dy @ w_up), dv = [dy +] dz @ w_down (fp32)");
+  m.def("bottleneck_backward", &fastft::bottleneck_backward_cpu,
+        "(dv, dw_down, db_down, dw_up, db_up) of the bottleneck adapter in one pass over row blocks (fp32)");
   m.def("fake_quantize", &fastft::fake_quantize_cpu, "torchao-exact fake quantization of contiguous groups");
   m.def("fake_quantize_backward", &fastft::fake_quantize_backward_cpu,
         "straight-through gradient of fake_quantize, the clamp mask recomputed from x");

@@ -7,8 +7,10 @@ CPU_BACKENDS = ("native", "reference")
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|, computed in fp64; NaN anywhere gives inf."""
+    """max |actual - expected| / max |expected|, computed in fp64; NaN anywhere gives inf, empty vs empty 0."""
     actual, expected = actual.detach().double(), expected.detach().double()
+    if expected.numel() == 0:  # nothing to compare: equal when both are empty
+        return 0.0 if actual.numel() == 0 else float("inf")
     if torch.isnan(actual).any() or torch.isnan(expected).any():
         return float("inf")
     scale = expected.abs().max().clamp(min=1e-30)

@@ -64,6 +64,27 @@ def test_matches_reference_fp32(backend, activation, layer_norm, residual, bias)
         assert rel_error(g_ours, g_theirs) < 1e-5
 
 
+@pytest.mark.parametrize("trainable", ("input", "weights", "up"))
+@pytest.mark.parametrize("layer_norm", (False, True))
+def test_partial_gradients_match_reference(backend, trainable, layer_norm):
+    """A frozen adapter (gradient to its input only), a first adapter whose input needs no gradient, and one
+    projection frozen: the gradients asked for match the reference's."""
+    x, args = make_inputs(53, 40, 6, layer_norm=layer_norm)
+    x.requires_grad_(trainable != "weights")
+    for name, value in args.items():
+        if value is not None:
+            value.requires_grad_(trainable == "weights" or (trainable == "up" and name in ("w_up", "b_up")))
+    out = op(x, "gelu", 0.7, layer_norm, **args)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    leaves = [t for t in [x, *args.values()] if t is not None and t.requires_grad]
+    ours = torch.autograd.grad(out, leaves, grad)
+    x64, a64 = in_fp64(x, args)
+    expected = bottleneck_adapter_ref(x64, activation="gelu", scale=0.7, layer_norm=layer_norm, **a64)
+    leaves64 = [t64 for t, t64 in zip([x, *args.values()], [x64, *a64.values()]) if t is not None and t.requires_grad]
+    for g_ours, g_theirs in zip(ours, torch.autograd.grad(expected, leaves64, grad.double())):
+        assert rel_error(g_ours, g_theirs) < 1e-5
+
+
 @pytest.mark.parametrize("x_dtype", (torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("w_dtype", ("same", torch.float32))
 @pytest.mark.parametrize("layer_norm", (False, True))
@@ -120,11 +141,12 @@ def test_ragged_shapes(rows, hidden, r, batch):
 
 
 @pytest.mark.skipif(native_extension() is None, reason="needs the C++ extension")
-@pytest.mark.parametrize("shape", ((1, 1, 1), (6, 64, 16), (7, 13, 17), (130, 1000, 64), (200, 33, 5)))
+@pytest.mark.parametrize("shape", ((1, 1, 1), (0, 8, 3), (6, 64, 16), (7, 13, 17), (130, 1000, 64), (97, 1024, 20),
+                                   (200, 33, 5)))
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_native_kernels_match_reference(shape, activation):
-    """fastft._C's fused forward and input gradient on ragged shapes (chunks of 64 rows, 6-row tiles, 16-column
-    panels), against the plain-torch formulas in fp64."""
+    """fastft._C's forward and backward on ragged shapes (blocks of 48 rows, 6-row tiles, 16-column panels, one
+    chunk of blocks per thread), against the plain-torch formulas in fp64, with each gradient asked for or not."""
     tokens, hidden, r = shape
     g = torch.Generator().manual_seed(0)
     v, residual, dy = (torch.randn(tokens, hidden, generator=g) for _ in range(3))
@@ -135,16 +157,20 @@ def test_native_kernels_match_reference(shape, activation):
     expected = bottleneck_adapter_ref(v.double(), w_down.double(), b_down.double(), w_up.double(), b_up.double(),
                                       activation, 0.7, residual.double())
     assert rel_error(z, z64) < 1e-5 and rel_error(out, expected) < 1e-5
-    for add_dy in (False, True):
-        dz, dv = native_extension().bottleneck_input_grad(dy, z, w_up, w_down, activation, 0.7, add_dy)
-        dz64, dv64 = ops._input_grad_ref(dy.double(), z.double(), w_up.double(), w_down.double(), activation, 0.7,
-                                         add_dy)
-        assert rel_error(dz, dz64) < 1e-5 and rel_error(dv, dv64) < 1e-5
+    for add_dy, need_dv, need_weights in ((False, True, True), (True, True, True), (True, True, False),
+                                          (False, False, True)):
+        grads = native_extension().bottleneck_backward(dy, v, z, w_down, w_up, activation, 0.7, add_dy, need_dv,
+                                                       need_weights)
+        expected = ops._backward_ref(dy.double(), v.double(), z.double(), w_down.double(), w_up.double(),
+                                     activation, 0.7, add_dy, need_dv, need_weights)
+        for ours, theirs in zip(grads, expected):
+            assert ours.dtype == torch.float32 and ours.shape == theirs.shape
+            assert rel_error(ours, theirs) < 1e-5
     with pytest.raises(RuntimeError, match="do not chain"):
         native_extension().bottleneck_forward(v, residual, w_down, b_down, w_up[:, :-1] if r > 1 else w_up[:0],
                                               b_up, activation, 1.0)
     with pytest.raises(RuntimeError, match="float32"):
-        native_extension().bottleneck_input_grad(dy.double(), z, w_up, w_down, activation, 1.0, True)
+        native_extension().bottleneck_backward(dy.double(), v, z, w_down, w_up, activation, 1.0, True, True, True)
 
 
 def test_saves_half_of_plain_torch_bottleneck_bytes():
@@ -173,10 +199,10 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastft.bottleneck_adapter.default,
                           (x, a["w_down"], a["b_down"], a["w_up"], a["b_up"], "relu", 0.5, a["residual"],
                            a["ln_weight"], a["ln_bias"], True, 1e-5))
-    for add_dy in (False, True):
-        torch.library.opcheck(torch.ops.fastft.bottleneck_input_grad.default,
-                              (torch.randn(6, 12), torch.randn(6, 3), torch.randn(12, 3), torch.randn(3, 12), "silu",
-                               0.5, add_dy))
+    for add_dy, need_dv, need_weights in ((False, True, True), (True, True, False), (False, False, True)):
+        torch.library.opcheck(torch.ops.fastft.bottleneck_backward.default,
+                              (torch.randn(6, 12), torch.randn(6, 12), torch.randn(6, 3), torch.randn(3, 12),
+                               torch.randn(12, 3), "silu", 0.5, add_dy, need_dv, need_weights))
 
 
 def test_bad_activation_is_named():

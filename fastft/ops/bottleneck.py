@@ -4,11 +4,12 @@ fastft::bottleneck_adapter(x, w_down, b_down, w_up, b_up, activation, scale, res
 layer_norm, ln_eps) -> (out, z, mean, rstd); callers use out. z is the pre-activation down(norm(x)) (tokens, r),
 mean and rstd the LayerNorm statistics (empty without the norm); they are outputs so autograd can save them.
 
-Forward, CPU fp32 (`fastft._C.bottleneck_forward`): ATen GEMM for the down-projection, then the up-projection with
-the residual add in the GEMM's epilogue, so the (tokens, hidden) product is never written and read back (one read
-of the residual, one write of the output). CUDA: Triton kernels with the bias + activation in the down-projection's
-epilogue and the residual in the up-projection's. Other dtypes: ATen ops. fastft::bottleneck_input_grad does the
-same in backward: dz = act'(z) * s * (dy W_up), and dx = dy + dz W_down with dy as the epilogue's residual.
+Forward, CPU fp32 (`fastft._C.bottleneck_forward`): one pass over blocks of 48 rows, each block's down-projection,
+activation and up-projection with the residual add in the GEMM's epilogue, so the (tokens, hidden) product is never
+written and read back (one read of x and the residual, one write of the output). CUDA: Triton kernels with the
+bias + activation in the down-projection's epilogue and the residual in the up-projection's. Other dtypes: ATen
+ops. fastft::bottleneck_backward computes every gradient of the bottleneck; on CPU fp32 in one pass over row blocks
+that reads dy and x from memory once and writes dx once.
 Backward recomputes a = act(z) (and norm(x) from x, mean, rstd):
     dW_up = s dy^T a,  db_up = s sum dy,  dz = s (dy W_up) * act'(z),  dW_down = dz^T norm(x),  db_down = sum dz,
     dx = dy (sequential adapter) + norm'(dz W_down),  d residual = dy (parallel adapter).
@@ -43,38 +44,67 @@ def _all_fp32(*tensors) -> bool:
     return all(t is None or t.dtype == torch.float32 for t in tensors)
 
 
-def _input_grad_ref(dy, z, w_up, w_down, activation, scale, add_dy):
+def _no_grads(t: Tensor, count: int) -> tuple[Tensor, ...]:
+    """Distinct empty tensors for the gradients not asked for (op outputs must not alias each other)."""
+    return tuple(t.new_empty(0) for _ in range(count))
+
+
+def _weight_grads(dy, v, z, dz, activation, scale):
+    """(dW_down, db_down, dW_up, db_up) from the output gradient dy (tokens, hidden), the down-projection's input v
+    and pre-activation z, and dz = act'(z) * scale * (dy W_up); bias sums accumulate in fp32 at least."""
+    accumulate = torch.promote_types(dy.dtype, torch.float32)
+    grad_w_up = torch.mm(dy.t(), ref.activate(z, activation)).mul_(scale)
+    grad_b_up = dy.sum(0, dtype=accumulate).mul_(scale).to(dy.dtype)
+    grad_b_down = dz.sum(0, dtype=accumulate).to(dz.dtype)
+    return torch.mm(dz.t(), v), grad_b_down, grad_w_up, grad_b_up
+
+
+def _backward_ref(dy, v, z, w_down, w_up, activation, scale, add_dy, need_dv, need_weights):
     dz = ref.activation_grad(torch.mm(dy, w_up).mul_(scale), z, activation)
-    return dz, torch.addmm(dy, dz, w_down) if add_dy else torch.mm(dz, w_down)
+    dv = (torch.addmm(dy, dz, w_down) if add_dy else torch.mm(dz, w_down)) if need_dv else dy.new_empty(0)
+    weights = _weight_grads(dy, v, z, dz, activation, scale) if need_weights else _no_grads(dy, 4)
+    return dv, *weights
 
 
-@torch.library.custom_op("fastft::bottleneck_input_grad", mutates_args=())
-def bottleneck_input_grad(dy: Tensor, z: Tensor, w_up: Tensor, w_down: Tensor, activation: str, scale: float,
-                          add_dy: bool) -> tuple[Tensor, Tensor]:
-    """(dz, dv): dz = act'(z) * scale * (dy @ W_up) (tokens, r) and dv = [dy +] dz @ W_down (tokens, hidden), the
-    dy term for a sequential adapter without a norm (its input is its residual). dy, z and the weights share a
-    dtype. CPU fp32: dv with dy as the GEMM epilogue's residual (fastft._C); CUDA: Triton with act' and dy in the
-    epilogues."""
-    return _input_grad_ref(dy, z, w_up, w_down, activation, scale, add_dy)
+@torch.library.custom_op("fastft::bottleneck_backward", mutates_args=())
+def bottleneck_backward(dy: Tensor, v: Tensor, z: Tensor, w_down: Tensor, w_up: Tensor, activation: str, scale: float,
+                        add_dy: bool, need_dv: bool, need_weights: bool
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dv, dW_down, db_down, dW_up, db_up) of the bottleneck for the output gradient dy (tokens, hidden), the
+    down-projection's input v (tokens, hidden) and its pre-activation z (tokens, r); all share one dtype.
+    dv = [dy +] dz W_down with dz = act'(z) * scale * (dy W_up), the dy term for a sequential adapter without a norm
+    (its input is its residual); dv is empty unless need_dv, the weight gradients empty unless need_weights.
+    CPU fp32: one pass over blocks of rows (fastft._C), reading dy and v from memory once and writing dv once;
+    CUDA: Triton with act' and dy in the GEMM epilogues, cuBLAS for the weight gradients."""
+    return _backward_ref(dy, v, z, w_down, w_up, activation, scale, add_dy, need_dv, need_weights)
 
 
-@bottleneck_input_grad.register_kernel(("cpu", "cuda"))
-def _(dy, z, w_up, w_down, activation, scale, add_dy):
+@bottleneck_backward.register_kernel(("cpu", "cuda"))
+def _(dy, v, z, w_down, w_up, activation, scale, add_dy, need_dv, need_weights):
     backend = backend_for(dy.device.type)
-    if backend == "native" and _all_fp32(dy, z, w_up, w_down):
-        return tuple(native_extension().bottleneck_input_grad(dy, z, w_up, w_down, activation, scale, add_dy))
+    if backend == "native" and _all_fp32(dy, v, z, w_down, w_up):
+        return tuple(native_extension().bottleneck_backward(dy, v, z, w_down, w_up, activation, scale, add_dy,
+                                                            need_dv, need_weights))
     if backend == "triton":
         from fastft.kernels import bottleneck as kernels
 
         dy = dy.contiguous()
         dz = kernels.activation_grad_matmul(dy, w_up, z.contiguous(), scale, activation)
-        return dz, kernels.residual_matmul(dy, dz, w_down, None, 1.0) if add_dy else torch.mm(dz, w_down)
-    return _input_grad_ref(dy, z, w_up, w_down, activation, scale, add_dy)
+        dv = dy.new_empty(0)
+        if need_dv:
+            dv = kernels.residual_matmul(dy, dz, w_down, None, 1.0) if add_dy else torch.mm(dz, w_down)
+        weights = _weight_grads(dy, v, z, dz, activation, scale) if need_weights else _no_grads(dy, 4)
+        return dv, *weights
+    return _backward_ref(dy, v, z, w_down, w_up, activation, scale, add_dy, need_dv, need_weights)
 
 
-@bottleneck_input_grad.register_fake
-def _(dy, z, w_up, w_down, activation, scale, add_dy):
-    return torch.empty_like(z, memory_format=torch.contiguous_format), dy.new_empty(dy.shape[0], w_down.shape[1])
+@bottleneck_backward.register_fake
+def _(dy, v, z, w_down, w_up, activation, scale, add_dy, need_dv, need_weights):
+    dv = dy.new_empty(dy.shape) if need_dv else dy.new_empty(0)
+    if not need_weights:
+        return dv, *_no_grads(dy, 4)
+    return dv, w_down.new_empty(w_down.shape), w_down.new_empty(w_down.shape[0]), w_up.new_empty(w_up.shape), \
+        w_up.new_empty(w_up.shape[0])
 
 
 @torch.library.custom_op("fastft::bottleneck_adapter", mutates_args=())
@@ -123,37 +153,28 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_z, _grad_mean, _grad_rstd):
     x, w_down, w_up, ln_weight, ln_bias, z, mean, rstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    activation, scale = ctx.activation, ctx.scale
     dy = _rows(grad_out)
-    g = dy.to(w_up.dtype)
     grad_w_up = grad_b_up = grad_w_down = grad_b_down = grad_x = grad_residual = grad_ln_w = grad_ln_b = None
-    accumulate = torch.promote_types(w_up.dtype, torch.float32)
-    if needs[3]:
-        # (a^T dy)^T: MKL runs this orientation of the long-K product about 15% faster on CPU than dy^T a
-        grad_w_up = torch.mm(ref.activate(z, activation).t(), g).t().mul_(scale)
-    if ctx.has_b_up and needs[4]:
-        grad_b_up = g.sum(0, dtype=accumulate).mul_(scale).to(w_up.dtype)
-    needs_input = needs[0] or needs[8] or needs[9]
-    add_dy = needs_input and not ctx.has_residual and not ctx.layer_norm
-    if needs_input:
-        dz, grad_v = bottleneck_input_grad(g, z, w_up, w_down, activation, scale, add_dy)
-    else:  # only weight gradients: no (tokens, hidden) product at all
-        dz = ref.activation_grad(torch.mm(g, w_up).mul_(scale), z, activation)
-    rows = _rows(x)
-    v = rows.to(w_down.dtype)
-    if needs[1]:
-        normalized = _normalized(v, ln_weight, ln_bias, ctx.layer_norm, ctx.ln_eps)[0]
-        grad_w_down = torch.mm(dz.t(), normalized)
-    if ctx.has_b_down and needs[2]:
-        grad_b_down = dz.sum(0, dtype=torch.promote_types(dz.dtype, torch.float32)).to(w_down.dtype)
-    if needs_input:
-        if ctx.layer_norm:
-            grad_v, grad_ln_w, grad_ln_b = torch.ops.aten.native_layer_norm_backward(
-                grad_v, v, (v.shape[-1],), mean, rstd, ln_weight, ln_bias, [True, needs[8], needs[9]])
-        grad_rows = grad_v.to(x.dtype)
-        if not ctx.has_residual and not add_dy:
-            grad_rows = grad_rows + dy
-        grad_x = grad_rows.reshape(x.shape) if needs[0] else None
+    need_input = needs[0] or needs[8] or needs[9]
+    need_weights = any(needs[1:5])
+    if need_input or need_weights:
+        v = _rows(x).to(w_down.dtype)
+        normalized = _normalized(v, ln_weight, ln_bias, True, ctx.ln_eps)[0] if ctx.layer_norm and need_weights else v
+        add_dy = not ctx.has_residual and not ctx.layer_norm
+        grad_v, grad_w_down, grad_b_down, grad_w_up, grad_b_up = bottleneck_backward(
+            dy.to(w_up.dtype), normalized, z, w_down, w_up, ctx.activation, ctx.scale, add_dy and need_input,
+            need_input, need_weights)
+        if need_input:
+            if ctx.layer_norm:
+                grad_v, grad_ln_w, grad_ln_b = torch.ops.aten.native_layer_norm_backward(
+                    grad_v, v, (v.shape[-1],), mean, rstd, ln_weight, ln_bias, [True, needs[8], needs[9]])
+            grad_rows = grad_v.to(x.dtype)
+            if not ctx.has_residual and not add_dy:
+                grad_rows = grad_rows + dy
+            grad_x = grad_rows.reshape(x.shape) if needs[0] else None
+        grad_w_down, grad_w_up = (grad_w_down if needs[1] else None), (grad_w_up if needs[3] else None)
+        grad_b_down = grad_b_down if ctx.has_b_down and needs[2] else None
+        grad_b_up = grad_b_up if ctx.has_b_up and needs[4] else None
     if ctx.has_residual and needs[7]:
         grad_residual = grad_out
     return (grad_x, grad_w_down, grad_b_down, grad_w_up, grad_b_up, None, None, grad_residual, grad_ln_w,
