@@ -335,31 +335,33 @@ BottleneckGrads bottleneck_backward_cpu(const at::Tensor& dy_in, const at::Tenso
     const float* act_ptr = need_weights ? act.const_data_ptr<float>() : nullptr;
     const float* slope_ptr = slope.const_data_ptr<float>();
     float* dv_ptr = need_dv ? dv.mutable_data_ptr<float>() : nullptr;
-    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-      const int64_t chunk = b0 / grain;
-      float* dy_rows = row_copies.mutable_data_ptr<float>() + chunk * 2 * kRowBlock * ld;
-      float* v_rows = dy_rows + kRowBlock * ld;
-      float* act_rows = panel_rows.mutable_data_ptr<float>() + chunk * 2 * kRowBlock * r_pad;
-      float* dz = act_rows + kRowBlock * r_pad;
-      float* block_sums = sums_scratch.mutable_data_ptr<float>() + chunk * H;
-      float* up_part = need_weights ? up_parts.mutable_data_ptr<float>() + chunk * H * r_pad : nullptr;
-      float* down_part = need_weights ? down_parts.mutable_data_ptr<float>() + chunk * H * r_pad : nullptr;
-      double* dy_sum = need_weights ? dy_sums.mutable_data_ptr<double>() + chunk * H : nullptr;
-      double* dz_sum = need_weights ? dz_sums.mutable_data_ptr<double>() + chunk * r : nullptr;
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t row = blk * kRowBlock, rows = std::min(kRowBlock, T - row);
-        copy_rows(dy_ptr + row * H, rows, H, dy_rows, ld, block_sums, dy_sum);
-        gemm_rows(dy_rows, ld, rows, dy_to_u, static_cast<float>(scale), nullptr, 0, dz, r_pad);  // u
-        for (int64_t i = 0; i < rows; ++i)
-          for (int64_t j = 0; j < r; ++j) dz[i * r_pad + j] *= slope_ptr[(row + i) * r + j];
-        if (need_dv) gemm_rows(dz, r_pad, rows, dz_to_dv, 1.f, add_dy ? dy_rows : nullptr, ld, dv_ptr + row * H, H);
-        if (need_weights) {
-          copy_rows(act_ptr + row * r, rows, r, act_rows, r_pad, nullptr, nullptr);
-          accumulate_tn(dy_rows, ld, H, rows, act_rows, r_pad, up_part);
+    // each chunk of blocks is one thread's work, whatever the partition: its sums do not depend on scheduling
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+        float* dy_rows = row_copies.mutable_data_ptr<float>() + chunk * 2 * kRowBlock * ld;
+        float* v_rows = dy_rows + kRowBlock * ld;
+        float* act_rows = panel_rows.mutable_data_ptr<float>() + chunk * 2 * kRowBlock * r_pad;
+        float* dz = act_rows + kRowBlock * r_pad;
+        float* block_sums = sums_scratch.mutable_data_ptr<float>() + chunk * H;
+        float* up_part = need_weights ? up_parts.mutable_data_ptr<float>() + chunk * H * r_pad : nullptr;
+        float* down_part = need_weights ? down_parts.mutable_data_ptr<float>() + chunk * H * r_pad : nullptr;
+        double* dy_sum = need_weights ? dy_sums.mutable_data_ptr<double>() + chunk * H : nullptr;
+        double* dz_sum = need_weights ? dz_sums.mutable_data_ptr<double>() + chunk * r : nullptr;
+        for (int64_t blk = chunk * grain; blk < std::min(blocks, (chunk + 1) * grain); ++blk) {
+          const int64_t row = blk * kRowBlock, rows = std::min(kRowBlock, T - row);
+          copy_rows(dy_ptr + row * H, rows, H, dy_rows, ld, block_sums, dy_sum);
+          gemm_rows(dy_rows, ld, rows, dy_to_u, static_cast<float>(scale), nullptr, 0, dz, r_pad);  // u
           for (int64_t i = 0; i < rows; ++i)
-            for (int64_t j = 0; j < r; ++j) dz_sum[j] += dz[i * r_pad + j];
-          copy_rows(v_ptr + row * H, rows, H, v_rows, ld, nullptr, nullptr);
-          accumulate_tn(v_rows, ld, H, rows, dz, r_pad, down_part);
+            for (int64_t j = 0; j < r; ++j) dz[i * r_pad + j] *= slope_ptr[(row + i) * r + j];
+          if (need_dv) gemm_rows(dz, r_pad, rows, dz_to_dv, 1.f, add_dy ? dy_rows : nullptr, ld, dv_ptr + row * H, H);
+          if (need_weights) {
+            copy_rows(act_ptr + row * r, rows, r, act_rows, r_pad, nullptr, nullptr);
+            accumulate_tn(dy_rows, ld, H, rows, act_rows, r_pad, up_part);
+            for (int64_t i = 0; i < rows; ++i)
+              for (int64_t j = 0; j < r; ++j) dz_sum[j] += dz[i * r_pad + j];
+            copy_rows(v_ptr + row * H, rows, H, v_rows, ld, nullptr, nullptr);
+            accumulate_tn(v_rows, ld, H, rows, dz, r_pad, down_part);
+          }
         }
       }
     });

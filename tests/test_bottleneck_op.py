@@ -173,6 +173,25 @@ def test_native_kernels_match_reference(shape, activation):
         native_extension().bottleneck_backward(dy.double(), v, z, w_down, w_up, activation, 1.0, True, True, True)
 
 
+@pytest.mark.skipif(native_extension() is None, reason="needs the C++ extension")
+@pytest.mark.parametrize("threads", (1, 3, 4))
+def test_native_backward_with_other_thread_counts(threads):
+    """The backward's per-thread gradient parts (5 blocks of rows over 1, 3 or 4 threads) add up to the reference."""
+    g = torch.Generator().manual_seed(1)
+    dy, v = torch.randn(230, 40, generator=g), torch.randn(230, 40, generator=g)
+    z, w_down, w_up = torch.randn(230, 5, generator=g), torch.randn(5, 40, generator=g), torch.randn(40, 5, generator=g)
+    expected = ops._backward_ref(dy.double(), v.double(), z.double(), w_down.double(), w_up.double(), "silu", 0.5,
+                                 True, True, True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grads = native_extension().bottleneck_backward(dy, v, z, w_down, w_up, "silu", 0.5, True, True, True)
+    finally:
+        torch.set_num_threads(before)
+    for ours, theirs in zip(grads, expected):
+        assert rel_error(ours, theirs) < 1e-5
+
+
 def test_saves_half_of_plain_torch_bottleneck_bytes():
     x, args = make_inputs(64, 128, 16, batch=())
     exclude = [x] + [v for v in args.values() if v is not None]
