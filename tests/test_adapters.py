@@ -218,3 +218,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for (name, p), q in zip(model.named_parameters(), checkpointed.parameters()):
         if p.requires_grad:
             assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("placement", ("houlsby", "parallel"))
+def test_torch_compile_traces_adapters_as_one_graph(placement):
+    """The adapters' forward hooks and fastft::bottleneck_adapter / bottleneck_backward trace under torch.compile
+    (fullgraph) and give the eager loss and gradients."""
+    model = base_model("llama")
+    adapters.add_adapters(model, adapters.AdapterConfig(placement=placement, reduction_factor=4))
+    perturb(model, "default", 0)
+    model.train()
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward, backend="aot_eager", fullgraph=True)
+    eager_loss, compiled_loss = loss_of(model, "llama"), loss_of(compiled, "llama")
+    eager_loss.backward()
+    compiled_loss.backward()
+    assert torch.allclose(eager_loss, compiled_loss, rtol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), compiled.parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
