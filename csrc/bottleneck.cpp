@@ -29,6 +29,10 @@ namespace {
 constexpr int64_t kPanel = 16;
 constexpr int kTileRows = 6;
 constexpr int64_t kRowBlock = 48;
+// Widest bottleneck the kernels take. Above it MKL's GEMMs, whose inner dimension grows with r, run as fast as the
+// micro-kernel, and the per-thread weight-gradient sums (hidden x r) no longer stay in cache across blocks
+// (measured: r = 128 and 256 at hidden 2048-4096 were 0.7-1.0x the ATen composition, r <= 64 1.2-2x).
+constexpr int64_t kMaxRank = 64;
 
 int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
@@ -119,60 +123,110 @@ FASTFT_AVX2 inline void multiply_accumulate(Tile& c, int64_t K, const float* a, 
   }
 }
 
-// out rows [row, row + MR), panel p of b: [residual +] alpha * (A @ B + bias), the panel's first `cols` columns.
+// The first `cols` of 16 floats at p into v, zeros after them; and back.
+FASTFT_AVX2 inline void load16(__m256 (&v)[2], const float* p, int64_t cols) {
+  if (cols == kPanel) {
+    v[0] = _mm256_loadu_ps(p);
+    v[1] = _mm256_loadu_ps(p + 8);
+    return;
+  }
+  alignas(32) float tmp[kPanel] = {};
+  std::copy_n(p, cols, tmp);
+  v[0] = _mm256_load_ps(tmp);
+  v[1] = _mm256_load_ps(tmp + 8);
+}
+
+FASTFT_AVX2 inline void store16(const __m256 (&v)[2], float* p, int64_t cols) {
+  if (cols == kPanel) {
+    _mm256_storeu_ps(p, v[0]);
+    _mm256_storeu_ps(p + 8, v[1]);
+    return;
+  }
+  alignas(32) float tmp[kPanel];
+  _mm256_store_ps(tmp, v[0]);
+  _mm256_store_ps(tmp + 8, v[1]);
+  std::copy_n(tmp, cols, p);
+}
+
+// The rows [k0, k0 + kc) of B that one pass of gemm_tile multiplies; the sums of earlier passes wait in out, the
+// last pass applies the epilogue.
+struct KBlock {
+  int64_t k0, kc;
+  bool first, last;
+};
+
+// out rows [0, MR), panel p of b: [residual +] alpha * (A @ B + bias), the panel's first `cols` columns.
 template <int MR>
-FASTFT_AVX2 void gemm_tile(const float* a, int64_t lda, const Panels& b, int64_t p, float alpha,
+FASTFT_AVX2 void gemm_tile(const float* a, int64_t lda, const Panels& b, int64_t p, KBlock kb, float alpha,
                            const float* residual, int64_t ldr, float* out, int64_t ldo) {
+  const int64_t col = p * kPanel, cols = std::min(kPanel, b.N - col);
   Tile c;
 #pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) c[i][0] = c[i][1] = _mm256_setzero_ps();
-  multiply_accumulate<MR>(c, b.K, a, lda, 1, b.panel(p), kPanel);
+  for (int i = 0; i < MR; ++i) {
+    if (kb.first) c[i][0] = c[i][1] = _mm256_setzero_ps();
+    else load16(c[i], out + i * ldo + col, cols);
+  }
+  multiply_accumulate<MR>(c, kb.kc, a + kb.k0, lda, 1, b.panel(p) + kb.k0 * kPanel, kPanel);
+  if (!kb.last) {
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) store16(c[i], out + i * ldo + col, cols);
+    return;
+  }
   const __m256 scale = _mm256_set1_ps(alpha);
   const __m256 bias0 = _mm256_loadu_ps(b.bias16(p)), bias1 = _mm256_loadu_ps(b.bias16(p) + 8);
-  const int64_t col = p * kPanel, cols = std::min(kPanel, b.N - col);
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {
-    __m256 v0 = _mm256_mul_ps(scale, _mm256_add_ps(c[i][0], bias0));
-    __m256 v1 = _mm256_mul_ps(scale, _mm256_add_ps(c[i][1], bias1));
-    const float* res = residual != nullptr ? residual + i * ldr + col : nullptr;
-    float* o = out + i * ldo + col;
-    if (cols == kPanel) {
-      if (res != nullptr) {
-        v0 = _mm256_add_ps(_mm256_loadu_ps(res), v0);
-        v1 = _mm256_add_ps(_mm256_loadu_ps(res + 8), v1);
-      }
-      _mm256_storeu_ps(o, v0);
-      _mm256_storeu_ps(o + 8, v1);
-    } else {
-      alignas(32) float tmp[kPanel];
-      _mm256_store_ps(tmp, v0);
-      _mm256_store_ps(tmp + 8, v1);
-      for (int64_t j = 0; j < cols; ++j) o[j] = (res != nullptr ? res[j] : 0.f) + tmp[j];
+    __m256 v[2] = {_mm256_mul_ps(scale, _mm256_add_ps(c[i][0], bias0)),
+                   _mm256_mul_ps(scale, _mm256_add_ps(c[i][1], bias1))};
+    if (residual != nullptr) {
+      __m256 res[2];
+      load16(res, residual + i * ldr + col, cols);
+      v[0] = _mm256_add_ps(res[0], v[0]);
+      v[1] = _mm256_add_ps(res[1], v[1]);
     }
+    store16(v, out + i * ldo + col, cols);
   }
 }
 
 template <int MR>
-FASTFT_AVX2 void gemm_row_tile(const float* a, int64_t lda, const Panels& b, float alpha, const float* residual,
-                               int64_t ldr, float* out, int64_t ldo) {
-  for (int64_t p = 0; p * kPanel < b.N; ++p) gemm_tile<MR>(a, lda, b, p, alpha, residual, ldr, out, ldo);
+FASTFT_AVX2 void gemm_row_tile(const float* a, int64_t lda, const Panels& b, int64_t p0, int64_t p1, KBlock kb,
+                               float alpha, const float* residual, int64_t ldr, float* out, int64_t ldo) {
+  for (int64_t p = p0; p < p1; ++p) gemm_tile<MR>(a, lda, b, p, kb, alpha, residual, ldr, out, ldo);
 }
 
-// out (rows, b.N) = [residual +] alpha * (a @ B + bias), a's rows at stride lda; a 6-row tile sweeps every panel
-// so out is written row after row.
+// out (rows, b.N) = [residual +] alpha * (a @ B + bias), a's rows at stride lda. B is used in blocks of kc rows x a
+// group of panels, 256 KiB at most, that stay in L2 while the 6-row tiles sweep them (partial sums over k blocks
+// wait in out); within a group a tile sweeps the panels, so out is written row after row.
 FASTFT_AVX2 void gemm_rows(const float* a, int64_t lda, int64_t rows, const Panels& b, float alpha,
                            const float* residual, int64_t ldr, float* out, int64_t ldo) {
-  for (int64_t i = 0; i < rows; i += kTileRows) {
-    const float* ai = a + i * lda;
-    const float* ri = residual != nullptr ? residual + i * ldr : nullptr;
-    float* oi = out + i * ldo;
-    switch (std::min<int64_t>(kTileRows, rows - i)) {
-      case 6: gemm_row_tile<6>(ai, lda, b, alpha, ri, ldr, oi, ldo); break;
-      case 5: gemm_row_tile<5>(ai, lda, b, alpha, ri, ldr, oi, ldo); break;
-      case 4: gemm_row_tile<4>(ai, lda, b, alpha, ri, ldr, oi, ldo); break;
-      case 3: gemm_row_tile<3>(ai, lda, b, alpha, ri, ldr, oi, ldo); break;
-      case 2: gemm_row_tile<2>(ai, lda, b, alpha, ri, ldr, oi, ldo); break;
-      default: gemm_row_tile<1>(ai, lda, b, alpha, ri, ldr, oi, ldo); break;
+  constexpr int64_t kPanelRows = 4096;  // panel rows of 16 floats in 256 KiB
+  const int64_t panels = (b.N + kPanel - 1) / kPanel;
+  int64_t kc = b.K, group = panels;
+  if (b.K * panels > kPanelRows) {
+    if (b.K <= kPanelRows / 16) {
+      group = kPanelRows / b.K;  // short k (the bottleneck r): all of it, fewer panels at a time
+    } else {
+      group = std::min<int64_t>(panels, 16);
+      kc = kPanelRows / group;
+    }
+  }
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(b.K, 1); k0 += std::max<int64_t>(kc, 1)) {  // K = 0: the epilogue
+    const KBlock kb{k0, std::min(kc, b.K - k0), k0 == 0, k0 + kc >= b.K};
+    for (int64_t p0 = 0; p0 < panels; p0 += group) {
+      const int64_t p1 = std::min(panels, p0 + group);
+      for (int64_t i = 0; i < rows; i += kTileRows) {
+        const float* ai = a + i * lda;
+        const float* ri = residual != nullptr ? residual + i * ldr : nullptr;
+        float* oi = out + i * ldo;
+        switch (std::min<int64_t>(kTileRows, rows - i)) {
+          case 6: gemm_row_tile<6>(ai, lda, b, p0, p1, kb, alpha, ri, ldr, oi, ldo); break;
+          case 5: gemm_row_tile<5>(ai, lda, b, p0, p1, kb, alpha, ri, ldr, oi, ldo); break;
+          case 4: gemm_row_tile<4>(ai, lda, b, p0, p1, kb, alpha, ri, ldr, oi, ldo); break;
+          case 3: gemm_row_tile<3>(ai, lda, b, p0, p1, kb, alpha, ri, ldr, oi, ldo); break;
+          case 2: gemm_row_tile<2>(ai, lda, b, p0, p1, kb, alpha, ri, ldr, oi, ldo); break;
+          default: gemm_row_tile<1>(ai, lda, b, p0, p1, kb, alpha, ri, ldr, oi, ldo); break;
+        }
+      }
     }
   }
 }
@@ -248,9 +302,8 @@ BottleneckGrads backward_aten(const at::Tensor& dy, const at::Tensor& v, const a
   at::Tensor dv = !need_dv ? at::empty({0}, dy.options()) : add_dy ? at::addmm(dy, dz, w_down) : at::mm(dz, w_down);
   if (!need_weights) return {dv, at::empty({0}, dy.options()), at::empty({0}, dy.options()),
                              at::empty({0}, dy.options()), at::empty({0}, dy.options())};
-  return {dv, at::mm(dz.t(), v), dz.sum(0, false, at::kDouble).to(at::kFloat),
-          at::mm(dy.t(), activate(z, activation)).mul_(scale),
-          dy.sum(0, false, at::kDouble).mul_(scale).to(at::kFloat)};
+  return {dv, at::mm(dz.t(), v), dz.sum(0), at::mm(dy.t(), activate(z, activation)).mul_(scale),
+          dy.sum(0).mul_(scale)};
 }
 
 }  // namespace
@@ -268,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_forward_cpu(const at::Tensor& v_in
   TORCH_CHECK(residual_in.sizes() == v_in.sizes(), "bottleneck_forward: residual ", residual_in.sizes(),
               " must have v's shape ", v_in.sizes());
 #ifdef FASTFT_X86
-  if (cpu_has_avx2()) {
+  if (cpu_has_avx2() && w_down.size(0) <= kMaxRank) {
     const at::Tensor v = v_in.contiguous(), residual = residual_in.contiguous();
     const int64_t T = v.size(0), H = v.size(1), r = w_down.size(0);
     at::Tensor z = at::empty({T, r}, v.options()), out = empty_huge_pages({T, H}, v.options());
@@ -309,7 +362,7 @@ BottleneckGrads bottleneck_backward_cpu(const at::Tensor& dy_in, const at::Tenso
               "bottleneck_backward: shapes dy ", dy_in.sizes(), ", v ", v_in.sizes(), ", z ", z_in.sizes(),
               " do not chain");
 #ifdef FASTFT_X86
-  if (cpu_has_avx2()) {
+  if (cpu_has_avx2() && w_down.size(0) <= kMaxRank) {
     const at::Tensor dy = dy_in.contiguous(), v = v_in.contiguous(), z = z_in.contiguous();
     const int64_t T = dy.size(0), H = dy.size(1), r = w_down.size(0), r_pad = round_up(r, kPanel);
     const int64_t ld = padded_stride(H), blocks = (T + kRowBlock - 1) / kRowBlock;

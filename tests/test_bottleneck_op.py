@@ -142,11 +142,12 @@ def test_ragged_shapes(rows, hidden, r, batch):
 
 @pytest.mark.skipif(native_extension() is None, reason="needs the C++ extension")
 @pytest.mark.parametrize("shape", ((1, 1, 1), (0, 8, 3), (6, 64, 16), (7, 13, 17), (130, 1000, 64), (97, 1024, 20),
-                                   (200, 33, 5)))
+                                   (200, 33, 5), (60, 40, 65)))
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_native_kernels_match_reference(shape, activation):
     """fastft._C's forward and backward on ragged shapes (blocks of 48 rows, 6-row tiles, 16-column panels, one
-    chunk of blocks per thread), against the plain-torch formulas in fp64, with each gradient asked for or not."""
+    chunk of blocks per thread; r > 64 takes ATen's GEMMs), against the plain-torch formulas in fp64, with each
+    gradient asked for or not."""
     tokens, hidden, r = shape
     g = torch.Generator().manual_seed(0)
     v, residual, dy = (torch.randn(tokens, hidden, generator=g) for _ in range(3))
