@@ -33,6 +33,14 @@ constexpr int64_t kRowBlock = 48;
 // micro-kernel, and the per-thread weight-gradient sums (hidden x r) no longer stay in cache across blocks
 // (measured: r = 128 and 256 at hidden 2048-4096 were 0.7-1.0x the ATen composition, r <= 64 1.2-2x).
 constexpr int64_t kMaxRank = 64;
+// Fewest tokens the kernels take. Each call packs both weights and (backward) sums per-thread weight-gradient parts,
+// a fixed ~0.3-1 ms at hidden 1024; measured against the ATen composition at hidden 1024, r = 64: 0.4-0.7x at 128
+// tokens, 1.0x at 512, 1.1-1.2x at 1024, 1.2-1.4x at 4096.
+constexpr int64_t kMinTokens = 1024;
+
+bool use_kernels(int64_t tokens, int64_t rank) {
+  return cpu_has_avx2() && rank <= kMaxRank && tokens >= kMinTokens;
+}
 
 int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
@@ -83,17 +91,22 @@ struct Panels {
   at::Tensor packed, bias;
   int64_t K, N;
 
-  Panels(const at::Tensor& b_in, const std::optional<at::Tensor>& bias_in) : K(b_in.size(0)), N(b_in.size(1)) {
-    const at::Tensor b = b_in.contiguous();
-    const int64_t panels = round_up(N, kPanel) / kPanel;
-    packed = at::zeros({panels, K, kPanel}, b.options());
+  Panels(const at::Tensor& b, const std::optional<at::Tensor>& bias_in) : K(b.size(0)), N(b.size(1)) {
+    const int64_t panels = round_up(N, kPanel) / kPanel, stride_k = b.stride(0), stride_n = b.stride(1);
+    packed = at::empty({panels, K, kPanel}, b.options());
     bias = at::zeros({panels * kPanel}, b.options());
     if (bias_in.has_value()) bias.narrow(0, 0, N).copy_(*bias_in);
     const float* src = b.const_data_ptr<float>();
     float* dst = packed.mutable_data_ptr<float>();
-    for (int64_t p = 0; p < panels; ++p) {
-      const int64_t cols = std::min(kPanel, N - p * kPanel);
-      for (int64_t k = 0; k < K; ++k) std::copy_n(src + k * N + p * kPanel, cols, dst + (p * K + k) * kPanel);
+    if (N % kPanel != 0) packed[panels - 1].zero_();  // the last panel's padding columns
+    // walk the source along its contiguous dimension (b is W or W^T of a row-major weight)
+    if (stride_n == 1) {
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t n = 0; n < N; ++n) dst[((n / kPanel) * K + k) * kPanel + n % kPanel] = src[k * stride_k + n];
+    } else {
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k)
+          dst[((n / kPanel) * K + k) * kPanel + n % kPanel] = src[k * stride_k + n * stride_n];
     }
     packed_ptr = packed.const_data_ptr<float>();
     bias_ptr = bias.const_data_ptr<float>();
@@ -231,16 +244,17 @@ FASTFT_AVX2 void gemm_rows(const float* a, int64_t lda, int64_t rows, const Pane
   }
 }
 
-// c rows [m, m + MR) (stride ldc, n_pad columns) += x^T y over k < K rows: x (K, M) at stride ldx, y (K, n_pad).
+// c rows [m, m + MR) (stride ldc, n_pad columns) (+)= x^T y over k < K rows: x (K, M) at stride ldx, y (K, n_pad);
+// `first` overwrites c.
 template <int MR>
 FASTFT_AVX2 void accumulate_tn_tile(const float* x, int64_t ldx, int64_t K, const float* y, int64_t n_pad, float* c,
-                                    int64_t ldc) {
+                                    int64_t ldc, bool first) {
   for (int64_t q = 0; q < n_pad; q += kPanel) {
     Tile acc;
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
-      acc[i][0] = _mm256_loadu_ps(c + i * ldc + q);
-      acc[i][1] = _mm256_loadu_ps(c + i * ldc + q + 8);
+      acc[i][0] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + i * ldc + q);
+      acc[i][1] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + i * ldc + q + 8);
     }
     multiply_accumulate<MR>(acc, K, x, 1, ldx, y + q, n_pad);
 #pragma GCC unroll 6
@@ -251,19 +265,19 @@ FASTFT_AVX2 void accumulate_tn_tile(const float* x, int64_t ldx, int64_t K, cons
   }
 }
 
-// c (M, n_pad) += x^T y for a block of K rows; c holds a weight gradient (hidden, r) padded to whole panels.
+// c (M, n_pad) (+)= x^T y for a block of K rows; c holds a weight gradient (hidden, r) padded to whole panels.
 FASTFT_AVX2 void accumulate_tn(const float* x, int64_t ldx, int64_t M, int64_t K, const float* y, int64_t n_pad,
-                               float* c) {
+                               float* c, bool first) {
   for (int64_t m = 0; m < M; m += kTileRows) {
     const float* xm = x + m;
     float* cm = c + m * n_pad;
     switch (std::min<int64_t>(kTileRows, M - m)) {
-      case 6: accumulate_tn_tile<6>(xm, ldx, K, y, n_pad, cm, n_pad); break;
-      case 5: accumulate_tn_tile<5>(xm, ldx, K, y, n_pad, cm, n_pad); break;
-      case 4: accumulate_tn_tile<4>(xm, ldx, K, y, n_pad, cm, n_pad); break;
-      case 3: accumulate_tn_tile<3>(xm, ldx, K, y, n_pad, cm, n_pad); break;
-      case 2: accumulate_tn_tile<2>(xm, ldx, K, y, n_pad, cm, n_pad); break;
-      default: accumulate_tn_tile<1>(xm, ldx, K, y, n_pad, cm, n_pad); break;
+      case 6: accumulate_tn_tile<6>(xm, ldx, K, y, n_pad, cm, n_pad, first); break;
+      case 5: accumulate_tn_tile<5>(xm, ldx, K, y, n_pad, cm, n_pad, first); break;
+      case 4: accumulate_tn_tile<4>(xm, ldx, K, y, n_pad, cm, n_pad, first); break;
+      case 3: accumulate_tn_tile<3>(xm, ldx, K, y, n_pad, cm, n_pad, first); break;
+      case 2: accumulate_tn_tile<2>(xm, ldx, K, y, n_pad, cm, n_pad, first); break;
+      default: accumulate_tn_tile<1>(xm, ldx, K, y, n_pad, cm, n_pad, first); break;
     }
   }
 }
@@ -281,7 +295,28 @@ FASTFT_AVX2 void copy_rows(const float* src, int64_t rows, int64_t cols, float* 
   if (sums != nullptr)
     for (int64_t j = 0; j < cols; ++j) sums[j] += block_sums[j];
 }
+// dW_up (H, r) = scale * sum of up_parts and dW_down (r, H) = the transposed sum of down_parts, over the chunks
+// in order (parts: (chunks, H, r_pad)).
+void sum_parts(const at::Tensor& up_parts, const at::Tensor& down_parts, float scale, at::Tensor& dw_up,
+               at::Tensor& dw_down) {
+  const int64_t chunks = up_parts.size(0), H = up_parts.size(1), r_pad = up_parts.size(2), r = dw_up.size(1);
+  const float* up = up_parts.const_data_ptr<float>();
+  const float* down = down_parts.const_data_ptr<float>();
+  float* dw_up_ptr = dw_up.mutable_data_ptr<float>();
+  float* dw_down_ptr = dw_down.mutable_data_ptr<float>();
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t j = 0; j < r; ++j) {
+      float up_sum = 0.f, down_sum = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        up_sum += up[(c * H + h) * r_pad + j];
+        down_sum += down[(c * H + h) * r_pad + j];
+      }
+      dw_up_ptr[h * r + j] = up_sum * scale;
+      dw_down_ptr[j * H + h] = down_sum;
+    }
+}
 #endif
+
 
 std::tuple<at::Tensor, at::Tensor> forward_aten(const at::Tensor& v, const at::Tensor& residual,
                                                 const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
@@ -321,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_forward_cpu(const at::Tensor& v_in
   TORCH_CHECK(residual_in.sizes() == v_in.sizes(), "bottleneck_forward: residual ", residual_in.sizes(),
               " must have v's shape ", v_in.sizes());
 #ifdef FASTFT_X86
-  if (cpu_has_avx2() && w_down.size(0) <= kMaxRank) {
+  if (use_kernels(v_in.size(0), w_down.size(0))) {
     const at::Tensor v = v_in.contiguous(), residual = residual_in.contiguous();
     const int64_t T = v.size(0), H = v.size(1), r = w_down.size(0);
     at::Tensor z = at::empty({T, r}, v.options()), out = empty_huge_pages({T, H}, v.options());
@@ -362,7 +397,7 @@ BottleneckGrads bottleneck_backward_cpu(const at::Tensor& dy_in, const at::Tenso
               "bottleneck_backward: shapes dy ", dy_in.sizes(), ", v ", v_in.sizes(), ", z ", z_in.sizes(),
               " do not chain");
 #ifdef FASTFT_X86
-  if (cpu_has_avx2() && w_down.size(0) <= kMaxRank) {
+  if (use_kernels(dy_in.size(0), w_down.size(0))) {
     const at::Tensor dy = dy_in.contiguous(), v = v_in.contiguous(), z = z_in.contiguous();
     const int64_t T = dy.size(0), H = dy.size(1), r = w_down.size(0), r_pad = round_up(r, kPanel);
     const int64_t ld = padded_stride(H), blocks = (T + kRowBlock - 1) / kRowBlock;
@@ -378,7 +413,7 @@ BottleneckGrads bottleneck_backward_cpu(const at::Tensor& dy_in, const at::Tenso
     // per chunk of blocks: dW_up^T / s and dW_down^T as (H, r_pad), sum dy and sum dz in fp64; scratch of a block:
     // copies of its dy and v rows at stride ld, act(z) and dz at stride r_pad (zero padding: accumulate_tn's B)
     const int64_t parts = need_weights ? chunks : 0;
-    at::Tensor up_parts = at::zeros({parts, H, r_pad}, f32), down_parts = at::zeros({parts, H, r_pad}, f32);
+    at::Tensor up_parts = at::empty({parts, H, r_pad}, f32), down_parts = at::empty({parts, H, r_pad}, f32);
     at::Tensor dy_sums = at::zeros({parts, H}, f32.dtype(at::kDouble));
     at::Tensor dz_sums = at::zeros({parts, r}, f32.dtype(at::kDouble));
     at::Tensor row_copies = at::empty({chunks, 2, kRowBlock, ld}, f32), sums_scratch = at::empty({chunks, H}, f32);
@@ -402,6 +437,7 @@ BottleneckGrads bottleneck_backward_cpu(const at::Tensor& dy_in, const at::Tenso
         double* dz_sum = need_weights ? dz_sums.mutable_data_ptr<double>() + chunk * r : nullptr;
         for (int64_t blk = chunk * grain; blk < std::min(blocks, (chunk + 1) * grain); ++blk) {
           const int64_t row = blk * kRowBlock, rows = std::min(kRowBlock, T - row);
+          const bool first = blk == chunk * grain;  // the chunk's first block writes its gradient parts
           copy_rows(dy_ptr + row * H, rows, H, dy_rows, ld, block_sums, dy_sum);
           gemm_rows(dy_rows, ld, rows, dy_to_u, static_cast<float>(scale), nullptr, 0, dz, r_pad);  // u
           for (int64_t i = 0; i < rows; ++i)
@@ -409,18 +445,19 @@ BottleneckGrads bottleneck_backward_cpu(const at::Tensor& dy_in, const at::Tenso
           if (need_dv) gemm_rows(dz, r_pad, rows, dz_to_dv, 1.f, add_dy ? dy_rows : nullptr, ld, dv_ptr + row * H, H);
           if (need_weights) {
             copy_rows(act_ptr + row * r, rows, r, act_rows, r_pad, nullptr, nullptr);
-            accumulate_tn(dy_rows, ld, H, rows, act_rows, r_pad, up_part);
+            accumulate_tn(dy_rows, ld, H, rows, act_rows, r_pad, up_part, first);
             for (int64_t i = 0; i < rows; ++i)
               for (int64_t j = 0; j < r; ++j) dz_sum[j] += dz[i * r_pad + j];
             copy_rows(v_ptr + row * H, rows, H, v_rows, ld, nullptr, nullptr);
-            accumulate_tn(v_rows, ld, H, rows, dz, r_pad, down_part);
+            accumulate_tn(v_rows, ld, H, rows, dz, r_pad, down_part, first);
           }
         }
       }
     });
     if (!need_weights) return {dv, at::empty({0}, f32), at::empty({0}, f32), at::empty({0}, f32), at::empty({0}, f32)};
-    return {dv, down_parts.sum(0).narrow(1, 0, r).t().contiguous(), dz_sums.sum(0).to(at::kFloat),
-            up_parts.sum(0).narrow(1, 0, r).mul(scale), dy_sums.sum(0).mul_(scale).to(at::kFloat)};
+    at::Tensor dw_down = at::empty({r, H}, f32), dw_up = at::empty({H, r}, f32);
+    sum_parts(up_parts, down_parts, static_cast<float>(scale), dw_up, dw_down);
+    return {dv, dw_down, dz_sums.sum(0).to(at::kFloat), dw_up, dy_sums.sum(0).mul_(scale).to(at::kFloat)};
   }
 #endif
   return backward_aten(dy_in, v_in, z_in, w_down, w_up, activation, scale, add_dy, need_dv, need_weights);

@@ -13,6 +13,9 @@ from fastft.ops.backend import native_extension
 from fastft.reference.bottleneck import ACTIVATIONS, bottleneck_adapter_ref
 
 
+KERNEL_ROWS = 521  # x 2 in a batch: enough tokens (1024) for fastft._C's kernels rather than its ATen path
+
+
 def make_inputs(rows, hidden, r, x_dtype=torch.float32, w_dtype=torch.float32, bias=True, layer_norm=False,
                 residual=False, batch=(2,)):
     g = torch.Generator().manual_seed(rows * 1000 + hidden + r)
@@ -50,7 +53,7 @@ def grads(out, grad, x, args):
 @pytest.mark.parametrize("residual", (False, True))
 @pytest.mark.parametrize("bias", (False, True))
 def test_matches_reference_fp32(backend, activation, layer_norm, residual, bias):
-    x, args = make_inputs(37, 50, 7, bias=bias, layer_norm=layer_norm, residual=residual)
+    x, args = make_inputs(KERNEL_ROWS, 50, 7, bias=bias, layer_norm=layer_norm, residual=residual)
     out = op(x, activation, 0.7, layer_norm, **args)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     ours = grads(out, grad, x, args)
@@ -69,7 +72,7 @@ def test_matches_reference_fp32(backend, activation, layer_norm, residual, bias)
 def test_partial_gradients_match_reference(backend, trainable, layer_norm):
     """A frozen adapter (gradient to its input only), a first adapter whose input needs no gradient, and one
     projection frozen: the gradients asked for match the reference's."""
-    x, args = make_inputs(53, 40, 6, layer_norm=layer_norm)
+    x, args = make_inputs(KERNEL_ROWS, 40, 6, layer_norm=layer_norm)
     x.requires_grad_(trainable != "weights")
     for name, value in args.items():
         if value is not None:
@@ -122,7 +125,7 @@ def test_gradcheck(backend, activation, layer_norm, residual):
 
 
 def test_non_contiguous_inputs(backend):
-    x, args = make_inputs(20, 40, 6)
+    x, args = make_inputs(KERNEL_ROWS, 40, 6)
     x_t = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # same values, other strides
     out = op(x_t, "silu", 1.0, False, **args)
     expected = op(x.detach(), "silu", 1.0, False, **{k: v.detach() if v is not None else None for k, v in args.items()})
@@ -141,13 +144,13 @@ def test_ragged_shapes(rows, hidden, r, batch):
 
 
 @pytest.mark.skipif(native_extension() is None, reason="needs the C++ extension")
-@pytest.mark.parametrize("shape", ((1, 1, 1), (0, 8, 3), (6, 64, 16), (7, 13, 17), (130, 1000, 64), (97, 1024, 20),
-                                   (200, 33, 5), (60, 40, 65)))
+@pytest.mark.parametrize("shape", ((1, 1, 1), (0, 8, 3), (60, 40, 65), (1024, 1, 1), (1031, 64, 16), (1025, 13, 17),
+                                   (1100, 1000, 64), (1081, 1024, 20), (1200, 33, 5), (1040, 40, 65)))
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_native_kernels_match_reference(shape, activation):
     """fastft._C's forward and backward on ragged shapes (blocks of 48 rows, 6-row tiles, 16-column panels, one
-    chunk of blocks per thread; r > 64 takes ATen's GEMMs), against the plain-torch formulas in fp64, with each
-    gradient asked for or not."""
+    chunk of blocks per thread; fewer than 1024 tokens or r > 64 take ATen's GEMMs), against the plain-torch
+    formulas in fp64, with each gradient asked for or not."""
     tokens, hidden, r = shape
     g = torch.Generator().manual_seed(0)
     v, residual, dy = (torch.randn(tokens, hidden, generator=g) for _ in range(3))
@@ -177,10 +180,11 @@ def test_native_kernels_match_reference(shape, activation):
 @pytest.mark.skipif(native_extension() is None, reason="needs the C++ extension")
 @pytest.mark.parametrize("threads", (1, 3, 4))
 def test_native_backward_with_other_thread_counts(threads):
-    """The backward's per-thread gradient parts (5 blocks of rows over 1, 3 or 4 threads) add up to the reference."""
+    """The backward's per-thread gradient parts (23 blocks of rows over 1, 3 or 4 threads) add up to the reference."""
     g = torch.Generator().manual_seed(1)
-    dy, v = torch.randn(230, 40, generator=g), torch.randn(230, 40, generator=g)
-    z, w_down, w_up = torch.randn(230, 5, generator=g), torch.randn(5, 40, generator=g), torch.randn(40, 5, generator=g)
+    dy, v = torch.randn(1100, 40, generator=g), torch.randn(1100, 40, generator=g)
+    z, w_down, w_up = (torch.randn(1100, 5, generator=g), torch.randn(5, 40, generator=g),
+                       torch.randn(40, 5, generator=g))
     expected = ops._backward_ref(dy.double(), v.double(), z.double(), w_down.double(), w_up.double(), "silu", 0.5,
                                  True, True, True)
     before = torch.get_num_threads()
