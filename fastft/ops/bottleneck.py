@@ -4,12 +4,13 @@ fastft::bottleneck_adapter(x, w_down, b_down, w_up, b_up, activation, scale, res
 layer_norm, ln_eps) -> (out, z, mean, rstd); callers use out. z is the pre-activation down(norm(x)) (tokens, r),
 mean and rstd the LayerNorm statistics (empty without the norm); they are outputs so autograd can save them.
 
-Forward, CPU fp32 (`fastft._C.bottleneck_forward`): one pass over blocks of 48 rows, each block's down-projection,
-activation and up-projection with the residual add in the GEMM's epilogue, so the (tokens, hidden) product is never
-written and read back (one read of x and the residual, one write of the output). CUDA: Triton kernels with the
+Forward, CPU fp32 (`fastft._C.bottleneck_forward`): the down-projection over blocks of 48 rows, the activation,
+then the up-projection with the residual add in the GEMM's epilogue, so the (tokens, hidden) product is never
+written and read back (one read of the residual, one write of the output). CUDA: Triton kernels with the
 bias + activation in the down-projection's epilogue and the residual in the up-projection's. Other dtypes: ATen
 ops. fastft::bottleneck_backward computes every gradient of the bottleneck; on CPU fp32 in one pass over row blocks
-that reads dy and x from memory once and writes dx once.
+that reads dy and x from memory once and writes dx once. The CPU kernels take bottlenecks up to 64 wide and at
+least 1024 tokens; other shapes run ATen's GEMMs, which are as fast there (csrc/bottleneck.cpp says why).
 Backward recomputes a = act(z) (and norm(x) from x, mean, rstd):
     dW_up = s dy^T a,  db_up = s sum dy,  dz = s (dy W_up) * act'(z),  dW_down = dz^T norm(x),  db_down = sum dz,
     dx = dy (sequential adapter) + norm'(dz W_down),  d residual = dy (parallel adapter).
