@@ -1,19 +1,20 @@
-// The bottleneck adapter's forward and backward on CPU, fp32, each one pass over blocks of 48 token rows
-// (formulas in fastft/reference/bottleneck.py; s is the adapter's scale):
-//   forward:  z = v W_down^T + b_down,  out = residual + s (act(z) W_up^T + b_up)
-//   backward: u = s dy W_up,  dz = act'(z) u,  dv = [dy +] dz W_down,
+// The bottleneck adapter's forward and backward on CPU, fp32, over blocks of 48 token rows (formulas in
+// fastft/reference/bottleneck.py; s is the adapter's scale):
+//   forward:  z = v W_down^T + b_down,  out = residual + s (act(z) W_up^T + b_up)   (two passes, act(z) between)
+//   backward: u = s dy W_up,  dz = act'(z) u,  dv = [dy +] dz W_down,                (one pass)
 //             dW_up = s dy^T act(z),  db_up = s sum dy,  dW_down = dz^T v,  db_down = sum dz
-// A block's rows of v and dy (192 KiB at hidden 1024) stay in L2 across every GEMM that reads them, so each
-// (tokens, hidden) tensor is read from memory once and out / dv are written once. Run as separate ATen GEMMs, the
-// backward reads dy three times and v once more, and the residual adds write and read (tokens, hidden) products.
-// Every GEMM has the bottleneck r as one dimension; they all run on one AVX2 micro-kernel. The weight gradients
-// accumulate per thread over its blocks and are summed in a fixed order at the end, so results do not depend on
-// scheduling. Activations and their derivatives are ATen's, applied per block, so they round as the reference does.
+// In the backward a block's rows of dy and v (192 KiB at hidden 1024) are copied once from memory and stay in L2
+// across every GEMM that reads them, and dv is written once. Run as separate ATen GEMMs, the backward reads dy three
+// times and v once more, and the residual adds write and read (tokens, hidden) products. Every GEMM has the
+// bottleneck r as one dimension; they all run on one AVX2 micro-kernel. The weight gradients accumulate per chunk
+// of blocks (one per thread) and are summed in a fixed order at the end, so results do not depend on scheduling.
+// act(z) and act'(z) are ATen's, over all rows at once (per block, ATen's per-call cost would dominate).
 //
 // Micro-kernel (AVX2 + FMA): a tile of up to 6 rows x 16 columns in 12 ymm accumulators, one broadcast of A per
 // row and two loads of B per k. A is addressed through a row and a k stride (rows of v, dy or act(z), or their
 // transposes); B is rows of 16 floats: weights packed into 16-column panels, or a block of act(z) / dz whose
-// rows are padded to whole panels. Without AVX2 the functions compute the same formulas with ATen ops.
+// rows are padded to whole panels. Without AVX2, for bottlenecks wider than kMaxRank and for calls of fewer than
+// kMinTokens, the functions compute the same formulas with ATen ops.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -316,7 +317,6 @@ void sum_parts(const at::Tensor& up_parts, const at::Tensor& down_parts, float s
     }
 }
 #endif
-
 
 std::tuple<at::Tensor, at::Tensor> forward_aten(const at::Tensor& v, const at::Tensor& residual,
                                                 const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
