@@ -75,8 +75,9 @@ def bottleneck_backward(dy: Tensor, v: Tensor, z: Tensor, w_down: Tensor, w_up: 
     down-projection's input v (tokens, hidden) and its pre-activation z (tokens, r); all share one dtype.
     dv = [dy +] dz W_down with dz = act'(z) * scale * (dy W_up), the dy term for a sequential adapter without a norm
     (its input is its residual); dv is empty unless need_dv, the weight gradients empty unless need_weights.
-    CPU fp32: one pass over blocks of rows (fastft._C), reading dy and v from memory once and writing dv once;
-    CUDA: Triton with act' and dy in the GEMM epilogues, cuBLAS for the weight gradients."""
+    CPU fp32 (fastft._C): one pass over blocks of rows, reading dy and v from memory once and writing dv once
+    (bottlenecks up to 64 wide and at least 1024 tokens; ATen's GEMMs otherwise); CUDA: Triton with act' and dy in
+    the GEMM epilogues, cuBLAS for the weight gradients."""
     return _backward_ref(dy, v, z, w_down, w_up, activation, scale, add_dy, need_dv, need_weights)
 
 
