@@ -46,27 +46,20 @@ bool use_kernels(int64_t tokens, int64_t rank) {
 
 int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
-void activate_into(at::Tensor& out, const at::Tensor& z, const std::string& activation) {
-  if (activation == "relu") at::relu_out(out, z);
-  else if (activation == "gelu") at::gelu_out(out, z);
-  else if (activation == "gelu_tanh") at::gelu_out(out, z, "tanh");
-  else if (activation == "silu") at::silu_out(out, z);
-  else TORCH_CHECK(false, "activation must be one of relu, gelu, gelu_tanh, silu; got ", activation);
-}
-
-void activation_grad_into(at::Tensor& out, const at::Tensor& grad, const at::Tensor& z,
-                          const std::string& activation) {
-  if (activation == "relu") at::threshold_backward_out(out, grad, z, 0);
-  else if (activation == "gelu") at::gelu_backward_out(out, grad, z);
-  else if (activation == "gelu_tanh") at::gelu_backward_out(out, grad, z, "tanh");
-  else if (activation == "silu") at::silu_backward_out(out, grad, z);
-  else TORCH_CHECK(false, "activation must be one of relu, gelu, gelu_tanh, silu; got ", activation);
-}
-
 at::Tensor activate(const at::Tensor& z, const std::string& activation) {
-  at::Tensor out = at::empty_like(z);
-  activate_into(out, z, activation);
-  return out;
+  if (activation == "relu") return at::relu(z);
+  if (activation == "gelu") return at::gelu(z);
+  if (activation == "gelu_tanh") return at::gelu(z, "tanh");
+  if (activation == "silu") return at::silu(z);
+  TORCH_CHECK(false, "activation must be one of relu, gelu, gelu_tanh, silu; got ", activation);
+}
+
+at::Tensor activation_grad(const at::Tensor& grad, const at::Tensor& z, const std::string& activation) {
+  if (activation == "relu") return at::threshold_backward(grad, z, 0);
+  if (activation == "gelu") return at::gelu_backward(grad, z);
+  if (activation == "gelu_tanh") return at::gelu_backward(grad, z, "tanh");
+  if (activation == "silu") return at::silu_backward(grad, z);
+  TORCH_CHECK(false, "activation must be one of relu, gelu, gelu_tanh, silu; got ", activation);
 }
 
 void check_fp32(const at::Tensor& t, const char* name) {
@@ -297,6 +290,7 @@ FASTFT_AVX2 void copy_rows(const float* src, int64_t rows, int64_t cols, float* 
   if (sums != nullptr)
     for (int64_t j = 0; j < cols; ++j) sums[j] += block_sums[j];
 }
+
 // dW_up (H, r) = scale * sum of up_parts and dW_down (r, H) = the transposed sum of down_parts, over the chunks
 // in order (parts: (chunks, H, r_pad)).
 void sum_parts(const at::Tensor& up_parts, const at::Tensor& down_parts, float scale, at::Tensor& dw_up,
@@ -335,8 +329,7 @@ BottleneckGrads backward_aten(const at::Tensor& dy, const at::Tensor& v, const a
                               const at::Tensor& w_down, const at::Tensor& w_up, const std::string& activation,
                               double scale, bool add_dy, bool need_dv, bool need_weights) {
   at::Tensor u = at::mm(dy, w_up).mul_(scale);
-  at::Tensor dz = at::empty_like(u);
-  activation_grad_into(dz, u, z, activation);
+  const at::Tensor dz = activation_grad(u, z, activation);
   at::Tensor dv = !need_dv ? at::empty({0}, dy.options()) : add_dy ? at::addmm(dy, dz, w_down) : at::mm(dz, w_down);
   if (!need_weights) return {dv, at::empty({0}, dy.options()), at::empty({0}, dy.options()),
                              at::empty({0}, dy.options()), at::empty({0}, dy.options())};
@@ -410,19 +403,20 @@ BottleneckGrads bottleneck_backward_cpu(const at::Tensor& dy_in, const at::Tenso
     const int64_t chunks = (blocks + grain - 1) / grain;
     const at::TensorOptions f32 = dy.options();
     const Panels dy_to_u(w_up, std::nullopt), dz_to_dv(w_down, std::nullopt);
-    // act(z) and act'(z) over all rows: ATen's elementwise kernels cost ~15 us per call on a 48-row block
-    const at::Tensor act = need_weights ? activate(z, activation) : at::empty({0}, f32);
-    at::Tensor slope = at::empty_like(z);
-    activation_grad_into(slope, at::ones({1, 1}, f32).expand_as(z), z, activation);
+    // act(z) and act'(z) over all rows: ATen's elementwise kernels cost ~15 us per call on a 48-row block. act's
+    // rows are padded with zeros to whole panels: it is accumulate_tn's B operand as it stands.
+    at::Tensor act = at::zeros({need_weights ? T : 0, r_pad}, f32);
+    if (need_weights) act.narrow(1, 0, r).copy_(activate(z, activation));
+    const at::Tensor slope = activation_grad(at::ones({1, 1}, f32).expand_as(z), z, activation).contiguous();
     at::Tensor dv = need_dv ? empty_huge_pages({T, H}, f32) : at::empty({0}, f32);
     // per chunk of blocks: dW_up^T / s and dW_down^T as (H, r_pad), sum dy and sum dz in fp64; scratch of a block:
-    // copies of its dy and v rows at stride ld, act(z) and dz at stride r_pad (zero padding: accumulate_tn's B)
+    // copies of its dy and v rows at stride ld, and dz at stride r_pad (zero padding: accumulate_tn's B)
     const int64_t parts = need_weights ? chunks : 0;
     at::Tensor up_parts = at::empty({parts, H, r_pad}, f32), down_parts = at::empty({parts, H, r_pad}, f32);
     at::Tensor dy_sums = at::zeros({parts, H}, f32.dtype(at::kDouble));
     at::Tensor dz_sums = at::zeros({parts, r}, f32.dtype(at::kDouble));
     at::Tensor row_copies = at::empty({chunks, 2, kRowBlock, ld}, f32), sums_scratch = at::empty({chunks, H}, f32);
-    at::Tensor panel_rows = at::zeros({chunks, 2, kRowBlock, r_pad}, f32);
+    at::Tensor dz_rows = at::zeros({chunks, kRowBlock, r_pad}, f32);
     const float* dy_ptr = dy.const_data_ptr<float>();
     const float* v_ptr = v.const_data_ptr<float>();
     const float* act_ptr = need_weights ? act.const_data_ptr<float>() : nullptr;
@@ -433,8 +427,7 @@ BottleneckGrads bottleneck_backward_cpu(const at::Tensor& dy_in, const at::Tenso
       for (int64_t chunk = c0; chunk < c1; ++chunk) {
         float* dy_rows = row_copies.mutable_data_ptr<float>() + chunk * 2 * kRowBlock * ld;
         float* v_rows = dy_rows + kRowBlock * ld;
-        float* act_rows = panel_rows.mutable_data_ptr<float>() + chunk * 2 * kRowBlock * r_pad;
-        float* dz = act_rows + kRowBlock * r_pad;
+        float* dz = dz_rows.mutable_data_ptr<float>() + chunk * kRowBlock * r_pad;
         float* block_sums = sums_scratch.mutable_data_ptr<float>() + chunk * H;
         float* up_part = need_weights ? up_parts.mutable_data_ptr<float>() + chunk * H * r_pad : nullptr;
         float* down_part = need_weights ? down_parts.mutable_data_ptr<float>() + chunk * H * r_pad : nullptr;
@@ -449,8 +442,7 @@ BottleneckGrads bottleneck_backward_cpu(const at::Tensor& dy_in, const at::Tenso
             for (int64_t j = 0; j < r; ++j) dz[i * r_pad + j] *= slope_ptr[(row + i) * r + j];
           if (need_dv) gemm_rows(dz, r_pad, rows, dz_to_dv, 1.f, add_dy ? dy_rows : nullptr, ld, dv_ptr + row * H, H);
           if (need_weights) {
-            copy_rows(act_ptr + row * r, rows, r, act_rows, r_pad, nullptr, nullptr);
-            accumulate_tn(dy_rows, ld, H, rows, act_rows, r_pad, up_part, first);
+            accumulate_tn(dy_rows, ld, H, rows, act_ptr + row * r_pad, r_pad, up_part, first);
             for (int64_t i = 0; i < rows; ++i)
               for (int64_t j = 0; j < r; ++j) dz_sum[j] += dz[i * r_pad + j];
             copy_rows(v_ptr + row * H, rows, H, v_rows, ld, nullptr, nullptr);
