@@ -405,8 +405,8 @@ BottleneckGrads bottleneck_backward_cpu(const at::Tensor& dy_in, const at::Tenso
     const Panels dy_to_u(w_up, std::nullopt), dz_to_dv(w_down, std::nullopt);
     // act(z) and act'(z) over all rows: ATen's elementwise kernels cost ~15 us per call on a 48-row block. act's
     // rows are padded with zeros to whole panels: it is accumulate_tn's B operand as it stands.
-    at::Tensor act = at::zeros({need_weights ? T : 0, r_pad}, f32);
-    if (need_weights) act.narrow(1, 0, r).copy_(activate(z, activation));
+    at::Tensor act = need_weights ? activate(z, activation) : at::empty({0}, f32);
+    if (need_weights && r != r_pad) act = at::constant_pad_nd(act, {0, r_pad - r});
     const at::Tensor slope = activation_grad(at::ones({1, 1}, f32).expand_as(z), z, activation).contiguous();
     at::Tensor dv = need_dv ? empty_huge_pages({T, H}, f32) : at::empty({0}, f32);
     // per chunk of blocks: dW_up^T / s and dW_down^T as (H, r_pad), sum dy and sum dz in fp64; scratch of a block:
