@@ -7,7 +7,8 @@
 // across every GEMM that reads them, and dv is written once. Run as separate ATen GEMMs, the backward reads dy three
 // times and v once more, and the residual adds write and read (tokens, hidden) products. Every GEMM has the
 // bottleneck r as one dimension; they all run on one AVX2 micro-kernel. The weight gradients accumulate per chunk
-// of blocks (one per thread) and are summed in a fixed order at the end, so results do not depend on scheduling.
+// of blocks (threads take chunks as they finish) and are summed in chunk order at the end, so results do not depend
+// on scheduling.
 // act(z) and act'(z) are ATen's, over all rows at once (per block, ATen's per-call cost would dominate).
 //
 // Micro-kernel (AVX2 + FMA): a tile of up to 6 rows x 16 columns in 12 ymm accumulators, one broadcast of A per
@@ -18,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include "bottleneck_cpu.h"
@@ -78,6 +80,16 @@ void check_shapes(const char* fn, const at::Tensor& rows, const at::Tensor& w_do
 int64_t padded_stride(int64_t H) {
   const int64_t ld = round_up(std::max<int64_t>(H, 1), kPanel);
   return (ld / kPanel) % 2 == 0 ? ld + kPanel : ld;
+}
+
+// work(worker, item) for items [0, items) on up to `workers` threads, each taking the next item when done with
+// its last: a thread slowed by another process on its core takes fewer (a static split would wait for it).
+template <class Work>
+void for_each_dynamic(int64_t items, int64_t workers, const Work& work) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::max<int64_t>(1, std::min(workers, items)), 1, [&](int64_t worker, int64_t) {
+    for (int64_t item = next++; item < items; item = next++) work(worker, item);
+  });
 }
 
 #ifdef FASTFT_X86
@@ -362,16 +374,16 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_forward_cpu(const at::Tensor& v_in
     float* z_ptr = z.mutable_data_ptr<float>();
     float* out_ptr = out.mutable_data_ptr<float>();
     const int64_t blocks = (T + kRowBlock - 1) / kRowBlock;
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t row = b0 * kRowBlock; row < std::min(T, b1 * kRowBlock); row += kRowBlock)
-        gemm_rows(v_ptr + row * H, H, std::min(kRowBlock, T - row), down, 1.f, nullptr, 0, z_ptr + row * r, r);
+    for_each_dynamic(blocks, at::get_num_threads(), [&](int64_t, int64_t blk) {
+      const int64_t row = blk * kRowBlock;
+      gemm_rows(v_ptr + row * H, H, std::min(kRowBlock, T - row), down, 1.f, nullptr, 0, z_ptr + row * r, r);
     });
     const at::Tensor a = activate(z, activation);
     const float* a_ptr = a.const_data_ptr<float>();
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t row = b0 * kRowBlock; row < std::min(T, b1 * kRowBlock); row += kRowBlock)
-        gemm_rows(a_ptr + row * r, r, std::min(kRowBlock, T - row), up, static_cast<float>(scale), res_ptr + row * H,
-                  H, out_ptr + row * H, H);
+    for_each_dynamic(blocks, at::get_num_threads(), [&](int64_t, int64_t blk) {
+      const int64_t row = blk * kRowBlock;
+      gemm_rows(a_ptr + row * r, r, std::min(kRowBlock, T - row), up, static_cast<float>(scale), res_ptr + row * H,
+                H, out_ptr + row * H, H);
     });
     return {out, z};
   }
@@ -397,10 +409,13 @@ BottleneckGrads bottleneck_backward_cpu(const at::Tensor& dy_in, const at::Tenso
     const at::Tensor dy = dy_in.contiguous(), v = v_in.contiguous(), z = z_in.contiguous();
     const int64_t T = dy.size(0), H = dy.size(1), r = w_down.size(0), r_pad = round_up(r, kPanel);
     const int64_t ld = padded_stride(H), blocks = (T + kRowBlock - 1) / kRowBlock;
-    // one chunk per thread, of kMinChunkBlocks blocks at least: a chunk writes and sums a (H, r) part per weight
-    const int64_t threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, blocks / kMinChunkBlocks));
-    const int64_t grain = std::max<int64_t>(1, (blocks + threads - 1) / threads);
-    const int64_t chunks = (blocks + grain - 1) / grain;
+    // Chunks of consecutive blocks, each with its own weight-gradient parts (summed in chunk order, so the result
+    // does not depend on which thread ran which chunk): kMinChunkBlocks blocks at least (a chunk writes and sums a
+    // (H, r) part per weight), two per thread, so that threads taking chunks as they finish stay balanced.
+    const int64_t workers = at::get_num_threads();
+    const int64_t chunk_blocks =
+        std::max<int64_t>({1, std::min(kMinChunkBlocks, blocks), (blocks + 2 * workers - 1) / (2 * workers)});
+    const int64_t chunks = (blocks + chunk_blocks - 1) / chunk_blocks;
     const at::TensorOptions f32 = dy.options();
     const Panels dy_to_u(w_up, std::nullopt), dz_to_dv(w_down, std::nullopt);
     // act(z) and act'(z) over all rows: ATen's elementwise kernels cost ~15 us per call on a 48-row block. act's
@@ -409,45 +424,42 @@ BottleneckGrads bottleneck_backward_cpu(const at::Tensor& dy_in, const at::Tenso
     if (need_weights && r != r_pad) act = at::constant_pad_nd(act, {0, r_pad - r});
     const at::Tensor slope = activation_grad(at::ones({1, 1}, f32).expand_as(z), z, activation).contiguous();
     at::Tensor dv = need_dv ? empty_huge_pages({T, H}, f32) : at::empty({0}, f32);
-    // per chunk of blocks: dW_up^T / s and dW_down^T as (H, r_pad), sum dy and sum dz in fp64; scratch of a block:
-    // copies of its dy and v rows at stride ld, and dz at stride r_pad (zero padding: accumulate_tn's B)
+    // per chunk of blocks: dW_up^T / s and dW_down^T as (H, r_pad), sum dy and sum dz in fp64; per worker, scratch
+    // of a block: copies of its dy and v rows at stride ld, and dz at stride r_pad (zero padding: accumulate_tn's B)
     const int64_t parts = need_weights ? chunks : 0;
     at::Tensor up_parts = at::empty({parts, H, r_pad}, f32), down_parts = at::empty({parts, H, r_pad}, f32);
     at::Tensor dy_sums = at::zeros({parts, H}, f32.dtype(at::kDouble));
     at::Tensor dz_sums = at::zeros({parts, r}, f32.dtype(at::kDouble));
-    at::Tensor row_copies = at::empty({chunks, 2, kRowBlock, ld}, f32), sums_scratch = at::empty({chunks, H}, f32);
-    at::Tensor dz_rows = at::zeros({chunks, kRowBlock, r_pad}, f32);
+    at::Tensor row_copies = at::empty({workers, 2, kRowBlock, ld}, f32), sums_scratch = at::empty({workers, H}, f32);
+    at::Tensor dz_rows = at::zeros({workers, kRowBlock, r_pad}, f32);
     const float* dy_ptr = dy.const_data_ptr<float>();
     const float* v_ptr = v.const_data_ptr<float>();
     const float* act_ptr = need_weights ? act.const_data_ptr<float>() : nullptr;
     const float* slope_ptr = slope.const_data_ptr<float>();
     float* dv_ptr = need_dv ? dv.mutable_data_ptr<float>() : nullptr;
-    // each chunk of blocks is one thread's work, whatever the partition: its sums do not depend on scheduling
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t chunk = c0; chunk < c1; ++chunk) {
-        float* dy_rows = row_copies.mutable_data_ptr<float>() + chunk * 2 * kRowBlock * ld;
-        float* v_rows = dy_rows + kRowBlock * ld;
-        float* dz = dz_rows.mutable_data_ptr<float>() + chunk * kRowBlock * r_pad;
-        float* block_sums = sums_scratch.mutable_data_ptr<float>() + chunk * H;
-        float* up_part = need_weights ? up_parts.mutable_data_ptr<float>() + chunk * H * r_pad : nullptr;
-        float* down_part = need_weights ? down_parts.mutable_data_ptr<float>() + chunk * H * r_pad : nullptr;
-        double* dy_sum = need_weights ? dy_sums.mutable_data_ptr<double>() + chunk * H : nullptr;
-        double* dz_sum = need_weights ? dz_sums.mutable_data_ptr<double>() + chunk * r : nullptr;
-        for (int64_t blk = chunk * grain; blk < std::min(blocks, (chunk + 1) * grain); ++blk) {
-          const int64_t row = blk * kRowBlock, rows = std::min(kRowBlock, T - row);
-          const bool first = blk == chunk * grain;  // the chunk's first block writes its gradient parts
-          copy_rows(dy_ptr + row * H, rows, H, dy_rows, ld, block_sums, dy_sum);
-          gemm_rows(dy_rows, ld, rows, dy_to_u, static_cast<float>(scale), nullptr, 0, dz, r_pad);  // u
+    for_each_dynamic(chunks, workers, [&](int64_t worker, int64_t chunk) {
+      float* dy_rows = row_copies.mutable_data_ptr<float>() + worker * 2 * kRowBlock * ld;
+      float* v_rows = dy_rows + kRowBlock * ld;
+      float* dz = dz_rows.mutable_data_ptr<float>() + worker * kRowBlock * r_pad;
+      float* block_sums = sums_scratch.mutable_data_ptr<float>() + worker * H;
+      float* up_part = need_weights ? up_parts.mutable_data_ptr<float>() + chunk * H * r_pad : nullptr;
+      float* down_part = need_weights ? down_parts.mutable_data_ptr<float>() + chunk * H * r_pad : nullptr;
+      double* dy_sum = need_weights ? dy_sums.mutable_data_ptr<double>() + chunk * H : nullptr;
+      double* dz_sum = need_weights ? dz_sums.mutable_data_ptr<double>() + chunk * r : nullptr;
+      for (int64_t blk = chunk * chunk_blocks; blk < std::min(blocks, (chunk + 1) * chunk_blocks); ++blk) {
+        const int64_t row = blk * kRowBlock, rows = std::min(kRowBlock, T - row);
+        const bool first = blk == chunk * chunk_blocks;  // the chunk's first block writes its gradient parts
+        copy_rows(dy_ptr + row * H, rows, H, dy_rows, ld, block_sums, dy_sum);
+        gemm_rows(dy_rows, ld, rows, dy_to_u, static_cast<float>(scale), nullptr, 0, dz, r_pad);  // u
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < r; ++j) dz[i * r_pad + j] *= slope_ptr[(row + i) * r + j];
+        if (need_dv) gemm_rows(dz, r_pad, rows, dz_to_dv, 1.f, add_dy ? dy_rows : nullptr, ld, dv_ptr + row * H, H);
+        if (need_weights) {
+          accumulate_tn(dy_rows, ld, H, rows, act_ptr + row * r_pad, r_pad, up_part, first);
           for (int64_t i = 0; i < rows; ++i)
-            for (int64_t j = 0; j < r; ++j) dz[i * r_pad + j] *= slope_ptr[(row + i) * r + j];
-          if (need_dv) gemm_rows(dz, r_pad, rows, dz_to_dv, 1.f, add_dy ? dy_rows : nullptr, ld, dv_ptr + row * H, H);
-          if (need_weights) {
-            accumulate_tn(dy_rows, ld, H, rows, act_ptr + row * r_pad, r_pad, up_part, first);
-            for (int64_t i = 0; i < rows; ++i)
-              for (int64_t j = 0; j < r; ++j) dz_sum[j] += dz[i * r_pad + j];
-            copy_rows(v_ptr + row * H, rows, H, v_rows, ld, nullptr, nullptr);
-            accumulate_tn(v_rows, ld, H, rows, dz, r_pad, down_part, first);
-          }
+            for (int64_t j = 0; j < r; ++j) dz_sum[j] += dz[i * r_pad + j];
+          copy_rows(v_ptr + row * H, rows, H, v_rows, ld, nullptr, nullptr);
+          accumulate_tn(v_rows, ld, H, rows, dz, r_pad, down_part, first);
         }
       }
     });
