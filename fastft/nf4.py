@@ -10,6 +10,7 @@ converts to and from a bitsandbytes `QuantState` sharing the same tensors.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -72,7 +73,8 @@ class NF4State:
                        nested_code=move(self.nested_code))
 
     def validate(self, packed: Tensor, name: str = "packed") -> None:
-        """Raise ValueError/TypeError if `packed` and this state do not describe one weight."""
+        """Raise ValueError/TypeError unless `packed` and this state describe one weight the kernels can read: every
+        tensor of the right dtype, size and device, and contiguous (the kernels index them as flat arrays)."""
         if not isinstance(packed, Tensor) or packed.dtype != torch.uint8:
             raise TypeError(f"{name} must be a uint8 tensor of packed 4-bit codes, got "
                             f"{getattr(packed, 'dtype', type(packed).__name__)}")
@@ -81,22 +83,40 @@ class NF4State:
                              f"{(self.numel + 1) // 2}")
         if self.blocksize not in ref.BLOCKSIZES:
             raise ValueError(f"state.blocksize must be one of {ref.BLOCKSIZES}, got {self.blocksize}")
-        if self.absmax.numel() != self.blocks:
-            raise ValueError(f"state.absmax has {self.absmax.numel()} entries, expected {self.blocks} blocks of "
-                             f"{self.blocksize} for shape {tuple(self.shape)}")
-        if self.code.numel() != 16 or self.code.dtype != torch.float32:
-            raise ValueError(f"state.code must be 16 fp32 values, got {self.code.numel()} of {self.code.dtype}")
+        if self.quant_type not in ref.QUANT_TYPES:
+            raise ValueError(f"state.quant_type must be one of {ref.QUANT_TYPES}, got {self.quant_type!r}")
+        if not isinstance(self.absmax, Tensor) or self.absmax.numel() != self.blocks:
+            raise ValueError(f"state.absmax must hold {self.blocks} entries (blocks of {self.blocksize} for shape "
+                             f"{tuple(self.shape)}), got {getattr(self.absmax, 'numel', lambda: None)()}")
+        if not isinstance(self.code, Tensor) or self.code.numel() != 16 or self.code.dtype != torch.float32:
+            raise ValueError(f"state.code must be 16 fp32 values, got {getattr(self.code, 'numel', lambda: None)()} "
+                             f"of {getattr(self.code, 'dtype', None)}")
         expected = torch.uint8 if self.double_quant else torch.float32
         if self.absmax.dtype != expected:
             raise TypeError(f"state.absmax must be {expected} {'(double quant)' if self.double_quant else ''}, "
                             f"got {self.absmax.dtype}")
-        if self.double_quant and self.nested_absmax.numel() != -(-self.blocks // self.nested_blocksize):
-            raise ValueError(f"state.nested_absmax has {self.nested_absmax.numel()} entries, expected "
-                             f"{-(-self.blocks // self.nested_blocksize)}")
-        for key, tensor in (("absmax", self.absmax), ("code", self.code), ("nested_absmax", self.nested_absmax),
-                            ("nested_code", self.nested_code)):
-            if tensor is not None and tensor.device != packed.device:
-                raise ValueError(f"state.{key} is on {tensor.device} but {name} is on {packed.device}")
+        if self.double_quant:
+            nested_blocks = -(-self.blocks // self.nested_blocksize) if self.nested_blocksize > 0 else -1
+            if self.nested_absmax.dtype != torch.float32 or self.nested_absmax.numel() != nested_blocks:
+                raise ValueError(f"state.nested_absmax must be {nested_blocks} fp32 values (blocks of "
+                                 f"{self.nested_blocksize} absmax codes), got {self.nested_absmax.numel()} of "
+                                 f"{self.nested_absmax.dtype}")
+            if (not isinstance(self.nested_code, Tensor) or self.nested_code.numel() != 256
+                    or self.nested_code.dtype != torch.float32):
+                raise ValueError(f"state.nested_code must be the 256 fp32 values of the 8-bit map, got "
+                                 f"{getattr(self.nested_code, 'numel', lambda: None)()} of "
+                                 f"{getattr(self.nested_code, 'dtype', None)}")
+            if not math.isfinite(self.nested_offset):
+                raise ValueError(f"state.nested_offset must be finite, got {self.nested_offset}")
+        for key, tensor in ((name, packed), ("state.absmax", self.absmax), ("state.code", self.code),
+                            ("state.nested_absmax", self.nested_absmax), ("state.nested_code", self.nested_code)):
+            if tensor is None:
+                continue
+            if tensor.device != packed.device:
+                raise ValueError(f"{key} is on {tensor.device} but {name} is on {packed.device}")
+            if not tensor.is_contiguous():
+                raise ValueError(f"{key} must be contiguous (the kernels read it as a flat array); got strides "
+                                 f"{tensor.stride()} for shape {tuple(tensor.shape)}: pass {key}.contiguous()")
 
     # bitsandbytes interop ------------------------------------------------------------------------------------
     def to_bnb(self):
@@ -121,6 +141,34 @@ class NF4State:
                    nested_code=None if nested is None else nested.code,
                    nested_offset=0.0 if nested is None else float(quant_state.offset),
                    nested_blocksize=ref.NESTED_BLOCKSIZE if nested is None else nested.blocksize)
+
+    @classmethod
+    def from_bnb_weight(cls, weight) -> tuple[Tensor, NF4State]:
+        """(packed, state) of a bitsandbytes `Params4bit` in bitsandbytes' standard layout, sharing its tensors.
+
+        bitsandbytes >= 0.50 repacks a `Linear4bit`'s weight for its own CPU kernel on the first eval-mode forward
+        of an input without gradient on CPUs with AVX512_BF16 (`quant_state.packing_format_for_cpu`: codes
+        re-laid in tiles, absmax transposed to bf16). Such a weight is converted back in place first, with
+        bitsandbytes' own inverse (as its `state_dict` does), so that bitsandbytes and fastft keep reading one
+        storage; its absmax keeps the bf16 rounding the repack gave it, with which bitsandbytes' CPU kernel
+        computes too. A later repack by bitsandbytes sets the flag again and is undone again here.
+        """
+        quant_state = getattr(weight, "quant_state", None)
+        if quant_state is None:
+            raise ValueError("the bitsandbytes weight is not quantized yet (bitsandbytes quantizes on .to(device))")
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, quant_state)
+            quant_state = weight.quant_state
+            if not quant_state.nested and quant_state.absmax.dim() == 2:
+                # the inverse restores the absmax of double-quantized weights only; others keep the repacked
+                # (blocks per row, rows) bf16 layout: back to one fp32 value per block, in block order
+                quant_state.absmax = quant_state.absmax.t().reshape(-1).float()
+        if weight.data.dtype != torch.uint8:
+            raise TypeError(f"only bitsandbytes weights stored as uint8 (quant_storage=torch.uint8) are supported, "
+                            f"got {weight.data.dtype}")
+        return weight.data, cls.from_bnb(quant_state)
 
     def state_dict(self) -> dict[str, Tensor]:
         """bitsandbytes' serialized keys (without the 'weight.' prefix): absmax, quant_map, nested_*, quant_state.*"""

@@ -43,3 +43,32 @@ def backend(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def bnb_standard_layout(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep the bitsandbytes Linear4bit layers of `model` (an oracle in a test) on bitsandbytes' standard 4-bit
+    layout on every CPU. On AVX512_BF16 CPUs its forward otherwise repacks the weight for its own CPU kernel (absmax
+    rounded to bf16) in eval mode without gradients, so its outputs would depend on the machine. The repacked
+    layout is tested on its own, by calling bitsandbytes' conversion directly (tests/test_nf4_linear.py,
+    tests/test_qlora_patch.py)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def repack_for_bnb_cpu_kernel(model: torch.nn.Module) -> int:
+    """Convert every bitsandbytes Linear4bit weight of `model` to bitsandbytes' CPU-kernel layout, as its eval-mode
+    forward does on AVX512_BF16 CPUs, on any CPU; returns how many."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = module.weight
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+            count += 1
+    return count

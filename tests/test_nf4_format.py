@@ -92,7 +92,7 @@ def test_native_quantize_and_dequantize_equal_reference(numel, blocksize, double
 
 
 def test_state_converts_to_and_from_bitsandbytes_without_copies():
-    weight = torch.randn(64, 96)
+    weight = torch.randn(64, 128)  # rows of whole blocks: bitsandbytes' AVX-512 CPU dequantize is wrong otherwise
     packed, state = nf4.quantize(weight, 64, double_quant=True)
     bnb_state = state.to_bnb()
     assert bnb_state.absmax.data_ptr() == state.absmax.data_ptr()
@@ -153,3 +153,34 @@ def test_bad_inputs_raise_clear_errors():
     other = nf4.quantize(torch.randn(16, 64))[1]
     with pytest.raises(ValueError, match="packed holds"):
         nf4.dequantize(packed, other)
+
+
+def test_non_contiguous_or_malformed_state_tensors_are_refused():
+    """The kernels read packed codes and statistics as flat arrays: a strided view or a short table would be read
+    as garbage (or out of bounds), so every entry point refuses it, naming the tensor."""
+    from dataclasses import replace
+
+    from fastft.nn import NF4Linear
+
+    weight = torch.randn(24, 128)
+    packed, state = nf4.quantize(weight, 64, double_quant=True)
+    strided = torch.empty(packed.shape[0], 2, dtype=torch.uint8)[:, :1]
+    strided.copy_(packed)
+    x = torch.randn(3, 128)
+    for call in (lambda p, s: nf4.dequantize(p, s), lambda p, s: nf4.matmul(x, p, s),
+                 lambda p, s: NF4Linear.from_packed(p, s)):
+        with pytest.raises(ValueError, match="packed must be contiguous"):
+            call(strided, state)
+        absmax = torch.empty(state.absmax.numel(), 2, dtype=torch.uint8)[:, 0]
+        absmax.copy_(state.absmax)
+        with pytest.raises(ValueError, match="state.absmax must be contiguous"):
+            call(packed, replace(state, absmax=absmax))
+        with pytest.raises(ValueError, match="state.nested_code must be the 256 fp32 values"):
+            call(packed, replace(state, nested_code=state.nested_code[:200]))
+        with pytest.raises(ValueError, match="state.nested_absmax must be 1 fp32"):
+            call(packed, replace(state, nested_absmax=state.nested_absmax.double()))
+        with pytest.raises(ValueError, match="state.code must be 16 fp32"):
+            call(packed, replace(state, code=state.code[:8]))
+        with pytest.raises(ValueError, match="state.nested_offset must be finite"):
+            call(packed, replace(state, nested_offset=float("nan")))
+    assert torch.equal(nf4.dequantize(strided.contiguous(), state), nf4.dequantize(packed, state))

@@ -8,9 +8,10 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, 
 from transformers import Qwen2ForCausalLM
 
 import fastft
-from conftest import rel_error
+from conftest import bnb_standard_layout, rel_error, repack_for_bnb_cpu_kernel
 from fastft import nf4
 from fastft.nn import NF4Linear
+from fastft.reference import nf4 as ref
 
 
 def bnb_linear(linear: nn.Linear, double_quant=True, quant_type="nf4") -> bnb.nn.Linear4bit:
@@ -23,14 +24,69 @@ def bnb_linear(linear: nn.Linear, double_quant=True, quant_type="nf4") -> bnb.nn
 @pytest.mark.parametrize("double_quant", (False, True))
 @pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
 def test_from_bnb_shares_storage_and_matches_outputs(double_quant, quant_type):
-    layer = bnb_linear(nn.Linear(96, 40), double_quant, quant_type)
+    # in_features a multiple of the blocksize: bitsandbytes' AVX-512 CPU dequantize is wrong otherwise (next test)
+    layer = bnb_linear(nn.Linear(128, 40), double_quant, quant_type)
     ours = NF4Linear.from_bnb(layer)
     assert ours.weight.data_ptr() == layer.weight.data_ptr() and ours.bias is layer.bias
-    x = torch.randn(3, 5, 96)
+    x = torch.randn(3, 5, 128)
     with torch.no_grad():
         assert rel_error(ours(x), layer(x)) < 1e-6
     assert torch.equal(ours.to_linear().weight, bnb.functional.dequantize_4bit(layer.weight.data,
                                                                                layer.weight.quant_state))
+
+
+@pytest.mark.parametrize("double_quant", (False, True))
+def test_from_bnb_with_blocks_straddling_rows_matches_the_reference(double_quant):
+    """in_features 96, blocks of 64: blocks straddle rows. bitsandbytes' AVX-512 CPU dequantize reads such weights
+    wrongly, so the oracle is fastft's reference dequantization of bitsandbytes' own bytes."""
+    layer = bnb_linear(nn.Linear(96, 40), double_quant)
+    ours = NF4Linear.from_bnb(layer)
+    state = ours.quant_state
+    absmax = state.absmax
+    if double_quant:
+        absmax = ref.nested_absmax_ref(absmax, state.nested_absmax, state.nested_code, state.nested_offset)
+    expected = ref.dequantize_4bit_ref(layer.weight.data, absmax, state.code, 64, (40, 96), torch.float32)
+    assert torch.equal(ours.to_linear().weight, expected)
+
+
+@pytest.mark.parametrize("double_quant", (False, True))
+def test_from_bnb_reads_a_weight_repacked_for_the_bnb_cpu_kernel(double_quant):
+    """bitsandbytes repacks a Linear4bit's weight for its CPU kernel (tiles of codes, bf16 absmax) in eval mode on
+    AVX512_BF16 CPUs; the conversion is called directly here so that this runs on every CPU. fastft converts it
+    back with bitsandbytes' inverse: the dense weight is the original codes times the bf16-rounded absmax (without
+    double quant exactly; with it, up to the 8-bit requantization of that absmax, 1/127 of a block's largest)."""
+    layer = bnb_linear(nn.Linear(128, 64), double_quant)
+    original = NF4Linear.from_bnb(layer).quant_state
+    codes = layer.weight.data.clone()
+    absmax = original.absmax
+    if double_quant:
+        absmax = ref.nested_absmax_ref(absmax, original.nested_absmax, original.nested_code, original.nested_offset)
+    expected = ref.dequantize_4bit_ref(codes, absmax.bfloat16().float(), original.code, 64, (64, 128),
+                                       torch.float32)
+    assert repack_for_bnb_cpu_kernel(layer) == 1 and layer.weight.quant_state.packing_format_for_cpu
+    assert not torch.equal(layer.weight.data.flatten(), codes.flatten())  # the codes were re-laid
+    ours = NF4Linear.from_bnb(layer)
+    assert not layer.weight.quant_state.packing_format_for_cpu and ours.weight.data_ptr() == layer.weight.data_ptr()
+    assert torch.equal(layer.weight.data, codes)
+    weight = ours.to_linear().weight
+    if double_quant:
+        assert rel_error(weight, expected) < 1 / 127
+    else:
+        assert torch.equal(weight, expected)
+
+
+def test_bnb_repacks_in_eval_mode_exactly_on_avx512_bf16_cpus():
+    """The machine's own branch of that bitsandbytes behaviour: an eval-mode forward without gradients repacks the
+    weight where bitsandbytes finds AVX512_BF16, and leaves it otherwise; NF4Linear.from_bnb reads both."""
+    linear = nn.Linear(128, 64)
+    layer = bnb_linear(linear).eval()
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        layer(x)
+    assert bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False)) == bnb.functional.has_avx512bf16()
+    ours = NF4Linear.from_bnb(layer)
+    expected = NF4Linear.from_linear(linear, double_quant=False)
+    assert rel_error(ours(x), expected(x)) < 1e-2  # bf16-rounded absmax where bitsandbytes repacked
 
 
 def test_state_dict_round_trips_with_bitsandbytes_keys():
@@ -83,7 +139,8 @@ def test_from_linear_rejects_other_modules():
 
 
 def tiny_config(kind):
-    common = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    # intermediate_size a multiple of the blocksize: bitsandbytes' AVX-512 CPU dequantize is wrong otherwise
+    common = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64)
     return LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
 
@@ -97,7 +154,8 @@ def test_model_quantized_by_bitsandbytes_runs_on_nf4linear(kind, tmp_path):
     MODELS[kind](tiny_config(kind)).save_pretrained(tmp_path / "dense")
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=config, dtype=torch.float32)
+    model = bnb_standard_layout(AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=config,
+                                                                     dtype=torch.float32))
     ids = torch.randint(0, 160, (2, 9))
     with torch.no_grad():
         expected = model(ids).logits
@@ -124,7 +182,7 @@ def test_quantize_model_saves_checkpoints_bitsandbytes_loads(kind, tmp_path):
     with torch.no_grad():
         ours = model(ids).logits
     model.save_pretrained(tmp_path / "q")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    loaded = bnb_standard_layout(AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32))
     assert isinstance(loaded.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
     with torch.no_grad():
         assert rel_error(loaded(ids).logits, ours) < 1e-5

@@ -11,19 +11,21 @@ from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig,
 
 import fastft
 from fastft.nn import NF4Linear
+from conftest import bnb_standard_layout, rel_error, repack_for_bnb_cpu_kernel
 from test_lora_patch import VOCAB, batch, lora_config, losses_over_steps, outputs
 
 
 def four_bit_llama(tmp_path):
+    """A 4-bit Llama loaded by transformers + bitsandbytes, kept on bitsandbytes' standard layout (an oracle)."""
     if not (tmp_path / "dense" / "config.json").exists():
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        torch.manual_seed(0)  # intermediate_size a multiple of 64: bitsandbytes' AVX-512 dequantize is wrong otherwise
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
         LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=quantization,
-                                                dtype=torch.float32)
+    return bnb_standard_layout(AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=quantization,
+                                                                    dtype=torch.float32))
 
 
 def test_qlora_training_matches_peft_with_bitsandbytes(tmp_path):
@@ -69,6 +71,37 @@ def test_the_qlora_recipe_with_reentrant_checkpointing_gives_peft_gradients(tmp_
     for name, param in patched.named_parameters():
         if param.grad is not None:
             assert torch.allclose(param.grad, grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_a_qlora_model_evaluated_before_patch_is_fused_and_trains_as_peft(tmp_path):
+    """On AVX512_BF16 CPUs an eval-mode forward without gradients makes bitsandbytes repack every 4-bit weight for
+    its CPU kernel; that repack is called directly here, so this runs on every CPU. fastft.patch still fuses every
+    layer (converting the weights back with bitsandbytes' inverse), and the model gives the outputs and training
+    losses of peft on the same weights converted back by bitsandbytes itself (its state_dict does that)."""
+    models = []
+    for _ in range(2):
+        base = four_bit_llama(tmp_path)
+        assert repack_for_bnb_cpu_kernel(base) == 14
+        torch.manual_seed(1)
+        models.append(get_peft_model(base, lora_config("llama")))
+    reference, patched = models
+    reference.state_dict()  # bitsandbytes converts its weights back to the standard layout here
+    assert not any(getattr(m.weight, "quant_state", None) is not None and m.weight.quant_state.packing_format_for_cpu
+                   for m in reference.modules() if isinstance(m, bnb.nn.Linear4bit))
+    report = fastft.patch(patched)
+    assert report.fused["lora.Linear4bit"] == 14 and not report.unfused
+    assert torch.allclose(outputs(patched), outputs(reference), rtol=1e-5, atol=1e-6)
+    ours, theirs = losses_over_steps(patched, 10), losses_over_steps(reference, 10)
+    for a, b in zip(ours, theirs):
+        assert abs(a - b) <= 1e-5 * abs(b)
+
+
+def test_plain_4bit_model_evaluated_before_patch_runs_on_nf4linear(tmp_path):
+    model = four_bit_llama(tmp_path)
+    expected = outputs(model)
+    repack_for_bnb_cpu_kernel(model)
+    assert fastft.patch(model).fused["bnb.Linear4bit -> NF4Linear"] == 14
+    assert rel_error(outputs(model), expected) < 1e-2  # the repack rounded every absmax to bf16
 
 
 def test_plain_4bit_model_runs_on_nf4linear_and_unpatches(tmp_path):
@@ -120,14 +153,15 @@ def test_bf16_qlora_matches_peft():
 
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
         LlamaForCausalLM(config).save_pretrained(Path(folder))
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=torch.bfloat16)
         models = []
         for _ in range(2):
-            base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.bfloat16)
+            base = bnb_standard_layout(AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization,
+                                                                            dtype=torch.bfloat16))
             torch.manual_seed(1)
             models.append(get_peft_model(base, lora_config("llama")))
     reference, patched = models

@@ -32,9 +32,9 @@ def head_weight(head: nn.Module) -> tuple[Tensor, Tensor | None]:
     if isinstance(head, NF4Linear):
         return head.to_linear().weight.detach(), head.bias
     if type(head).__name__ == "Linear4bit":
-        import bitsandbytes as bnb
+        from fastft import nf4
 
-        return bnb.functional.dequantize_4bit(head.weight.data, head.weight.quant_state), head.bias
+        return nf4.dequantize(*nf4.NF4State.from_bnb_weight(head.weight)), head.bias
     if isinstance(head, nn.Linear):
         return head.weight, head.bias
     raise TypeError(f"no known weight for an output head of type {type(head).__name__}")

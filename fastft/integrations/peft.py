@@ -290,16 +290,20 @@ def _linear4bit_base(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if base.compute_dtype is not None:
         x = x.to(base.compute_dtype)
     bias = None if base.bias is None else base.bias.to(x.dtype)
-    return nf4.matmul(x, base.weight.data, _nf4_state(base), bias).to(input_dtype)
+    state = _nf4_state(base)  # first: it may convert base.weight back to the standard layout
+    return nf4.matmul(x, base.weight.data, state, bias).to(input_dtype)
 
 
 def _nf4_state(base: nn.Module) -> nf4.NF4State:
     """The NF4State view of a bitsandbytes layer's QuantState, built once per QuantState (reading the
-    double-quant offset is a host sync on GPU) and kept outside the module's parameters and buffers."""
+    double-quant offset is a host sync on GPU) and kept outside the module's parameters and buffers. A weight that
+    bitsandbytes repacked for its CPU kernel (its own forward does so in eval mode without gradients on
+    AVX512_BF16 CPUs, e.g. when an unfused call ran) is converted back to its standard layout first."""
     quant_state = base.weight.quant_state
     cached = base.__dict__.get("_fastft_nf4_state")
-    if cached is None or cached[0] is not quant_state:
-        cached = (quant_state, nf4.NF4State.from_bnb(quant_state))
+    if cached is None or cached[0] is not quant_state or getattr(quant_state, "packing_format_for_cpu", False):
+        _, state = nf4.NF4State.from_bnb_weight(base.weight)
+        cached = (base.weight.quant_state, state)
         base.__dict__["_fastft_nf4_state"] = cached
     return cached[1]
 

@@ -82,21 +82,15 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_bnb(cls, linear4bit) -> NF4Linear:
-        """Take over a bitsandbytes Linear4bit's storage as is (packed codes, statistics and bias are shared)."""
+        """Take over a bitsandbytes Linear4bit's storage (packed codes, statistics and bias are shared); a weight that
+        bitsandbytes repacked for its CPU kernel is converted back to its standard layout first
+        (`NF4State.from_bnb_weight`)."""
         import bitsandbytes as bnb
 
         if not isinstance(linear4bit, bnb.nn.Linear4bit):
             raise TypeError(f"linear4bit must be a bitsandbytes.nn.Linear4bit, got {type(linear4bit).__name__}")
-        weight = linear4bit.weight
-        if getattr(weight, "quant_state", None) is None:
-            raise ValueError("linear4bit is not quantized yet (bitsandbytes quantizes on .to(device))")
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            raise ValueError("linear4bit holds bitsandbytes' CPU-repacked weight (set by its inference-only path); "
-                             "call linear4bit.train() and run one forward, or load from its state_dict")
-        if weight.data.dtype != torch.uint8:
-            raise TypeError(f"only quant_storage=torch.uint8 is supported, got {weight.data.dtype}")
-        state = nf4.NF4State.from_bnb(weight.quant_state)
-        return cls.from_packed(weight.data, state, linear4bit.bias, linear4bit.compute_dtype)
+        packed, state = nf4.NF4State.from_bnb_weight(linear4bit.weight)
+        return cls.from_packed(packed, state, linear4bit.bias, linear4bit.compute_dtype)
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A dense nn.Linear with the dequantized weight (in the original weight dtype unless `dtype` is given)."""
