@@ -1,24 +1,33 @@
 # Quick start: `make bench` (installs, then runs `fastft bench` on its quick suite) and `make test`.
+# Every install takes the exact versions in constraints.txt (the tested environment); pyproject.toml's ranges
+# say what fastft supports.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip install -q -c constraints.txt
+# Op-level tests, run a second time with the C++ kernels on their scalar paths (what CPUs without AVX2 run).
+KERNEL_TESTS := tests/test_nf4_format.py tests/test_nf4_matmul.py tests/test_lora_op.py tests/test_bottleneck_op.py \
+	tests/test_qat.py tests/test_distillation.py tests/test_fused_loss.py
 
 .PHONY: install test bench info
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
-	$(PY) -m pip install -q torch==2.13.0   # the CPU build; installed first so nothing pulls a CUDA torch
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(PIP) --upgrade pip setuptools wheel ninja
+	$(PIP) torch==2.13.0   # installed first, so the extension builds against it (CPU build where pip's settings say so)
+	$(PIP) --no-build-isolation -e ".[test,bench]"
 	touch $@
 
 install: $(STAMP)
 
-# Triton kernels run on CPU under the interpreter, which must be enabled before triton is imported: own process.
+# pytest, not python -m pytest: the repo root stays off sys.path, so its kernels/ folder never shadows the PyPI
+# package `kernels` (fastft installs it as fastft.kernels). Triton kernels run on CPU under the interpreter, which
+# must be enabled before triton is imported: own process.
 test: install
-	$(PY) -m pytest -q tests --ignore=tests/triton
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/triton
+	$(VENV)/bin/pytest -q tests --ignore=tests/triton
+	FASTFT_NO_AVX2=1 $(VENV)/bin/pytest -q $(KERNEL_TESTS)
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests/triton
 
 bench: install
 	$(VENV)/bin/fastft bench

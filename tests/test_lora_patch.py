@@ -158,10 +158,16 @@ def test_patch_is_per_instance_and_reversible():
 @pytest.mark.parametrize("dropout", (0.0, 0.1))
 def test_dora_is_fused_and_trains_as_peft(kind, dropout):
     """DoRA (one active adapter, dense base): g * (W x + s B A x) with g = m / |W + s B A|_row computed without an
-    out x in matrix; with dropout, peft's own dropout module draws the same masks. Same losses and magnitudes."""
+    out x in matrix; with dropout, peft's own dropout module draws the same masks. Same losses and magnitudes.
+
+    The magnitudes are compared by how far training moved them: AdamW moves an element by about lr per step whatever
+    its gradient's size, so an element whose gradient is a cancellation residue (fp32 rounding of its sum, which
+    depends on the summation order and so on the CPU's vector width) may move differently by up to 2 lr per step.
+    A few such elements are expected; the norm of the difference stays a small fraction of the norm of the update."""
     reference, patched = peft_pair(kind, dropout=dropout, use_dora=True)
     report = fastft.patch(patched)
     assert report.fused["lora.Linear"] == (8 if kind == "gpt2" else 14) and not report.unfused
+    initial = {n: p.detach().clone() for n, p in reference.named_parameters() if "lora_magnitude_vector" in n}
     torch.manual_seed(7)
     expected = losses_over_steps(reference, 10)
     torch.manual_seed(7)
@@ -169,7 +175,9 @@ def test_dora_is_fused_and_trains_as_peft(kind, dropout):
     theirs = dict(reference.named_parameters())
     for name, param in patched.named_parameters():
         if "lora_magnitude_vector" in name:
-            assert torch.allclose(param, theirs[name], rtol=1e-5, atol=1e-6), name
+            update = theirs[name].detach() - initial[name]
+            assert update.norm() > 0, name
+            assert (param.detach() - theirs[name].detach()).norm() <= 1e-3 * update.norm(), name
 
 
 def test_two_active_dora_adapters_run_peft_forward():
