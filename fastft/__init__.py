@@ -4,9 +4,10 @@ from fastft import losses, nf4, ops
 from fastft.nn import NF4Linear
 
 __version__ = "0.1.0"
-__all__ = ["NF4Linear", "PatchReport", "losses", "nf4", "ops", "patch", "quantize_model", "unpatch"]
+__all__ = ["NF4Linear", "PatchReport", "lora_config_for_nf4", "losses", "nf4", "ops", "patch", "quantize_model",
+           "unpatch"]
 
-_INTEGRATIONS = ("PatchReport", "patch", "quantize_model", "unpatch")
+_INTEGRATIONS = ("PatchReport", "lora_config_for_nf4", "patch", "quantize_model", "unpatch")
 
 
 def __getattr__(name):

@@ -22,6 +22,7 @@ from torch import nn
 
 from fastft import nf4
 from fastft.integrations.class_swap import original_class, restore_classes, swap_class
+from fastft.integrations.peft_nf4 import LoraNF4Linear
 from fastft.ops import lora as lora_ops
 
 _VARIANT_KWARGS = tuple(getattr(peft_lora, "VARIANT_KWARG_KEYS", ()))  # keyword arguments of LoRA variants (aLoRA)
@@ -370,7 +371,7 @@ def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True, qat: bool = 
             continue
         if not lora or not isinstance(module, peft_lora.LoraLayer):
             continue
-        if type(module) is peft_lora.Linear:
+        if type(module) is peft_lora.Linear or type(module) is LoraNF4Linear:
             forward = _lora_linear_forward
         elif peft_4bit is not None and type(module) is peft_4bit and nf4:
             forward = _lora_linear4bit_forward

@@ -92,6 +92,18 @@ class NF4Linear(nn.Module):
         packed, state = nf4.NF4State.from_bnb_weight(linear4bit.weight)
         return cls.from_packed(packed, state, linear4bit.bias, linear4bit.compute_dtype)
 
+    @torch.no_grad()
+    def set_weight(self, weight: Tensor) -> None:
+        """Quantize a dense (out_features, in_features) weight into this layer, in its format (blocksize, double
+        quant, quant type, original dtype); the weight Parameter keeps its identity (e.g. after a LoRA merge)."""
+        if not isinstance(weight, Tensor) or weight.shape != (self.out_features, self.in_features):
+            raise ValueError(f"weight must have shape ({self.out_features}, {self.in_features}), got "
+                             f"{tuple(getattr(weight, 'shape', ()))}")
+        packed, state = nf4.quantize(weight.to(self.weight_dtype), self.blocksize, self.nested_absmax is not None,
+                                     self.quant_type)
+        self.weight.data = packed
+        self._set_state(state)
+
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A dense nn.Linear with the dequantized weight (in the original weight dtype unless `dtype` is given)."""
         weight = nf4.dequantize(self.weight, self.quant_state, dtype)
