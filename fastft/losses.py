@@ -11,9 +11,30 @@ ignore_index count in neither term; "mean" divides by the valid tokens (or by nu
 "none" (per token, shaped like labels) also. teacher_topk=k approximates the soft term with the teacher's k most
 likely tokens plus one bucket for the rest of each distribution. Only the student gets gradients, and its head only when it
 requires grad. The loss is fp32 (fp64 for fp64 inputs); logits are accumulated in fp32 for bf16/fp16 inputs.
+
+What the arguments must be (anything else raises a ValueError or TypeError naming the argument):
+- beta, alpha: real numbers in [0, 1].
+- temperature: a finite real number in [TEMPERATURE_MIN, TEMPERATURE_MAX] = [0.01, 100], which holds the
+  temperatures distillation uses (about 0.5 to 20). Outside it fp32 logits / T no longer carry the loss.
+  Below, the soft term and its gradient grow as 1 / T and the logits' fp32 rounding with them: measured on
+  random logits of std 1 to 3, the fp32 loss is ~1e-6 off the fp64 one at T = 0.01, ~1e-3 at T = 1e-4, 6% at
+  T = 1e-6, 11 orders of magnitude at T = 1e-8, and inf / nan at T = 1e-30. Above, the soft term shrinks as
+  (logit differences / T)^2 under the resolution of fp32 log-probabilities: ~1e-3 off at T = 100, up to
+  ~1e-1 at T = 1000, tens of percent at T = 10^4 (and T^2 overflows fp32 past ~1e19).
+- teacher_topk: None or an int in 1..vocab - 1 (a bool is not an int here).
+- num_items_in_batch: None, a finite number > 0, or a one-element integer / floating tensor holding one.
+- labels: integer, shaped like the hidden states' leading dims, every value in [0, vocab) or ignore_index.
+- scale_by_t2: a bool; ignore_index: an int; reduction: "mean", "sum" or "none".
+The checks of labels' values and of a tensor num_items_in_batch read the tensors: they run when the loss is
+computed (inside the fastft::fused_linear_distillation op, so in eager mode and in torch.compile'd graphs alike) with
+one device-to-host copy of two flags, and are skipped while a CUDA graph is being captured (no copy is allowed
+there). The other checks look only at Python values and tensor metadata.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -21,10 +42,70 @@ from torch import Tensor
 from fastft.ops import distillation as ops
 
 REDUCTIONS = ("mean", "sum", "none")
+TEMPERATURE_MIN, TEMPERATURE_MAX = 0.01, 100.0
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_options(*, beta=0.0, temperature=1.0, alpha=1.0, scale_by_t2=False, ignore_index=-100, reduction="mean",
+                  teacher_topk=None) -> None:
+    """Raises for options of fused_linear_distillation outside what the module doc allows (teacher_topk's upper
+    bound, the vocabulary size, is checked with the tensors)."""
+    for name, value in (("beta", beta), ("alpha", alpha), ("temperature", temperature)):
+        if not _is_real(value):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not TEMPERATURE_MIN <= temperature <= TEMPERATURE_MAX:
+        raise ValueError(f"temperature must be finite and in [{TEMPERATURE_MIN}, {TEMPERATURE_MAX:g}] (fp32 cannot "
+                         f"carry the loss outside; see fastft.losses), got {temperature}")
+    if not isinstance(scale_by_t2, bool):
+        raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__} {scale_by_t2!r}")
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if teacher_topk is not None:
+        if not isinstance(teacher_topk, numbers.Integral) or isinstance(teacher_topk, bool):
+            raise TypeError(f"teacher_topk must be None or an int k (the teacher's k most likely tokens), got "
+                            f"{type(teacher_topk).__name__} {teacher_topk!r}")
+        if teacher_topk < 1:
+            raise ValueError(f"teacher_topk must be None or an int >= 1, got {teacher_topk}")
+
+
+def _check_num_items_in_batch(num_items_in_batch, reduction: str) -> None:
+    if num_items_in_batch is None:
+        return
+    if reduction != "mean":
+        raise ValueError("num_items_in_batch applies to reduction='mean' only")
+    if isinstance(num_items_in_batch, Tensor):
+        if num_items_in_batch.numel() != 1 or num_items_in_batch.dtype == torch.bool or \
+                num_items_in_batch.is_complex():
+            raise TypeError(f"num_items_in_batch must be a number > 0 or a one-element integer / floating tensor, got "
+                            f"a {num_items_in_batch.dtype} tensor of shape {tuple(num_items_in_batch.shape)}")
+        return  # its value is checked where the loss is computed (fastft.ops.distillation.check_values)
+    if not _is_real(num_items_in_batch):
+        raise TypeError(f"num_items_in_batch must be None, a number > 0 or a one-element tensor, got "
+                        f"{type(num_items_in_batch).__name__} {num_items_in_batch!r}")
+    if not (math.isfinite(num_items_in_batch) and num_items_in_batch > 0):
+        raise ValueError(f"num_items_in_batch must be a finite number > 0 (the mean's denominator) or None, got "
+                         f"{num_items_in_batch}")
+
+
+def _check_labels_meta(labels, leading) -> None:
+    if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32) or labels.shape != leading:
+        raise ValueError(f"labels must be integer with shape {tuple(leading)}, got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
 
 
 def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
-           temperature, alpha, reduction, num_items_in_batch):
+           temperature, alpha, scale_by_t2, ignore_index, reduction, num_items_in_batch, teacher_topk):
+    check_options(beta=beta, temperature=temperature, alpha=alpha, scale_by_t2=scale_by_t2,
+                  ignore_index=ignore_index, reduction=reduction, teacher_topk=teacher_topk)
     for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
@@ -44,9 +125,7 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, label
         raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
                          f"{tuple(teacher_hidden.shape)} must have the same leading (token) dims")
     if labels is not None:
-        if labels.dtype not in (torch.int64, torch.int32) or labels.shape != student_hidden.shape[:-1]:
-            raise ValueError(f"labels must be integer with shape {tuple(student_hidden.shape[:-1])}, got "
-                             f"{labels.dtype} {tuple(labels.shape)}")
+        _check_labels_meta(labels, student_hidden.shape[:-1])
     for name, bias, weight in (("student_bias", student_bias, student_weight),
                                ("teacher_bias", teacher_bias, teacher_weight)):
         if bias is not None and bias.shape != (weight.shape[0],):
@@ -55,29 +134,23 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, label
                                   student_bias, teacher_bias) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if alpha != 1.0 and labels is None:
         raise ValueError(f"alpha={alpha} weighs a cross-entropy term, which needs labels")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if num_items_in_batch is not None and reduction != "mean":
-        raise ValueError("num_items_in_batch applies to reduction='mean' only")
+    if teacher_topk is not None and not teacher_topk < student_weight.shape[0]:
+        raise ValueError(f"teacher_topk must be in 1..{student_weight.shape[0] - 1} (vocab - 1), got {teacher_topk}")
+    _check_num_items_in_batch(num_items_in_batch, reduction)
 
 
 def _denominator(reduction: str, num_items_in_batch, flat_labels: Tensor | None, ignore_index: int, rows: int,
                  device: torch.device) -> Tensor:
     """What a "mean" divides the summed per-token losses by, as an fp64 scalar tensor on the inputs' device (no host
-    sync, so torch.compile keeps one graph): num_items_in_batch, else the tokens not ignored; 1 where that is 0."""
+    sync, so torch.compile keeps one graph): num_items_in_batch as given (the op raises unless it is > 0 and
+    finite), else the tokens not ignored, 1 where that is 0 (no token counts: the loss is 0)."""
     if reduction != "mean":
         return torch.ones((), dtype=torch.float64, device=device)
     if num_items_in_batch is not None:
-        denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float64, device=device)
-    elif flat_labels is not None:
+        return torch.as_tensor(num_items_in_batch, dtype=torch.float64, device=device).reshape(())
+    if flat_labels is not None:
         denominator = (flat_labels != ignore_index).sum().to(torch.float64)
     else:
         denominator = torch.full((), float(rows), dtype=torch.float64, device=device)
@@ -91,11 +164,11 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
                               scale_by_t2: bool = False, ignore_index: int = -100, reduction: str = "mean",
                               num_items_in_batch: int | Tensor | None = None,
                               teacher_topk: int | None = None) -> Tensor:
-    """Distillation loss from hidden states (..., H_s), (..., H_t) and heads (V, H_s), (V, H_t); see module doc."""
+    """Distillation loss from hidden states (..., H_s), (..., H_t) and heads (V, H_s), (V, H_t); see the module doc
+    for the formulas and for what each argument must be (temperature in [0.01, 100], num_items_in_batch > 0, labels
+    in [0, V) or ignore_index, ...)."""
     _check(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
-           temperature, alpha, reduction, num_items_in_batch)
-    if teacher_topk is not None and not 0 < teacher_topk < student_weight.shape[0]:
-        raise ValueError(f"teacher_topk must be in 1..{student_weight.shape[0] - 1} (vocab - 1), got {teacher_topk}")
+           temperature, alpha, scale_by_t2, ignore_index, reduction, num_items_in_batch, teacher_topk)
     leading = student_hidden.shape[:-1]
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
@@ -118,23 +191,23 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *
     without the (tokens, V) logits: token chunks of ~32 MiB fp32 logits, gradients for hidden (and for weight and
     bias when they require grad) computed in the forward pass. "mean" divides by the tokens not labelled
     ignore_index, or by num_items_in_batch (transformers' sum / num_items_in_batch); "sum"; "none" (per token,
-    shaped like labels). The loss is fp32 (fp64 for fp64 inputs); bf16/fp16 logits are accumulated in fp32."""
+    shaped like labels). The loss is fp32 (fp64 for fp64 inputs); bf16/fp16 logits are accumulated in fp32.
+    labels must lie in [0, V) or equal ignore_index; num_items_in_batch must be None, a finite number > 0 or a
+    one-element tensor holding one (the values of both are checked as the module doc says)."""
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"weight must be (vocab, {hidden.shape[-1]}) for hidden of last dim {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
-    if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32) or \
-            labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels must be integer with shape {tuple(hidden.shape[:-1])}, got "
-                         f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+    _check_labels_meta(labels, hidden.shape[:-1])
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if num_items_in_batch is not None and reduction != "mean":
-        raise ValueError("num_items_in_batch applies to reduction='mean' only")
+    _check_num_items_in_batch(num_items_in_batch, reduction)
     devices = {t.device for t in (hidden, weight, labels, bias) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")

@@ -205,6 +205,30 @@ def test_bad_input_is_named(tmp_path):
         BottleneckAdapter(64)(torch.randn(2, 32))
 
 
+def test_bottleneck_adapter_names_bad_dtypes_and_devices():
+    """An integer h is not returned unchanged (a fresh adapter is the identity), a meta h with CPU parameters is
+    not answered with a meta tensor: both are errors naming the argument (and, for devices, both devices)."""
+    adapter = BottleneckAdapter(16, 4, layer_norm=True)
+    h = torch.randn(2, 3, 16)
+    with pytest.raises(TypeError, match="h must be a floating tensor, got torch.int64"):
+        adapter(torch.arange(96).reshape(2, 3, 16))
+    with pytest.raises(TypeError, match="h must be a floating tensor, got list"):
+        adapter([[0.0] * 16])
+    with pytest.raises(TypeError, match="residual must be None or a floating tensor, got torch.int64"):
+        adapter(h, residual=torch.zeros(2, 3, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="h is on meta but the adapter's parameter down.weight is on cpu"):
+        adapter(h.to("meta"))
+    with pytest.raises(ValueError, match="residual is on meta but h is on cpu"):
+        adapter(h, residual=h.to("meta"))
+    adapter.norm.to("meta")
+    with pytest.raises(ValueError, match="h is on cpu but the adapter's parameter norm.weight is on meta"):
+        adapter(h)
+    adapter.to("meta")  # every tensor on meta: shapes only
+    assert adapter(h.to("meta"), residual=h.to("meta")).shape == h.shape
+    fp32_on_bf16 = BottleneckAdapter(16, 4)  # adapters may keep another floating dtype than h
+    assert fp32_on_bf16(h.bfloat16()).dtype == torch.bfloat16
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     model = base_model("llama")
     adapters.add_adapters(model, adapters.AdapterConfig(placement="parallel", reduction_factor=4))

@@ -235,6 +235,31 @@ def test_bad_activation_is_named():
         op(x, "tanh", 1.0, False, **args)
 
 
+def test_bad_dtypes_and_devices_are_named():
+    """The op checks its inputs' metadata in its implementation and in its fake (meta) implementation alike:
+    an integer input is not silently cast and returned, a meta input with CPU weights is not answered by the fake."""
+    x, args = make_inputs(4, 8, 2, residual=True, layer_norm=True)
+    with pytest.raises(TypeError, match="x must be a floating tensor, got torch.int64"):
+        op(x.detach().long(), "relu", 1.0, True, **args)
+    with pytest.raises(TypeError, match="residual must be None or a floating tensor, got torch.int32"):
+        op(x, "relu", 1.0, True, **dict(args, residual=args["residual"].detach().int()))
+    with pytest.raises(TypeError, match="w_up must be a floating tensor"):
+        op(x, "relu", 1.0, True, **dict(args, w_up=args["w_up"].detach().long()))
+    with pytest.raises(TypeError, match="parameters must share one dtype.*w_up torch.float64"):
+        op(x, "relu", 1.0, True, **dict(args, w_up=args["w_up"].detach().double()))
+    with pytest.raises(ValueError, match="residual is on cpu but x is on meta"):
+        op(x.detach().to("meta"), "relu", 1.0, True, **args)
+    with pytest.raises(ValueError, match="x is on meta but the adapter's parameter w_down is on cpu"):
+        op(x.detach().to("meta"), "relu", 1.0, True, **dict(args, residual=None))
+    with pytest.raises(ValueError, match="residual is on meta but x is on cpu"):
+        op(x, "relu", 1.0, True, **dict(args, residual=args["residual"].detach().to("meta")))
+    with pytest.raises(ValueError, match="x is on cpu but the adapter's parameter ln_bias is on meta"):
+        op(x, "relu", 1.0, True, **dict(args, ln_bias=args["ln_bias"].detach().to("meta")))
+    meta = {k: v.detach().to("meta") for k, v in args.items()}  # all on meta: shapes only, as before
+    out = op(x.detach().to("meta"), "relu", 1.0, True, **meta)
+    assert out.device.type == "meta" and out.shape == x.shape
+
+
 def test_reference_backend_runs_without_extension_kernels():
     x, args = make_inputs(5, 9, 3)
     with use_backend("reference"):

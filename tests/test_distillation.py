@@ -221,3 +221,90 @@ def test_matches_trl_generalized_jsd_loss(beta, temperature, monkeypatch):
     ours_sum = fused_linear_distillation(sh, sw, th, tw, labels, student_bias=sb, teacher_bias=tb, beta=beta,
                                          temperature=temperature, num_items_in_batch=40)
     assert rel_error(ours_sum, trl_sum) < 1e-10
+
+
+@pytest.mark.parametrize("temperature", (float("nan"), float("inf"), -float("inf"), 0.0, -1.0, 1e-30, 1e-3, 1e3))
+def test_temperature_outside_its_range_is_named(temperature):
+    sh, sw, th, tw, labels, sb, tb = inputs()
+    with pytest.raises(ValueError, match=r"temperature must be finite and in \[0.01, 100\]"):
+        fused_linear_distillation(sh, sw, th, tw, labels, temperature=temperature)
+    with pytest.raises(ValueError, match="temperature"):
+        FusedLinearDistillationLoss(temperature=temperature)
+
+
+@pytest.mark.parametrize("temperature", (0.01, 100.0))
+def test_temperature_at_the_bounds_matches_reference(temperature):
+    ours, theirs, ours_grads, their_grads = both(inputs(), beta=0.5, temperature=temperature, alpha=0.5,
+                                                 scale_by_t2=True)
+    assert rel_error(ours, theirs) < 1e-10
+    for a, b in zip(ours_grads, their_grads):
+        assert rel_error(a, b) < 1e-10
+
+
+def test_option_types_and_ranges_are_named():
+    sh, sw, th, tw, labels, sb, tb = inputs()
+    cases = [(TypeError, "teacher_topk must be None or an int", dict(teacher_topk=True)),
+             (TypeError, "teacher_topk must be None or an int", dict(teacher_topk=5.0)),
+             (ValueError, "teacher_topk must be None or an int >= 1", dict(teacher_topk=0)),
+             (ValueError, r"beta must be in \[0, 1\]", dict(beta=-0.1)),
+             (ValueError, r"beta must be in \[0, 1\]", dict(beta=float("nan"))),
+             (ValueError, r"alpha must be in \[0, 1\]", dict(alpha=1.5)),
+             (ValueError, r"alpha must be in \[0, 1\]", dict(alpha=-0.5)),
+             (ValueError, r"alpha must be in \[0, 1\]", dict(alpha=float("nan"))),
+             (TypeError, "temperature must be a real number", dict(temperature="2")),
+             (TypeError, "scale_by_t2 must be a bool", dict(scale_by_t2="no")),
+             (TypeError, "ignore_index must be an int", dict(ignore_index=-100.0))]
+    for error, message, options in cases:
+        with pytest.raises(error, match=message):
+            fused_linear_distillation(sh, sw, th, tw, labels, **options)
+        with pytest.raises(error, match=message):
+            FusedLinearDistillationLoss(**options)
+
+
+@pytest.mark.parametrize("num_items", (0, -3, 0.0, float("nan"), float("inf"), torch.tensor(0), torch.tensor(-2.0),
+                                       torch.tensor(float("nan"))))
+def test_num_items_in_batch_must_be_positive(num_items):
+    sh, sw, th, tw, labels, sb, tb = inputs()
+    with pytest.raises(ValueError, match=r"num_items_in_batch must be a finite number > 0"):
+        fused_linear_distillation(sh, sw, th, tw, labels, beta=0.5, num_items_in_batch=num_items)
+
+
+def test_num_items_in_batch_types():
+    sh, sw, th, tw, labels, sb, tb = inputs()
+    for num_items in (True, "40", torch.tensor([40, 2]), torch.tensor(True)):
+        with pytest.raises(TypeError, match="num_items_in_batch must be"):
+            fused_linear_distillation(sh, sw, th, tw, labels, num_items_in_batch=num_items)
+    total = fused_linear_distillation(sh, sw, th, tw, labels, beta=0.5, reduction="sum")
+    for num_items in (40, 40.0, torch.tensor(40), torch.tensor([40.0])):  # a one-element tensor, as Trainer passes
+        loss = fused_linear_distillation(sh, sw, th, tw, labels, beta=0.5, num_items_in_batch=num_items)
+        assert torch.allclose(loss, total / 40)
+
+
+@pytest.mark.parametrize("alpha", (1.0, 0.5))
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+@pytest.mark.parametrize("bad", (301, 1000, -1, -101))
+def test_labels_outside_the_vocabulary_are_named(alpha, reduction, bad):
+    """Also with alpha = 1, where labels only pick the tokens that count: a label the head cannot predict is an
+    error, not a silently counted token."""
+    sh, sw, th, tw, labels, sb, tb = inputs()
+    labels = labels.clone()
+    labels[1, 4] = bad
+    with pytest.raises(ValueError,
+                       match=rf"labels must be in \[0, 301\).*ignore_index=-100, got {bad} at flat index 11"):
+        fused_linear_distillation(sh, sw, th, tw, labels, alpha=alpha, reduction=reduction)
+    # another ignore_index: -100 is then a label like any other
+    labels[1, 4] = 0
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 301\).*ignore_index=-1, got -100"):
+        fused_linear_distillation(sh, sw, th, tw, labels, alpha=alpha, reduction=reduction, ignore_index=-1)
+    ok = fused_linear_distillation(sh, sw, th, tw, labels.masked_fill(labels == -100, -1), alpha=alpha,
+                                   reduction=reduction, ignore_index=-1)
+    assert torch.equal(ok, fused_linear_distillation(sh, sw, th, tw, labels, alpha=alpha, reduction=reduction))
+
+
+def test_distillation_trainer_checks_its_options_first():
+    from fastft.integrations.distillation import DistillationTrainer
+
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        DistillationTrainer(teacher=torch.nn.Linear(2, 2), temperature=0.0)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        DistillationTrainer(teacher=torch.nn.Linear(2, 2), alpha=2.0)

@@ -86,6 +86,62 @@ def test_bad_inputs():
         fused_linear_cross_entropy(hidden, weight, labels, reduction="max")
     with pytest.raises(TypeError, match="hidden must be a floating tensor"):
         fused_linear_cross_entropy(labels, weight, labels)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        fused_linear_cross_entropy(hidden, weight, labels, ignore_index=None)
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+@pytest.mark.parametrize("bad", (VOCAB, VOCAB + 7, -1, -5))
+def test_labels_outside_the_vocabulary_are_named(reduction, bad):
+    hidden, weight, b, labels = cross_entropy_inputs(torch.float32)
+    labels = labels.clone()
+    labels[2, 3] = bad
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, {VOCAB}\).*ignore_index=-100, got {bad} at flat "
+                                         rf"index 85"):
+        fused_linear_cross_entropy(hidden, weight, labels, bias=b, reduction=reduction)
+    labels[2, 3] = 0  # labels equal to another ignore_index are skipped, -100 is then out of range
+    with pytest.raises(ValueError, match=r"labels .*ignore_index=-1, got -100 at flat index 0"):
+        fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-1)
+    expected = fused_linear_cross_entropy(hidden, weight, labels, bias=b, reduction=reduction)
+    ours = fused_linear_cross_entropy(hidden, weight, labels.masked_fill(labels == -100, -1), bias=b,
+                                      reduction=reduction, ignore_index=-1)
+    assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("num_items", (0, -3, float("nan"), float("inf"), torch.tensor(0), torch.tensor(-1.0),
+                                       torch.tensor(float("inf"))))
+def test_num_items_in_batch_must_be_positive(num_items):
+    hidden, weight, b, labels = cross_entropy_inputs(torch.float32)
+    with pytest.raises(ValueError, match=r"num_items_in_batch must be a finite number > 0"):
+        fused_linear_cross_entropy(hidden, weight, labels, num_items_in_batch=num_items)
+    for bad_type in (True, torch.tensor([3, 4])):
+        with pytest.raises(TypeError, match="num_items_in_batch must be"):
+            fused_linear_cross_entropy(hidden, weight, labels, num_items_in_batch=bad_type)
+
+
+def test_no_counted_token_gives_zero_not_nan():
+    """Without num_items_in_batch, a batch whose labels are all ignore_index has no token to average over: the
+    mean is 0 (the sum over no token), with zero gradients."""
+    hidden, weight, b, labels = cross_entropy_inputs(torch.float64)
+    loss = fused_linear_cross_entropy(hidden, weight, torch.full_like(labels, -100), bias=b)
+    loss.backward()
+    assert loss.item() == 0.0 and not hidden.grad.any()
+
+
+@pytest.mark.slow
+def test_label_and_num_items_checks_run_in_compiled_graphs():
+    """The values are checked inside the op, which runs with the real tensors in a fullgraph-compiled function."""
+    hidden, weight, b, labels = cross_entropy_inputs(torch.float32)
+    compiled = torch.compile(lambda h, w, l, n: fused_linear_cross_entropy(h, w, l, num_items_in_batch=n),
+                             backend="aot_eager", fullgraph=True)
+    expected = fused_linear_cross_entropy(hidden, weight, labels, num_items_in_batch=torch.tensor(50))
+    assert rel_error(compiled(hidden, weight, labels, torch.tensor(50)), expected) < 1e-6
+    bad = labels.clone()
+    bad[1, 1] = VOCAB
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, {VOCAB}\).*got {VOCAB}"):
+        compiled(hidden, weight, bad, torch.tensor(50))
+    with pytest.raises(ValueError, match="num_items_in_batch must be a finite number > 0"):
+        compiled(hidden, weight, labels, torch.tensor(0))
 
 
 def causal_lm(kind):

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
-from fastft.losses import fused_linear_distillation
+from fastft.losses import check_options, fused_linear_distillation
 from fastft.nn import NF4Linear
 
 
@@ -66,10 +66,12 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, inputs: dict, *, b
 
 
 class DistillationTrainer(Trainer):
-    """transformers Trainer whose loss is fastft's fused distillation loss against a frozen `teacher`."""
+    """transformers Trainer whose loss is fastft's fused distillation loss against a frozen `teacher`; the options
+    are checked here, before any training step (their ranges: fastft.losses)."""
 
     def __init__(self, *args, teacher: nn.Module, beta: float = 0.0, temperature: float = 1.0, alpha: float = 1.0,
                  scale_by_t2: bool = False, **kwargs):
+        check_options(beta=beta, temperature=temperature, alpha=alpha, scale_by_t2=scale_by_t2)
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
         self.distillation_options = dict(beta=beta, temperature=temperature, alpha=alpha, scale_by_t2=scale_by_t2)

@@ -23,7 +23,9 @@ class BottleneckAdapter(nn.Module):
     way up's weight and bias start at zero, so a new adapter returns h unchanged.
     forward(h, residual=None): with `residual` (a parallel adapter) the result is residual + scale * branch(h).
     Parameters may have another dtype than h (e.g. fp32 adapters on a bf16 model): the branch runs in the
-    parameters' dtype and is added in h's (or residual's) dtype. Saved for backward: see fastft.ops.bottleneck.
+    parameters' dtype and is added in h's (or residual's) dtype. h and residual must be floating tensors
+    (TypeError otherwise) on the parameters' device (ValueError naming both devices otherwise).
+    Saved for backward: see fastft.ops.bottleneck.
     """
 
     def __init__(self, hidden_size: int, reduction_factor: Optional[int] = 16, bottleneck_size: Optional[int] = None,
@@ -59,11 +61,15 @@ class BottleneckAdapter(nn.Module):
                 self.up.bias.zero_()
 
     def forward(self, h: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        norm = self.norm
+        bottleneck_ops.check_inputs(h, residual, {
+            "down.weight": self.down.weight, "down.bias": self.down.bias, "up.weight": self.up.weight,
+            "up.bias": self.up.bias, "norm.weight": norm.weight if norm is not None else None,
+            "norm.bias": norm.bias if norm is not None else None}, x_name="h")
         if h.shape[-1:] != (self.hidden_size,):
             raise ValueError(f"h must have last dim hidden_size={self.hidden_size}, got shape {tuple(h.shape)}")
         if residual is not None and residual.shape != h.shape:
             raise ValueError(f"residual must have h's shape {tuple(h.shape)}, got {tuple(residual.shape)}")
-        norm = self.norm
         return bottleneck_ops.bottleneck_adapter(
             h, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.activation, self.scale, residual,
             norm.weight if norm is not None else None, norm.bias if norm is not None else None, norm is not None,

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastft.losses import fused_linear_distillation
+from fastft.losses import check_options, fused_linear_distillation
 
 
 class FusedLinearDistillationLoss(nn.Module):
     """loss = module(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, ...).
 
-    Options (beta, temperature, alpha, scale_by_t2, ignore_index, reduction) are fixed at construction; biases
-    and num_items_in_batch are per call. Never materializes [tokens, vocab] logits.
+    Options (beta, temperature, alpha, scale_by_t2, ignore_index, reduction, teacher_topk) are fixed and checked at
+    construction (the ranges in fastft.losses: beta and alpha in [0, 1], temperature in [0.01, 100], teacher_topk
+    None or an int >= 1); biases and num_items_in_batch are per call. Never materializes [tokens, vocab] logits.
     """
 
     def __init__(self, beta: float = 0.0, temperature: float = 1.0, alpha: float = 1.0, scale_by_t2: bool = False,
                  ignore_index: int = -100, reduction: str = "mean", teacher_topk: int | None = None):
         super().__init__()
+        check_options(beta=beta, temperature=temperature, alpha=alpha, scale_by_t2=scale_by_t2,
+                      ignore_index=ignore_index, reduction=reduction, teacher_topk=teacher_topk)
         self.teacher_topk = teacher_topk
         self.beta, self.temperature, self.alpha = beta, temperature, alpha
         self.scale_by_t2, self.ignore_index, self.reduction = scale_by_t2, ignore_index, reduction

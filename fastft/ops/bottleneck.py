@@ -17,6 +17,8 @@ Backward recomputes a = act(z) (and norm(x) from x, mean, rstd):
 Saved for backward: x (the layer's hidden states, which the surrounding model holds anyway), z (r * itemsize
 bytes per token) and, with the norm, mean and rstd (8 bytes per token). Plain torch saves z and act(z) (twice as
 many bottleneck bytes) plus, with a LayerNorm, the normalized x (hidden * itemsize bytes per token).
+Inputs (check_inputs, on metadata only, in the op and its fake): x and residual floating tensors of any
+floating dtypes; the parameters floating tensors of one dtype; all on one device.
 """
 
 from __future__ import annotations
@@ -28,6 +30,35 @@ from torch import Tensor
 
 from fastft.ops.backend import backend_for, native_extension
 from fastft.reference import bottleneck as ref
+
+
+def check_inputs(x, residual, parameters: dict, x_name: str = "x") -> None:
+    """TypeError unless x (called x_name in the message), residual (when given) and the parameters
+    ({name: tensor or None}) are floating tensors, the parameters of one dtype; ValueError naming the argument and
+    both devices unless they are all on x's device. Reads only metadata: free under torch.compile."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"{x_name} must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if residual is not None and (not isinstance(residual, Tensor) or not residual.is_floating_point()):
+        raise TypeError(f"residual must be None or a floating tensor, got "
+                        f"{getattr(residual, 'dtype', type(residual).__name__)}")
+    given = {name: t for name, t in parameters.items() if t is not None}
+    for name, t in given.items():
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    dtypes = {t.dtype for t in given.values()}
+    if len(dtypes) > 1:
+        raise TypeError("the adapter's parameters must share one dtype, got "
+                        + ", ".join(f"{name} {t.dtype}" for name, t in given.items()))
+    if residual is not None and residual.device != x.device:
+        raise ValueError(f"residual is on {residual.device} but {x_name} is on {x.device}: they must be on one device")
+    for name, t in given.items():
+        if t.device != x.device:
+            raise ValueError(f"{x_name} is on {x.device} but the adapter's parameter {name} is on {t.device}: move the "
+                             f"input or the adapter so that they are on one device")
+
+
+def _parameters(w_down, b_down, w_up, b_up, ln_weight, ln_bias) -> dict:
+    return {"w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up, "ln_weight": ln_weight, "ln_bias": ln_bias}
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -115,6 +146,7 @@ def bottleneck_adapter(x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up
                        ln_bias: Optional[Tensor], layer_norm: bool, ln_eps: float
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     ref.check_activation(activation)
+    check_inputs(x, residual, _parameters(w_down, b_down, w_up, b_up, ln_weight, ln_bias))
     rows = _rows(x)
     base = rows if residual is None else _rows(residual)
     v, mean, rstd = _normalized(rows.to(w_down.dtype), ln_weight, ln_bias, layer_norm, ln_eps)
@@ -135,6 +167,7 @@ def bottleneck_adapter(x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up
 
 @bottleneck_adapter.register_fake
 def _(x, w_down, b_down, w_up, b_up, activation, scale, residual, ln_weight, ln_bias, layer_norm, ln_eps):
+    check_inputs(x, residual, _parameters(w_down, b_down, w_up, b_up, ln_weight, ln_bias))
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     base = x if residual is None else residual
     stats_shape = (rows, 1) if layer_norm else (0,)

@@ -17,6 +17,9 @@ cases (teacher top-k, fp64) use torch ops.
   (per_token=False) the gradients are computed in the forward pass (scaled by the incoming gradient in
   backward); with per_token=True only the per-token losses, and backward reruns the chunks with per-token weights
   (fastft::fused_linear_distillation_backward). Gradients not asked for are empty tensors.
+- The forward op checks the values of labels (each in [0, vocab) or ignore_index) and of denominator (> 0 and
+  finite: a num_items_in_batch of 0, negative, nan or inf is an error, not a loss) with one device-to-host copy
+  (check_values); inside torch.compile'd graphs too, as the op's implementation runs with the real tensors there.
 """
 
 from __future__ import annotations
@@ -204,6 +207,28 @@ def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
             empty() if grad_bias is None else grad_bias.to(student_bias.dtype))
 
 
+def check_values(labels: Optional[Tensor], vocab: int, ignore_index: int, denominator: Tensor) -> None:
+    """ValueError naming labels (the first value outside [0, vocab) other than ignore_index, its flat index and
+    the vocabulary size) or num_items_in_batch (a mean's denominator that is not > 0 and finite), after one
+    device-to-host copy of two flags. Skipped while a CUDA graph is captured, where no copy is allowed."""
+    if denominator.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    flags = [~(torch.isfinite(denominator) & (denominator > 0)).reshape(())]
+    outside = None
+    if labels is not None:
+        outside = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        flags.append(outside.any())
+    bad_denominator, *bad_labels = torch.stack(flags).tolist()
+    if bad_labels and bad_labels[0]:
+        index = int(outside.reshape(-1).nonzero()[0])
+        value = int(labels.reshape(-1)[index])
+        raise ValueError(f"labels must be in [0, {vocab}) (the vocabulary size) or equal ignore_index={ignore_index}, "
+                         f"got {value} at flat index {index}")
+    if bad_denominator:
+        raise ValueError(f"num_items_in_batch must be a finite number > 0 (the mean's denominator), got "
+                         f"{denominator.item():g}")
+
+
 @torch.library.custom_op("fastft::fused_linear_distillation", mutates_args=())
 def fused_linear_distillation(
     student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor],
@@ -211,6 +236,7 @@ def fused_linear_distillation(
     temperature: float, alpha: float, scale_by_t2: bool, ignore_index: int, teacher_topk: int, denominator: Tensor,
     per_token: bool, want_hidden: bool, want_weight: bool, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_values(labels, student_weight.shape[0], ignore_index, denominator)
     row_weights = None if per_token else 1.0 / denominator.to(torch.float64)
     losses, grad_hidden, grad_weight, grad_bias = _run(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, beta,
