@@ -14,9 +14,11 @@ c_attn, c_proj and c_fc, c_proj; BERT: query..attention.output.dense and interme
   added to its output: ffn(x) + scale * up(act(down(x))).
 
 Adapters are submodules of the projection they follow (`<projection>.fastft_adapters.<name>`), run by a forward
-hook; the base model's own modules, parameter names and forward code are untouched, and `remove_adapters` restores
-it exactly (including which parameters required grad). Several named adapters can live in one model; the active
-ones (`set_active`) run in the order given, so a stack ["language", "task"] composes them.
+hook (a parallel branch gets its input from a forward pre-hook on the sublayer's first projection, through storage
+per thread: no module holds anything of a call, so threads may share a model); the base model's own modules,
+parameter names and forward code are untouched, and `remove_adapters` restores it exactly (including which
+parameters required grad). Several named adapters can live in one model; the active ones (`set_active`) run in
+the order given, so a stack ["language", "task"] composes them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -68,17 +71,32 @@ class AdapterSlot(nn.Module):
         self.adapters = nn.ModuleDict()
         self.parallel: set[str] = set()
         self.active: list[str] = []
-        self.parallel_input: Optional[torch.Tensor] = None
 
-    def run(self, output: torch.Tensor) -> torch.Tensor:
-        source, self.parallel_input = self.parallel_input, None
+    def run(self, output: torch.Tensor, source: Optional[torch.Tensor]) -> torch.Tensor:
+        """`output` through the active adapters; `source` (the sublayer's input) feeds the parallel ones."""
         for name in self.active:
             adapter = self.adapters[name]
             if name in self.parallel:
+                if source is None:
+                    raise RuntimeError(f"parallel adapter {name!r}: its sublayer's first projection did not run "
+                                       "before the projection it follows, in this thread")
                 output = adapter(source.to(output.dtype), residual=output)
             else:
                 output = adapter(output)
         return output
+
+
+class _SublayerInputs(threading.local):
+    """Per thread, what a parallel branch reads: slot -> the input its sublayer's first projection was called with,
+    kept from that call to the output of the projection the slot follows (same thread, same forward). Nothing of a
+    call is stored on a module: forwards of one model in several threads each see their own inputs, and a copy of
+    the model (deepcopy, pickle) holds none."""
+
+    def __init__(self):
+        self.by_slot: dict[AdapterSlot, torch.Tensor] = {}
+
+
+_SUBLAYER_INPUTS = _SublayerInputs()
 
 
 @dataclass
@@ -150,11 +168,12 @@ def _adapter_dtype(projection: nn.Module) -> torch.dtype:
 
 
 def _output_hook(module, args, output):
-    return module.fastft_adapters.run(output)
+    slot = module.fastft_adapters
+    return slot.run(output, _SUBLAYER_INPUTS.by_slot.pop(slot, None))
 
 
 def _capture_input(slot: AdapterSlot, module, args):
-    slot.parallel_input = args[0]
+    _SUBLAYER_INPUTS.by_slot[slot] = args[0]
 
 
 def add_adapters(model: nn.Module, config: Optional[AdapterConfig] = None, name: str = "default",
@@ -314,6 +333,7 @@ def remove_adapters(model: nn.Module, names: Union[str, Sequence[str], None] = N
         if len(slot.adapters) == 0:
             for handle in state.handles.pop(module_name):
                 handle.remove()
+            _SUBLAYER_INPUTS.by_slot.pop(slot, None)
             del module.fastft_adapters
     for name in names:
         del state.configs[name]

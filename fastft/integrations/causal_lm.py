@@ -3,8 +3,8 @@ states by `fastft.losses.fused_linear_cross_entropy`, so the (tokens, vocab) fp3
 their gradient (three tensors of tokens x vocab x 4 bytes each in transformers' loss) never exist.
 
 The class of the causal-LM instance is swapped for a subclass (per instance, reversible). In training, when labels
-are given, its forward runs the model with `logits_to_keep=1` and the fused loss on the final hidden states, and
-returns `logits=None` (as Liger-Kernel's fused cross-entropy does); in eval mode, without labels, or with
+are given, its forward runs the decoder under lm_head (`model.base_model`) and the fused loss on its last hidden
+states, and returns `logits=None` (as Liger-Kernel's fused cross-entropy does); in eval mode, without labels, or with
 arguments it does not handle, it is transformers' own forward. Only model types whose logits are exactly
 `lm_head(last hidden state)` are patched (no logit scaling or soft-capping).
 """
@@ -35,8 +35,10 @@ def _fused_loss_forward(self, *args, labels=None, **kwargs):
     shift_labels = kwargs.pop("shift_labels", None)
     ignore_index = kwargs.pop("ignore_index", -100)
     wants_hidden_states = kwargs.pop("output_hidden_states", False)
-    outputs = original.forward(self, labels=None, logits_to_keep=1, output_hidden_states=True, **kwargs)
-    hidden = outputs.hidden_states[-1]
+    # The supported forwards run lm_head on the decoder's last hidden state: that is the loss's input. Hidden states
+    # are collected only when the caller asks (transformers then hooks closures on the layers, which pickle refuses).
+    outputs = self.base_model(output_hidden_states=wants_hidden_states, **kwargs)
+    hidden = outputs.last_hidden_state
     if shift_labels is None:  # position t predicts token t + 1, as transformers' ForCausalLMLoss
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     weight, bias = head_weight(self.get_output_embeddings())

@@ -8,11 +8,15 @@ first member called computes the rank-r products of every member in one fastft::
 rank-r GEMM without dropout) and hands each sibling its products when the sibling is called with that same tensor;
 each member adds its up-projections into its base output in place (one GEMM pass over it, no temporary).
 A group whose members turn out to read different inputs (cross-attention, cached keys) stops grouping, and the
-patch report says so.
+patch report says so. The products waiting for siblings are kept per thread: threads running forwards of one model
+each group their own calls.
+
+A patched model pickles (torch.save, copy.deepcopy) into a patched model: see fastft/integrations/class_swap.py.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -171,25 +175,63 @@ def _lora_products(x: torch.Tensor, terms: list[tuple]) -> list[torch.Tensor]:
     return products
 
 
+class _PendingProducts(threading.local):
+    """One thread's round of an input group: the x its first member was called with (and x's version then), and
+    the rank-r products of the members that have not taken theirs yet."""
+
+    def __init__(self):
+        self.x: torch.Tensor | None = None
+        self.version = -1
+        self.pending: dict[int, list] = {}  # id(member) -> its rank-r products, for x
+
+
 class _InputGroup:
     """Sibling LoRA layers reading one input. The first member called with x computes every eligible member's
-    terms; the others take theirs when called with the same, unmodified x (same object, same version)."""
+    terms; the others take theirs when called with the same, unmodified x (same object, same version). A round is
+    per thread, so forwards of one model running in several threads each group their own calls; a copy of the group
+    (pickle, deepcopy) starts with no round in progress."""
 
     def __init__(self, name: str, members: list, report: PatchReport):
         self.name, self.members, self.report = name, members, report
         self.active = True
-        self.x = None
-        self.version = -1
-        self.pending: dict[int, list] = {}  # id(member) -> its rank-r products, for the current x
+        self._round = _PendingProducts()
 
-    def products(self, layer, x: torch.Tensor) -> list[torch.Tensor] | None:
-        """layer's rank-r products for x, or None where the group does not serve this call."""
-        if not self.active or torch.compiler.is_compiling():
+    @property
+    def x(self) -> torch.Tensor | None:
+        return self._round.x
+
+    @property
+    def pending(self) -> dict[int, list]:
+        return self._round.pending
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_round"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._round = _PendingProducts()
+
+    def take(self, layer, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """layer's rank-r products for x, or None where the group does not serve this call (then layer computes
+        its own): under torch.compile, once the group stopped, and for a module that is none of the members (a
+        copy of one, e.g. nn.DataParallel's replicas, which share the group object)."""
+        if torch.compiler.is_compiling() or not any(m is layer for m in self.members):
             return None
-        if x is self.x and x._version == self.version and id(layer) in self.pending:
-            return self.pending.pop(id(layer))
-        if self.pending:  # a member left its term unused, or was called with another input: stop grouping
-            self.active, self.x, self.pending = False, None, {}
+        current = self._round
+        if not self.active:
+            if current.pending:  # the group stopped during this thread's round: release x
+                current.x, current.version, current.pending = None, -1, {}
+            return None
+        if x is current.x and x._version == current.version and id(layer) in current.pending:
+            mine = current.pending.pop(id(layer))
+            if not current.pending:  # every member took its own: release x
+                current.x, current.version = None, -1
+            return mine
+        if current.pending:  # a member left its term unused, or was called with another input: stop grouping
+            self.active = False
+            current.x, current.version, current.pending = None, -1, {}
             self.report.input_groups[self.name] = "stopped: the members read different inputs (each runs alone)"
             return None
         members = [m for m in self.members if m is layer or _runs_fused(m, {})]
@@ -199,17 +241,13 @@ class _InputGroup:
         flat = _lora_products(x, [term for member_terms in terms for term in member_terms])
         start = 0
         for member, member_terms in zip(members, terms):
-            self.pending[id(member)] = flat[start:start + len(member_terms)]
+            if member is not layer:
+                current.pending[id(member)] = flat[start:start + len(member_terms)]
+            else:
+                mine = flat[start:start + len(member_terms)]
             start += len(member_terms)
-        mine = self.pending.pop(id(layer))
-        self.x, self.version = (x, x._version) if self.pending else (None, -1)
-        return mine
-
-    def take(self, layer, x: torch.Tensor) -> list[torch.Tensor] | None:
-        """products(), releasing x once every member has taken its own."""
-        mine = self.products(layer, x)
-        if not self.pending:
-            self.x = None
+        if current.pending:
+            current.x, current.version = x, x._version
         return mine
 
 
