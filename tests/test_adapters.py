@@ -8,8 +8,9 @@ import torch
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
+import fastft
 from fastft import adapters
-from fastft.nn import BottleneckAdapter
+from fastft.nn import BottleneckAdapter, NF4Linear
 from fastft.reference.bottleneck import bottleneck_adapter_ref
 
 VOCAB = 128
@@ -261,3 +262,23 @@ def test_torch_compile_traces_adapters_as_one_graph(placement):
     for (name, p), q in zip(model.named_parameters(), compiled.parameters()):
         if p.requires_grad:
             assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("placement", ("houlsby", "parallel"))
+def test_adapters_on_a_4bit_quantize_model_base(placement):
+    """A fastft.quantize_model base (NF4Linear projections, no bitsandbytes): adapters sit after the same projections
+    as on the dense model and train as on the dense model holding the dequantized weights."""
+    quantized = fastft.quantize_model(base_model("llama"), blocksize=32)
+    dense = copy.deepcopy(quantized)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, NF4Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent), child, module.to_linear())
+    config = adapters.AdapterConfig(placement=placement, reduction_factor=4, activation="gelu")
+    placed = []
+    for model in (quantized, dense):
+        torch.manual_seed(2)
+        placed.append(adapters.add_adapters(model, config))
+    assert placed[0] == placed[1] and len(placed[0]) == (4 if placement == "houlsby" else 2)
+    for ours, theirs in zip(train(quantized, "llama", 10), train(dense, "llama", 10)):
+        assert abs(ours - theirs) <= 1e-5 * abs(theirs)

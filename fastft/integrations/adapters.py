@@ -3,7 +3,7 @@
 
 Where adapters go is found from module types, not model names: the model's blocks are the longest `nn.ModuleList`
 of one block class containing an attention module (a module whose class name ends in "Attention"); in each block
-the attention sublayer's projections are the Linear / Conv1D layers inside that module and the feed-forward
+the attention sublayer's projections are the Linear / Conv1D / NF4Linear layers inside that module and the feed-forward
 sublayer's are the block's other ones, in registration order (Llama/Qwen2: q..o_proj and gate..down_proj; GPT-2:
 c_attn, c_proj and c_fc, c_proj; BERT: query..attention.output.dense and intermediate.dense, output.dense).
 
@@ -34,6 +34,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from fastft.nn import NF4Linear
 from fastft.nn.bottleneck import INITS, BottleneckAdapter
 from fastft.reference.bottleneck import check_activation
 
@@ -115,11 +116,13 @@ class _State:
 
 
 def _projections(module: nn.Module) -> list[nn.Module]:
-    """The Linear / Conv1D layers of `module` in registration order, leaving out those of adapters."""
+    """The Linear / Conv1D / NF4Linear (a `fastft.quantize_model` base) layers of `module` in registration order,
+    leaving out those of adapters."""
     from transformers.pytorch_utils import Conv1D
 
     in_adapters = {id(m) for slot in module.modules() if isinstance(slot, AdapterSlot) for m in slot.modules()}
-    return [m for m in module.modules() if isinstance(m, (nn.Linear, Conv1D)) and id(m) not in in_adapters]
+    return [m for m in module.modules()
+            if isinstance(m, (nn.Linear, Conv1D, NF4Linear)) and id(m) not in in_adapters]
 
 
 def _attention(block: nn.Module) -> Optional[nn.Module]:

@@ -76,5 +76,6 @@ def distillation_ref(student_hidden, student_weight, teacher_hidden, teacher_wei
         return per_token.reshape(student_hidden.shape[:-1])
     if reduction == "sum":
         return per_token.sum()
-    denominator = num_items_in_batch if num_items_in_batch is not None else valid.sum()
+    # the mean over no counted token is 0 (a batch whose labels are all ignore_index contributes nothing)
+    denominator = num_items_in_batch if num_items_in_batch is not None else valid.sum().clamp(min=1)
     return per_token.sum() / denominator
