@@ -10,7 +10,8 @@ SUITES = {
     "quick": "NF4 dequantize and matmul vs bitsandbytes and dense fp32 (4096x4096); one LoRA layer vs peft; "
              "one bottleneck adapter vs plain torch; fake quantization vs torchao",
     "lora": "a mini Llama LoRA training step, fp32 and 4-bit base, vs peft (one process per case; minutes)",
-    "distill": "fused distillation loss vs plain torch and Liger: time, peak memory, growth in tokens and vocab; "
+    "distill": "fused distillation loss vs plain torch and Liger: time (warm, and first call in fresh processes), "
+               "peak memory, growth in tokens and vocab; "
                "the fused causal-LM cross-entropy vs plain torch",
     "qat": "fake quantization (int4 g32 weights, int8 per-token activations) vs torchao; FakeQuantLinear vs "
            "nn.Linear and torchao; a mini Llama QAT step vs torchao",
@@ -48,6 +49,7 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
         rows += lora_step.run(machine, steps=repeats, progress=progress)
     else:
         rows = distillation.run_time(machine, repeats=repeats, progress=progress)
+        rows += distillation.run_fresh(machine, progress=progress)
         rows += distillation.run_cross_entropy(machine, repeats=repeats, progress=progress)
         memory_rows, growth = distillation.run_memory(progress=progress)
         rows += memory_rows
