@@ -1,6 +1,7 @@
 // Per-row soft term of the distillation loss and its gradient with respect to the student logits, in four passes
-// over a row held in cache: maxima, normalizers, terms (+ the centring sum), gradient. AVX2 with polynomial exp/log
-// (Cephes-style, ~1e-7 relative); scalar libm elsewhere. Formulas: fastft/reference/distillation.py.
+// over a row held in cache: maxima, normalizers, terms (+ the centring sum), gradient. AVX-512 or AVX2 (chosen at run
+// time) with polynomial exp/log (Cephes-style, ~1e-7 relative); scalar libm elsewhere. Formulas:
+// fastft/reference/distillation.py.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -195,6 +196,121 @@ FASTFT_AVX2 void soft_row_avx2(float* zs, float* zt, int64_t V, float inv_t, flo
   }
   tail_centre(zs, zt, body, V, scale, total_centre);
 }
+
+// The same four passes on 16 lanes (the same polynomials, so the two paths agree to their rounding). The ragged end
+// of a row runs on masked loads and stores instead of the scalar tail.
+FASTFT_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2));
+}
+
+FASTFT_AVX512 inline __m512 log16_1_2(__m512 x) {  // log(x) for x in [1, 2], as log_1_2
+  const __mmask16 big = _mm512_cmp_ps_mask(x, _mm512_set1_ps(1.41421356f), _CMP_GE_OQ);
+  const __m512 e = _mm512_maskz_mov_ps(big, _mm512_set1_ps(1.f));
+  const __m512 m = _mm512_mask_mul_ps(x, big, x, _mm512_set1_ps(0.5f));
+  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.f));
+  __m512 y = _mm512_set1_ps(7.0376836292e-2f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.1514610310e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.1676998740e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.2420140846e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.4249322787e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.6668057665e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.0000714765e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-2.4999993993e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(3.3333331174e-1f));
+  const __m512 f2 = _mm512_mul_ps(f, f);
+  y = _mm512_mul_ps(_mm512_mul_ps(y, f), f2);
+  y = _mm512_fnmadd_ps(f2, _mm512_set1_ps(0.5f), y);
+  y = _mm512_add_ps(y, f);
+  return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693147180559945f), y);
+}
+
+FASTFT_AVX512 inline __m512d add16_pd(__m512d acc, __m512 v) {
+  acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+  return _mm512_add_pd(acc, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+
+// Lanes of the 16 elements from j on that lie in the row (all of them but at its end).
+FASTFT_AVX512 inline __mmask16 lanes(int64_t j, int64_t V) {
+  const int64_t left = V - j;
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+FASTFT_AVX512 void soft_row_avx512(float* zs, float* zt, int64_t V, float inv_t, float beta, float scale,
+                                   float& loss) {
+  const __m512 vinv = _mm512_set1_ps(inv_t), minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 vms = minus_inf, vmt = minus_inf;
+  for (int64_t j = 0; j < V; j += 16) {
+    const __mmask16 k = lanes(j, V);
+    vms = _mm512_max_ps(vms, _mm512_mul_ps(_mm512_mask_loadu_ps(minus_inf, k, zs + j), vinv));
+    vmt = _mm512_max_ps(vmt, _mm512_mul_ps(_mm512_mask_loadu_ps(minus_inf, k, zt + j), vinv));
+  }
+  const float max_s = _mm512_reduce_max_ps(vms), max_t = _mm512_reduce_max_ps(vmt);
+  __m512d sum_s = _mm512_setzero_pd(), sum_t = _mm512_setzero_pd();
+  const __m512 vmax_s = _mm512_set1_ps(max_s), vmax_t = _mm512_set1_ps(max_t);
+  for (int64_t j = 0; j < V; j += 16) {
+    const __mmask16 k = lanes(j, V);
+    const __m512 es = _mm512_maskz_mov_ps(k, exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, zs + j), vinv, vmax_s)));
+    const __m512 et = _mm512_maskz_mov_ps(k, exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, zt + j), vinv, vmax_t)));
+    sum_s = add16_pd(sum_s, es);
+    sum_t = add16_pd(sum_t, et);
+  }
+  const float lse_s = max_s + static_cast<float>(std::log(_mm512_reduce_add_pd(sum_s)));
+  const float lse_t = max_t + static_cast<float>(std::log(_mm512_reduce_add_pd(sum_t)));
+  const float log_b = log_or_zero(beta, false), log_1mb = log_or_zero(beta, true);
+  const __m512 vlse_s = _mm512_set1_ps(lse_s), vlse_t = _mm512_set1_ps(lse_t), vscale = _mm512_set1_ps(scale);
+  const __m512 vbeta = _mm512_set1_ps(beta), v1mb = _mm512_set1_ps(1.f - beta);
+  const __m512 vlog_b = _mm512_set1_ps(log_b), vlog_1mb = _mm512_set1_ps(log_1mb);
+  __m512d soft = _mm512_setzero_pd(), centre = _mm512_setzero_pd();
+  for (int64_t j = 0; j < V; j += 16) {
+    const __mmask16 k = lanes(j, V);
+    const __m512 s = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, zs + j), vinv, vlse_s);
+    const __m512 t = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, zt + j), vinv, vlse_t);
+    const __m512 q = exp16(s), p = exp16(t);
+    if (beta == 0.f) {
+      soft = add16_pd(soft, _mm512_maskz_mul_ps(k, p, _mm512_sub_ps(t, s)));
+      _mm512_mask_storeu_ps(zs + j, k, _mm512_mul_ps(vscale, _mm512_sub_ps(q, p)));
+      continue;
+    }
+    __m512 g;
+    if (beta == 1.f) {
+      g = _mm512_sub_ps(s, t);
+      soft = add16_pd(soft, _mm512_maskz_mul_ps(k, q, g));
+    } else {
+      const __m512 a = _mm512_add_ps(s, vlog_1mb), b = _mm512_add_ps(t, vlog_b);
+      const __m512 gap = _mm512_abs_ps(_mm512_sub_ps(a, b));
+      const __m512 log_m = _mm512_add_ps(_mm512_max_ps(a, b),
+                                         log16_1_2(_mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gap)))));
+      const __m512 teacher_term = _mm512_mul_ps(_mm512_mul_ps(vbeta, p), _mm512_sub_ps(t, log_m));
+      const __m512 student_term = _mm512_mul_ps(_mm512_mul_ps(v1mb, q), _mm512_sub_ps(s, log_m));
+      soft = add16_pd(soft, _mm512_maskz_add_ps(k, teacher_term, student_term));
+      g = _mm512_mul_ps(v1mb, _mm512_sub_ps(s, log_m));
+    }
+    centre = add16_pd(centre, _mm512_maskz_mul_ps(k, q, g));
+    _mm512_mask_storeu_ps(zs + j, k, g);
+    _mm512_mask_storeu_ps(zt + j, k, q);
+  }
+  loss = static_cast<float>(_mm512_reduce_add_pd(soft));
+  if (beta == 0.f) return;
+  const __m512 vcentre = _mm512_set1_ps(static_cast<float>(_mm512_reduce_add_pd(centre)));
+  for (int64_t j = 0; j < V; j += 16) {
+    const __mmask16 k = lanes(j, V);
+    const __m512 g = _mm512_maskz_loadu_ps(k, zs + j), q = _mm512_maskz_loadu_ps(k, zt + j);
+    _mm512_mask_storeu_ps(zs + j, k, _mm512_mul_ps(vscale, _mm512_mul_ps(q, _mm512_sub_ps(g, vcentre))));
+  }
+}
 #endif
 
 void soft_row_scalar(float* zs, float* zt, int64_t V, float inv_t, float beta, float scale, float& loss) {
@@ -226,10 +342,14 @@ at::Tensor distill_soft_rows_cpu(at::Tensor& student_logits, at::Tensor& teacher
   float* out = loss.mutable_data_ptr<float>();
   const float inv_t = static_cast<float>(1.0 / temperature), b = static_cast<float>(beta);
   const float scale = static_cast<float>(grad_scale);
-  const bool vector = cpu_has_avx2();
+  const bool vector = cpu_has_avx2(), wide = cpu_has_avx512();
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
 #ifdef FASTFT_X86
+      if (wide) {
+        soft_row_avx512(zs + r * V, zt + r * V, V, inv_t, b, scale, out[r]);
+        continue;
+      }
       if (vector) {
         soft_row_avx2(zs + r * V, zt + r * V, V, inv_t, b, scale, out[r]);
         continue;

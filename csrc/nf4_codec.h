@@ -52,9 +52,13 @@ inline T from_float(float v) {
 }
 
 bool cpu_has_avx2();
+// AVX-512 (F, DQ, BW, VL) on top of AVX2; FASTFT_NO_AVX512=1 (or FASTFT_NO_AVX2=1) turns it off, e.g. to test the
+// AVX2 paths on such a CPU.
+bool cpu_has_avx512();
 
 #ifdef FASTFT_X86
 #define FASTFT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define FASTFT_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")))
 
 // The 8 fp32 LUT values of the 8 codes held in 4 consecutive bytes (elements 2i, 2i+1 of byte i in order).
 FASTFT_AVX2 inline __m256 lut8(uint32_t four_bytes, __m256 lut_lo, __m256 lut_hi) {

@@ -24,6 +24,17 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#ifdef FASTFT_X86
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && std::getenv("FASTFT_NO_AVX512") == nullptr;
+  return has;
+#else
+  return false;
+#endif
+}
+
 Packed4bit PackedArgs::view() const {
   Packed4bit w{packed.const_data_ptr<uint8_t>(), code.const_data_ptr<float>(), blocksize, {}};
   if (nested_absmax.has_value()) {

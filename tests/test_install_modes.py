@@ -96,6 +96,46 @@ def test_scalar_cpu_paths_match_the_reference():
     assert "scalar paths ok" in result.stdout
 
 
+VECTOR_PATH_CHECK = """
+import torch
+from fastft import _C
+from fastft.ops import use_backend
+from fastft.losses import fused_linear_distillation
+print("paths", int(_C.has_avx2()), int(_C.has_avx512()))
+torch.manual_seed(0)
+for vocab in (16, 17, 203, 2000):  # whole and ragged 16- and 8-lane vectors
+    sh, sw = torch.randn(9, 16, requires_grad=True), torch.randn(vocab, 16, requires_grad=True)
+    th, tw = torch.randn(9, 24), torch.randn(vocab, 24)
+    for beta in (0.0, 0.3, 1.0):
+        results = []
+        for name in ("native", "reference"):
+            with use_backend(name):
+                loss = fused_linear_distillation(sh, sw, th, tw, beta=beta, temperature=2.0, reduction="none")
+                results.append((loss, *torch.autograd.grad(loss.sum(), [sh, sw])))
+        for a, b in zip(*results):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (vocab, beta, (a - b).abs().max())
+print("vector paths ok")
+"""
+
+
+def _cpu_has_avx512() -> bool:
+    flags = set(open("/proc/cpuinfo").read().split())
+    return {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags
+
+
+@pytest.mark.parametrize("env", ({}, {"FASTFT_NO_AVX512": "1"}))
+def test_the_cpu_chooses_the_vector_path_and_each_matches_the_reference(env):
+    """The distillation row kernel runs on AVX-512 where the CPU has it and FASTFT_NO_AVX512 is unset, else on AVX2;
+    each path gives the reference's loss and gradients (an AVX2-only CPU runs the AVX2 path under both settings)."""
+    import os
+
+    result = subprocess.run([sys.executable, "-c", VECTOR_PATH_CHECK], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"paths 1 {int(_cpu_has_avx512() and not env)}" in result.stdout
+    assert "vector paths ok" in result.stdout
+
+
 def test_info_lists_every_op(capsys):
     from fastft.cli import main
 

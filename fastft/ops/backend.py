@@ -4,7 +4,9 @@ Defaults: CPU tensors take "native" when the extension `fastft._C` is built, els
 "triton" when Triton is importable, else "reference". `FASTFT_BACKEND=reference|native|triton` (or `set_backend`)
 forces one path; a forced path that cannot run on the tensors' device raises instead of falling back silently.
 Triton on CPU tensors runs only under the Triton interpreter (`TRITON_INTERPRET=1`), which the tests use.
-`FASTFT_NO_AVX2=1` makes the C++ kernels take their scalar paths (what CPUs without AVX2 run).
+`FASTFT_NO_AVX2=1` makes the C++ kernels take their scalar paths (what CPUs without AVX2 run); `FASTFT_NO_AVX512=1`
+makes those with an AVX-512 path (the distillation rows) take their AVX2 one. The choice is made at run time from
+the CPU's flags.
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ def describe() -> dict[str, str]:
 
     native = native_extension()
     cpu_reason = (
-        f"C++ extension built (AVX2 {'on' if native.has_avx2() else 'off'})"
+        f"C++ extension built; vector paths: AVX-512 {'on' if native.has_avx512() else 'off'} (distillation rows), "
+        f"AVX2 {'on' if native.has_avx2() else 'off'} (the other kernels)"
         if native is not None
         else f"C++ extension not built: {native_error()}"
     )
