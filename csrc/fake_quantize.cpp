@@ -2,6 +2,11 @@
 // The arithmetic repeats torchao's op order exactly (fastft/reference/qat.py): the scale is computed in x's dtype
 // and then taken to fp32, x is multiplied by the fp32 reciprocal, rounded half to even, shifted by the zero point
 // and clamped, and the dequantized value is rounded to x's dtype. fp32 groups run 8 lanes at a time with AVX2.
+//
+// NaN propagates as in torchao, whose amin / amax / minimum / maximum / clamp all keep NaN: a NaN anywhere in a
+// group makes its scale NaN (std::min, std::max and the x86 min/max instructions would drop it, so the scan also
+// records whether it saw one), a NaN pre-clamp value stays NaN through the clamp, and the gradient is masked
+// before it is multiplied by 1 / scale, so a NaN scale makes every gradient of its group NaN.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -24,19 +29,37 @@ struct GroupParams {
   float scale, inv, zero_point;
 };
 
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// torch.minimum / torch.maximum / torch.clamp: NaN in, NaN out.
+inline float min_keep_nan(float a, float b) { return std::isnan(a) || std::isnan(b) ? a + b : std::min(a, b); }
+inline float max_keep_nan(float a, float b) { return std::isnan(a) || std::isnan(b) ? a + b : std::max(a, b); }
+inline float clamp_keep_nan(float v, float lo, float hi) { return std::isnan(v) ? v : std::min(std::max(v, lo), hi); }
+
+// A zero point through torch's float -> int32 -> float cast: exact for the integers a zero point holds; NaN (a
+// group with -inf, whose min / scale is -inf / inf) converts as the platform converts it, INT32_MIN on x86
+// (cvttss2si, what torch's CPU cast runs), 0 elsewhere.
+inline float through_int32(float v) {
+#ifdef FASTFT_X86
+  return static_cast<float>(_mm_cvtt_ss2si(_mm_set_ss(v)));
+#else
+  return std::isnan(v) ? 0.f : v;
+#endif
+}
+
 // torchao's scale and zero point for one group with minimum lo and maximum hi (values of T, held as float).
 template <typename T>
 GroupParams group_params(float lo, float hi, float qmin, float qmax, bool symmetric, float eps) {
-  const float min_neg = std::min(lo, 0.f), max_pos = std::max(hi, 0.f);
+  const float min_neg = min_keep_nan(lo, 0.f), max_pos = max_keep_nan(hi, 0.f);
   float scale, zero_point = 0.f;
   if (symmetric) {
-    scale = round_to<T>(std::max(-min_neg, max_pos) / ((qmax - qmin) / 2.f));
-    scale = std::max(scale, eps);
+    scale = round_to<T>(max_keep_nan(-min_neg, max_pos) / ((qmax - qmin) / 2.f));
+    scale = max_keep_nan(scale, eps);
   } else {
     scale = round_to<T>(round_to<T>(max_pos - min_neg) / (qmax - qmin));
-    scale = std::max(scale, eps);
+    scale = max_keep_nan(scale, eps);
     zero_point = round_to<T>(qmin - std::nearbyint(round_to<T>(min_neg / scale)));
-    zero_point = std::min(std::max(zero_point, qmin), qmax);
+    zero_point = through_int32(clamp_keep_nan(zero_point, qmin, qmax));
   }
   return {scale, 1.f / scale, zero_point};
 }
@@ -44,18 +67,21 @@ GroupParams group_params(float lo, float hi, float qmin, float qmax, bool symmet
 template <typename T>
 GroupParams scan_group(const T* x, int64_t n, float qmin, float qmax, bool symmetric, float eps) {
   float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  bool nan = false;
   for (int64_t i = 0; i < n; ++i) {
     const float v = static_cast<float>(x[i]);
     lo = std::min(lo, v);
     hi = std::max(hi, v);
+    nan |= v != v;
   }
-  return group_params<T>(lo, hi, qmin, qmax, symmetric, eps);
+  return nan ? group_params<T>(kNaN, kNaN, qmin, qmax, symmetric, eps)
+             : group_params<T>(lo, hi, qmin, qmax, symmetric, eps);
 }
 
 template <typename T>
 void quantize_scalar(const T* x, T* out, int64_t begin, int64_t n, const GroupParams& p, float qmin, float qmax) {
   for (int64_t i = begin; i < n; ++i) {
-    const float q = std::min(std::max(std::nearbyint(static_cast<float>(x[i]) * p.inv) + p.zero_point, qmin), qmax);
+    const float q = clamp_keep_nan(std::nearbyint(static_cast<float>(x[i]) * p.inv) + p.zero_point, qmin, qmax);
     out[i] = static_cast<T>(round_to<T>(round_to<T>(q) - round_to<T>(p.zero_point)) * p.scale);
   }
 }
@@ -65,8 +91,8 @@ void backward_scalar(const T* grad, const T* x, T* out, int64_t begin, int64_t n
                      float qmax) {
   for (int64_t i = begin; i < n; ++i) {
     const float pre = std::nearbyint(static_cast<float>(x[i]) * p.inv) + p.zero_point;
-    out[i] = pre >= qmin && pre <= qmax ? static_cast<T>(round_to<T>(static_cast<float>(grad[i]) * p.scale) * p.inv)
-                                        : static_cast<T>(0.f);
+    const float passed = pre >= qmin && pre <= qmax ? round_to<T>(static_cast<float>(grad[i]) * p.scale) : 0.f;
+    out[i] = static_cast<T>(passed * p.inv);
   }
 }
 
@@ -74,22 +100,26 @@ void backward_scalar(const T* grad, const T* x, T* out, int64_t begin, int64_t n
 FASTFT_AVX2 GroupParams scan_group_avx2(const float* x, int64_t n, float qmin, float qmax, bool symmetric,
                                         float eps) {
   constexpr float inf = std::numeric_limits<float>::infinity();
-  __m256 lo8 = _mm256_set1_ps(inf), hi8 = _mm256_set1_ps(-inf);
+  __m256 lo8 = _mm256_set1_ps(inf), hi8 = _mm256_set1_ps(-inf), nan8 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 v = _mm256_loadu_ps(x + i);
     lo8 = _mm256_min_ps(lo8, v);
     hi8 = _mm256_max_ps(hi8, v);
+    nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // min_ps / max_ps drop NaN
   }
   alignas(32) float los[8], his[8];
   _mm256_store_ps(los, lo8);
   _mm256_store_ps(his, hi8);
   float lo = *std::min_element(los, los + 8), hi = *std::max_element(his, his + 8);
+  bool nan = _mm256_movemask_ps(nan8) != 0;
   for (; i < n; ++i) {
     lo = std::min(lo, x[i]);
     hi = std::max(hi, x[i]);
+    nan |= x[i] != x[i];
   }
-  return group_params<float>(lo, hi, qmin, qmax, symmetric, eps);
+  return nan ? group_params<float>(kNaN, kNaN, qmin, qmax, symmetric, eps)
+             : group_params<float>(lo, hi, qmin, qmax, symmetric, eps);
 }
 
 FASTFT_AVX2 void quantize_avx2(const float* x, float* out, int64_t n, const GroupParams& p, float qmin, float qmax) {
@@ -99,7 +129,8 @@ FASTFT_AVX2 void quantize_avx2(const float* x, float* out, int64_t n, const Grou
   for (; i + 8 <= n; i += 8) {
     const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, zp), lo), hi);
+    // max_ps / min_ps return their second operand when either is NaN: the value goes second so NaN stays NaN
+    const __m256 q = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_add_ps(r, zp)));
     _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_sub_ps(q, zp), scale));
   }
   quantize_scalar<float>(x, out, i, n, p, qmin, qmax);
@@ -114,8 +145,8 @@ FASTFT_AVX2 void backward_avx2(const float* grad, const float* x, float* out, in
     const __m256 pre = _mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv),
                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zp);
     const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(pre, lo, _CMP_GE_OQ), _mm256_cmp_ps(pre, hi, _CMP_LE_OQ));
-    const __m256 g = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(grad + i), scale), inv);
-    _mm256_storeu_ps(out + i, _mm256_and_ps(keep, g));
+    const __m256 passed = _mm256_and_ps(keep, _mm256_mul_ps(_mm256_loadu_ps(grad + i), scale));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(passed, inv));
   }
   backward_scalar<float>(grad, x, out, i, n, p, qmin, qmax);
 }
@@ -294,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_scaled_backward_cpu
           const bool inside = pre >= qmin && pre <= qmax;
           const float p = round_to<scalar_t>(gv * s), passed = inside ? p : 0.f;
           og[i] = static_cast<scalar_t>(passed * inv);
-          const float dequantized = round_to<scalar_t>(round_to<scalar_t>(std::min(std::max(pre, qmin), qmax)) - zp_t);
+          const float dequantized = round_to<scalar_t>(round_to<scalar_t>(clamp_keep_nan(pre, qmin, qmax)) - zp_t);
           direct += static_cast<double>(gv) * dequantized;
           via_inverse += static_cast<double>(passed) * xv;
           passed_sum += passed;

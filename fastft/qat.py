@@ -62,21 +62,32 @@ def initial_qparams(weight: Tensor, bits: int = 4, group_size: int = 32,
     return scale, None if symmetric else zero_point.reshape(weight.shape[0], -1)
 
 
+def _described(t) -> str:
+    return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+
+
 def fake_quantize_with_scale(x: Tensor, scale: Tensor, bits: int = 4, group_size: int = 32,
                              zero_point: Optional[Tensor] = None) -> Tensor:
     """Per-group fake quantization of x (rows, K) with learnable fp32 scales (rows, K // group_size) and, for the
     asymmetric form, learnable fp32 zero points of the same shape: torchao's range-learning numerics
     (IntxFakeQuantizeConfig(..., is_dynamic=False, range_learning=True), with zero_point_precision=torch.float32
     when asymmetric), bit-exact in the output and in the gradient of x (straight-through); the gradients of scale
-    (LSQ-style) and zero point are torchao's formulas with their sums taken in fp64 on CPU (fp32 on GPU)."""
+    (LSQ-style) and zero point are torchao's formulas with their sums taken in fp64 on CPU (fp32 on GPU).
+    x with more leading dims (..., K) takes qparams of shape (..., K // group_size). Any other shape of scale or
+    zero_point raises ValueError, even with the right number of values. NaN in x gives NaN at that element only;
+    +-inf clamps to the end of the range."""
+    if not isinstance(x, Tensor) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be a float32, float16 or bfloat16 tensor, got "
+                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
     group = group_length(x.shape, group_size, "per_group", zero_point is None)
     qrange(bits)
-    if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.numel() * group != x.numel():
-        got = f"{scale.dtype} with {scale.numel()} values" if isinstance(scale, Tensor) else type(scale).__name__
-        raise ValueError(f"scale must be float32 with one value per group ({x.numel() // group}), got {got}")
+    expected = (*x.shape[:-1], x.shape[-1] // group)
+    shape_name = "(rows, K // group_size)" if x.dim() == 2 else "(*x.shape[:-1], K // group_size)"
+    if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or tuple(scale.shape) != expected:
+        raise ValueError(f"scale must be a float32 tensor of shape {shape_name} = {expected} for x of shape "
+                         f"{tuple(x.shape)} and group_size {group_size}, got {_described(scale)}")
     if zero_point is not None and (not isinstance(zero_point, Tensor) or zero_point.dtype != torch.float32
-                                   or zero_point.shape != scale.shape):
-        got = (f"{zero_point.dtype} of shape {tuple(zero_point.shape)}" if isinstance(zero_point, Tensor)
-               else type(zero_point).__name__)
-        raise ValueError(f"zero_point must be float32 of scale's shape {tuple(scale.shape)}, got {got}")
+                                   or tuple(zero_point.shape) != expected):
+        raise ValueError(f"zero_point must be float32 of scale's shape {shape_name} = {expected} for x of shape "
+                         f"{tuple(x.shape)} and group_size {group_size}, got {_described(zero_point)}")
     return qat_ops.fake_quantize_with_scale(x.contiguous(), scale, zero_point, bits, group)

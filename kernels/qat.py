@@ -6,6 +6,10 @@ of x (forward: 2 x itemsize bytes per element; backward: 3 x itemsize, the clamp
 Bit-exactness: divisions are correctly rounded (div_rn), rounding is half-to-even by integer-exact arithmetic,
 casts to bf16 round to nearest even with integer ops (the interpreter's float cast truncates), and the kernels are
 launched without FMA contraction.
+NaN propagates as in torchao (fastft/reference/qat.py): the group min/max reduction also reduces a NaN flag (in the
+same read of x), so a NaN in a group makes its scale NaN; every other min/max/clamp propagates NaN (max.NaN.f32 on
+sm_80+, one instruction like the plain max); a NaN zero point (an asymmetric group holding -inf) goes through the
+device's int32 conversion, as torch's cast does; and a NaN scale makes every gradient of its group NaN.
 
 _fake_quantize_scaled_kernel is the same pass with given (learned) per-group fp32 scales and optional zero points:
 forward q = clamp(round(x / s) + zp) and (q - zp) * s; backward dx (straight-through), d(scale) and d(zero point)
@@ -26,6 +30,22 @@ def _round_half_even(v):
     r = tl.floor(v + 0.5)
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
     return tl.where(((r - v) == 0.5) & odd, r - 1.0, r)
+
+
+@triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min_keep_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _clamp_keep_nan(v, lo, hi):
+    """min(max(v, lo), hi), NaN where v is NaN (torch.clamp)."""
+    return _min_keep_nan(_max_keep_nan(v, lo), hi)
 
 
 @triton.jit
@@ -51,20 +71,23 @@ def _store(ptr, v, mask, DTYPE: tl.constexpr):
 @triton.jit
 def _qparams(x, mask, qmin, qmax, eps, SYMMETRIC: tl.constexpr, DTYPE: tl.constexpr):
     """(scale, zero point, 1 / scale), fp32, of each row of the fp32 tile x (a row = a group; masked-out lanes
-    ignored): torchao's choose_qparams, with the scale rounded to DTYPE."""
-    lo = tl.min(tl.where(mask, x, float("inf")), axis=1)
-    hi = tl.max(tl.where(mask, x, float("-inf")), axis=1)
-    min_neg = tl.minimum(lo, 0.0)
-    max_pos = tl.maximum(hi, 0.0)
+    ignored): torchao's choose_qparams, with the scale rounded to DTYPE. tl.min / tl.max skip NaN, so a NaN flag
+    per group, reduced alongside them, makes the min and max of a group holding NaN NaN, and so its scale."""
+    has_nan = tl.max(tl.where(x != x, 1.0, 0.0), axis=1) != 0.0  # masked-out lanes hold 0.0, not NaN
+    lo = tl.where(has_nan, float("nan"), tl.min(tl.where(mask, x, float("inf")), axis=1))
+    hi = tl.where(has_nan, float("nan"), tl.max(tl.where(mask, x, float("-inf")), axis=1))
+    min_neg = _min_keep_nan(lo, 0.0)
+    max_pos = _max_keep_nan(hi, 0.0)
     if SYMMETRIC:
-        scale = _in_dtype(tl.math.div_rn(tl.maximum(-min_neg, max_pos), (qmax - qmin) * 0.5), DTYPE)
-        scale = tl.maximum(scale, eps)
+        scale = _in_dtype(tl.math.div_rn(_max_keep_nan(-min_neg, max_pos), (qmax - qmin) * 0.5), DTYPE)
+        scale = _max_keep_nan(scale, eps)
         zero_point = tl.zeros_like(scale)
     else:
         spread = _in_dtype(max_pos - min_neg, DTYPE)
-        scale = tl.maximum(_in_dtype(tl.math.div_rn(spread, qmax - qmin), DTYPE), eps)
+        scale = _max_keep_nan(_in_dtype(tl.math.div_rn(spread, qmax - qmin), DTYPE), eps)
         zero_point = _in_dtype(qmin - _round_half_even(_in_dtype(tl.math.div_rn(min_neg, scale), DTYPE)), DTYPE)
-        zero_point = tl.minimum(tl.maximum(zero_point, qmin), qmax)
+        # torchao keeps zero points as int32: exact for qmin..qmax; NaN converts as torch's cast on this device does
+        zero_point = _clamp_keep_nan(zero_point, qmin, qmax).to(tl.int32).to(tl.float32)
     return scale, zero_point, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
 
 
@@ -72,15 +95,18 @@ def _qparams(x, mask, qmin, qmax, eps, SYMMETRIC: tl.constexpr, DTYPE: tl.conste
 def _fake_quantized(x, scale, zero_point, inv, qmin, qmax, DTYPE: tl.constexpr):
     """Fake-quantized values of the fp32 tile x, each element with the (broadcast) qparams of its group; fp32
     holding a DTYPE value."""
-    q = tl.minimum(tl.maximum(_round_half_even(x * inv) + zero_point, qmin), qmax)
+    q = _clamp_keep_nan(_round_half_even(x * inv) + zero_point, qmin, qmax)
     return _in_dtype((q - zero_point) * scale, DTYPE)
 
 
 @triton.jit
 def _straight_through(grad, x, scale, zero_point, inv, qmin, qmax, DTYPE: tl.constexpr):
-    """torchao's gradient at x for the incoming fp32 grad: DTYPE(grad * scale) / scale where not clamped, else 0."""
+    """torchao's gradient at x for the incoming fp32 grad: DTYPE(grad * scale) / scale where not clamped, else 0.
+    torchao's autograd masks first and then multiplies by 1 / scale, so where inv is NaN (or inf, a zero scale with
+    eps=0) every gradient of the group is NaN; testing 0 * inv once per row gives that while keeping the multiply
+    inside the select (fewer live registers than a multiply after it)."""
     pre = _round_half_even(x * inv) + zero_point
-    return tl.where((pre >= qmin) & (pre <= qmax), _in_dtype(grad * scale, DTYPE) * inv, 0.0)
+    return tl.where((pre >= qmin) & (pre <= qmax) | (inv * 0.0 != 0.0), _in_dtype(grad * scale, DTYPE) * inv, 0.0)
 
 
 @triton.jit
@@ -164,7 +190,7 @@ def _fake_quantize_scaled_kernel(x_ptr, scale_ptr, zero_point_ptr, grad_ptr, out
         zero_point = tl.zeros_like(scale)
     inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
     pre = _round_half_even(x * inv[:, None]) + zero_point[:, None]
-    q = tl.minimum(tl.maximum(pre, qmin), qmax)
+    q = _clamp_keep_nan(pre, qmin, qmax)
     dequantized = _in_dtype(_in_dtype(q, DTYPE) - _in_dtype(zero_point, DTYPE)[:, None], DTYPE)
     if BACKWARD:
         dy = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)

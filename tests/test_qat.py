@@ -1,6 +1,7 @@
 """fastft.qat.fake_quantize against torchao's own IntxFakeQuantizer: bit-exact outputs and gradients."""
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -95,6 +96,165 @@ def test_per_group_asymmetric_is_bit_exact_with_torchao_affine_primitives(backen
                                                      granularity=granularity), x, grad)
     assert ours[0].dtype == dtype and ours[0].shape == x.shape
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def assert_same_values(ours, theirs):
+    """NaN exactly where theirs is NaN, every other value (infinities included) equal."""
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    nan = theirs.isnan()
+    assert torch.equal(ours.isnan(), nan), f"{int(ours.isnan().sum())} NaN vs {int(nan.sum())}"
+    assert torch.equal(torch.where(nan, 0, ours), torch.where(nan, 0, theirs))
+
+
+def with_specials(rows, cols, dtype, seed=0):
+    """Random (rows, cols) x and dy, x with NaN, +inf and -inf first, in the middle and last in a row (a SIMD body
+    and a scalar tail of a group), NaN with inf and +inf with -inf in one group, and clean rows from row 7 on."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, cols, generator=g) * 2 + 0.3).to(dtype)
+    x[0, 0] = NAN
+    x[1, cols - 1] = NAN
+    x[2, 1] = INF
+    x[3, cols - 2] = -INF
+    x[4, 5], x[4, 6] = NAN, INF
+    x[5, 3], x[5, 4] = INF, -INF
+    x[6, cols // 2 + 1] = -INF
+    return x, torch.randn(rows, cols, generator=g).to(dtype)
+
+
+NAN_CONFIGS = {  # name: (cols, torchao's fake quantization, fastft's)
+    "per_group_32": (96, lambda t: torchao_fake_quantize(t, 4, group_size=32, is_symmetric=True),
+                     lambda t: fake_quantize(t, 4, 32)),
+    "per_group_36": (108, lambda t: torchao_fake_quantize(t, 3, group_size=36, is_symmetric=True),
+                     lambda t: fake_quantize(t, 3, 36)),
+    "per_channel": (100, lambda t: torchao_fake_quantize(t, 8, granularity="per_channel", is_symmetric=True),
+                    lambda t: fake_quantize(t, 8, granularity="per_channel")),
+    "per_token": (77, lambda t: torchao_fake_quantize(t, 8, granularity="per_token", is_symmetric=False),
+                  lambda t: fake_quantize(t, 8, granularity="per_token", symmetric=False)),
+    "per_group_asymmetric": (96, lambda t: torchao_affine_fake_quantize(t, 4, 32),
+                             lambda t: fake_quantize(t, 4, 32, symmetric=False)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", NAN_CONFIGS)
+def test_nan_and_inf_propagate_as_in_torchao(backend, dtype, config):
+    """torchao's min / max / clamp keep NaN: a NaN makes its whole group NaN, forward and backward; an infinity
+    makes the scale inf, so the group NaN (symmetric) or +inf (asymmetric with -inf, whose zero point is a NaN cast
+    to int32). fastft gives the same values, NaN at the same places."""
+    cols, theirs_fn, ours_fn = NAN_CONFIGS[config]
+    x, grad = with_specials(10, cols, dtype)
+    theirs = outputs_and_grads(theirs_fn, x, grad)
+    ours = outputs_and_grads(ours_fn, x, grad)
+    assert_same_values(ours[0], theirs[0])
+    assert_same_values(ours[1], theirs[1])
+    assert not ours[0][7:].isnan().any() and not ours[1][7:].isnan().any()  # clean rows stay clean
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_nan_makes_its_whole_group_nan(backend, dtype):
+    x = torch.randn(4, 128).to(dtype)
+    x[1, 40] = NAN  # group 1 of row 1
+    x = x.requires_grad_()
+    out = fake_quantize(x, 4, 32)
+    (dx,) = torch.autograd.grad(out, [x], torch.ones_like(out))
+    expected = torch.zeros(4, 128, dtype=torch.bool)
+    expected[1, 32:64] = True
+    assert torch.equal(out.isnan(), expected) and torch.equal(dx.isnan(), expected)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_all_zero_group_with_eps_zero_is_nan_as_in_torchao(backend, dtype):
+    """eps=0 lets an all-zero group's scale be 0: 0 * (1 / 0) is NaN in torchao's forward and backward."""
+    x = torch.randn(3, 64).to(dtype)
+    x[1, :32] = 0.0
+    grad = torch.randn(3, 64).to(dtype)
+    theirs = outputs_and_grads(lambda t: torchao_fake_quantize(t, 4, group_size=32, is_symmetric=True, eps=0.0), x,
+                               grad)
+    ours = outputs_and_grads(lambda t: fake_quantize(t, 4, 32, eps=0.0), x, grad)
+    assert theirs[0][1, :32].isnan().all() and theirs[1][1, :32].isnan().all()
+    assert_same_values(ours[0], theirs[0])
+    assert_same_values(ours[1], theirs[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("symmetric", (True, False))
+def test_learned_scales_propagate_nan_and_inf_as_torchao_range_learning(backend, dtype, symmetric):
+    """Given scales: NaN only where x is NaN (+-inf clamps to the range's end), dx 0 there, and torchao's NaN
+    d(scale) for groups holding NaN or inf (its 0 * x term); d(zero point) finite; other values equal (the sums up
+    to their order)."""
+    from fastft.qat import fake_quantize_with_scale, initial_qparams
+
+    x, grad = with_specials(10, 108, dtype)
+    finite = torch.where(x.isfinite(), x, 1.0)
+    scale, zero_point = initial_qparams(finite, 4, 36, symmetric)
+    config = dict(group_size=36, is_symmetric=symmetric, is_dynamic=False, range_learning=True)
+    if not symmetric:
+        config["zero_point_precision"] = torch.float32
+    quantizer = torchao_qat.IntxFakeQuantizer(torchao_qat.IntxFakeQuantizeConfig(torch.int4, **config))
+    quantizer._initialized = True
+    quantizer(finite)
+    with torch.no_grad():
+        quantizer.scale.copy_(scale * 0.8)
+        if not symmetric:
+            quantizer.zero_point.copy_(zero_point + 0.3)
+    their_params = [quantizer.scale] + ([] if symmetric else [quantizer.zero_point])
+    our_params = [p.detach().clone().requires_grad_() for p in their_params]
+    x_theirs, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    theirs = quantizer(x_theirs)
+    their_grads = torch.autograd.grad(theirs, [x_theirs, *their_params], grad)
+    ours = fake_quantize_with_scale(x_ours, our_params[0], 4, 36, zero_point=None if symmetric else our_params[1])
+    our_grads = torch.autograd.grad(ours, [x_ours, *our_params], grad)
+    assert_same_values(ours, theirs)
+    assert torch.equal(ours.isnan(), x.isnan())
+    assert_same_values(our_grads[0], their_grads[0])
+    assert their_grads[1].isnan().any()  # d(scale); d(zero point) sums p and stays finite
+    for our_grad, their_grad in zip(our_grads[1:], their_grads[1:]):
+        nan = their_grad.isnan()
+        assert torch.equal(our_grad.isnan(), nan)
+        assert (our_grad[~nan] - their_grad[~nan]).abs().max() <= 1e-5 * their_grad[~nan].abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("where", ("weight", "input"))
+@pytest.mark.parametrize("trainable", (True, False))
+def test_fake_quant_linear_propagates_nan_and_inf_as_torchao(backend, dtype, where, trainable):
+    """FakeQuantLinear (int4 g32 weights, int8 per-token activations) against torchao's FakeQuantizedLinear with
+    NaN / inf in the weight or the input: the same outputs and gradients, NaN at the same places."""
+    from torch import nn
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    from fastft.nn import FakeQuantLinear
+
+    linear = nn.Linear(96, 40, dtype=dtype)
+    x, _ = with_specials(10, 96, dtype)
+    if where == "weight":
+        with torch.no_grad():
+            linear.weight[3, 40] = NAN  # one weight group NaN: output column 3 NaN
+            linear.weight[7, 70] = INF  # a symmetric group with inf: NaN too
+        x = torch.where(x.isfinite(), x, 0.5)
+    linear.weight.requires_grad_(trainable)
+    ours = FakeQuantLinear.from_linear(linear, weight_bits=4, group_size=32, activation_bits=8)
+    theirs = FakeQuantizedLinear(96, 40, bias=True, dtype=dtype, activation_config=torchao_qat.IntxFakeQuantizeConfig(
+        torch.int8, granularity="per_token", is_symmetric=False), weight_config=torchao_qat.IntxFakeQuantizeConfig(
+        torch.int4, group_size=32, is_symmetric=True))
+    theirs.load_state_dict(linear.state_dict())
+    theirs.weight.requires_grad_(trainable)
+    grad = torch.randn(10, 40).to(dtype)
+    results = []
+    for layer in (ours, theirs):
+        leaf = x.clone().requires_grad_()
+        out = layer(leaf)
+        params = [leaf, layer.bias] + ([layer.weight] if trainable else [])
+        results.append((out, *torch.autograd.grad(out, params, grad)))
+    for our_value, their_value in zip(*results):
+        assert_same_values(our_value, their_value)
+    out = results[0][0]
+    assert out.isnan().any() and not out.isnan().all()
+    if where == "weight":
+        assert out[:, 3].isnan().all() and out[:, 7].isnan().all()
 
 
 def test_asymmetric_groups_off_zero_keep_their_resolution():
@@ -241,10 +401,28 @@ def test_learned_qparams_bad_input_is_named():
         fake_quantize_with_scale(x, scale, 4, 32, zero_point=zero_point[:, :1])
     with pytest.raises(ValueError, match="zero_point must be float32"):
         fake_quantize_with_scale(x, scale, 4, 32, zero_point=zero_point.double())
-    with pytest.raises(ValueError, match="scale must be float32 with one value per group"):
+    with pytest.raises(ValueError, match=r"scale must be a float32 tensor of shape \(rows, K // group_size\)"):
         fake_quantize_with_scale(x, scale[:, :1], 4, 32, zero_point=zero_point)
     with pytest.raises(ValueError, match="weight must be 2-D"):
         initial_qparams(x[0], 4, 32)
+
+
+@pytest.mark.parametrize("shape", ((2, 6), (12,), (1, 6, 2), (3, 4), (6, 2, 1)))
+def test_a_wrongly_shaped_scale_is_refused_even_with_the_right_count(shape):
+    """scale and zero_point must have the shape (rows, K // group_size): as many values in another layout would
+    give groups other groups' scales."""
+    from fastft.qat import fake_quantize_with_scale, initial_qparams
+
+    x = torch.randn(6, 64)
+    scale, zero_point = initial_qparams(x, 4, 32, symmetric=False)  # (6, 2)
+    with pytest.raises(ValueError, match=r"scale must be a float32 tensor of shape \(rows, K // group_size\) = "
+                                         r"\(6, 2\) .*got torch.float32 of shape " + re.escape(str(shape))):
+        fake_quantize_with_scale(x, scale.reshape(shape), 4, 32)
+    with pytest.raises(ValueError, match=r"zero_point must be float32 of scale's shape \(rows, K // group_size\) "
+                                         r"= \(6, 2\)"):
+        fake_quantize_with_scale(x, scale, 4, 32, zero_point=zero_point.reshape(shape))
+    assert torch.equal(fake_quantize_with_scale(x, scale, 4, 32, zero_point=zero_point),
+                       fake_quantize(x, 4, 32, symmetric=False))  # the right shape: the dynamic qparams' result
 
 
 def test_fake_quant_linear_learns_scales_and_converts_with_them():

@@ -22,6 +22,8 @@ class FakeQuantLinear(nn.Linear):
     (tracked by its version counter and identity), instead of being recomputed every step. Parameters and state_dict
     keys are nn.Linear's, plus `weight_scale` ((out_features, in_features // group_size), fp32) with
     learn_scales=True: learned per-group scales (LSQ / torchao range learning), initialized from the weight.
+    NaN and infinities propagate as in torchao's FakeQuantizedLinear: a NaN weight makes its group of the
+    fake-quantized weight NaN, so its output column; a NaN in x makes its row of the output NaN.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, weight_bits: int = 4,

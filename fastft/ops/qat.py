@@ -1,4 +1,5 @@
-"""torch.library ops of fake quantization (formulas and torchao parity: fastft/reference/qat.py).
+"""torch.library ops of fake quantization (formulas and torchao parity: fastft/reference/qat.py). NaN and infinities
+give torchao's results on every backend: a NaN in a group makes the group's outputs and gradients NaN.
 
 - fastft::fake_quantize(x, bits, group, symmetric, eps): x fake-quantized over contiguous groups of `group`
   elements along the last dim, torchao's numerics bit for bit. CPU: one C++ pass per group (min/max, scale, values;
@@ -40,8 +41,9 @@ def _reference_backward(grad: Tensor, x: Tensor, bits: int, group: int, symmetri
     scale, zero_point = ref.qparams_ref(x, bits, group, symmetric, eps)
     inv = 1.0 / scale
     pre = torch.round(x.reshape(-1, group) * inv) + zero_point
-    through = (grad.reshape(-1, group) * scale).to(x.dtype) * inv
-    return torch.where((pre >= qmin) & (pre <= qmax), through, 0.0).reshape(x.shape).to(x.dtype)
+    passed = torch.where((pre >= qmin) & (pre <= qmax), (grad.reshape(-1, group) * scale).to(x.dtype), 0.0)
+    # masked, then times 1 / scale, as torchao's autograd: a NaN scale makes every gradient of its group NaN
+    return (passed * inv).reshape(x.shape).to(x.dtype)
 
 
 @torch.library.custom_op("fastft::fake_quantize", mutates_args=())

@@ -8,9 +8,22 @@ weight; per_token: the whole last dim of an activation). Integer range for `bits
   dtype, clamped to >= eps;
   zero point = clamp(qmin - round(min(x_min, 0) / scale), qmin, qmax); scale then fp32.
 - q = clamp(round_half_even(x * (1 / scale)) + zp, qmin, qmax); out = ((q - zp) * scale) in x's dtype.
-- Backward (the scales are constants, as in torchao): dx = x_dtype(dy * scale) * (1 / scale) where the clamp was
-  inactive, 0 where it clamped; e.g. the group max of a symmetric int4 group maps to 7.5 -> 8 -> 7 and gets no gradient.
+- Backward (the scales are constants, as in torchao): dx = x_dtype(where(clamp inactive, x_dtype(dy * scale), 0)
+  * (1 / scale)): the straight-through gradient inside the range, 0 where the clamp was active; e.g. the group max of
+  a symmetric int4 group maps to 7.5 -> 8 -> 7 and gets no gradient.
 eps defaults to the smallest normal number of x's dtype.
+
+NaN and infinities propagate as in torchao, whose min / max / clamp all propagate NaN:
+- a NaN in a group makes its scale NaN: the whole group's outputs and gradients are NaN;
+- +inf or -inf in a group makes its scale inf. Symmetric, or asymmetric with +inf only: every output of the group
+  is NaN (0 * inf, and the infinite element itself inf * 0), and dx is NaN except at the infinite elements (0:
+  their pre-clamp value is NaN, so the clamp mask drops them);
+- asymmetric with -inf: min / scale is -inf / inf = NaN, so the zero point is NaN before torch's cast to int32,
+  which is the platform's conversion: INT32_MIN on x86 CPUs, where the finite elements then clamp to qmin and
+  dequantize to (qmin - zp) * inf = +inf (the infinite elements: NaN), all with dx 0 (where the conversion gives 0
+  instead, as CUDA's does, every output of the group is NaN);
+- with given (learned) scales, an element is NaN exactly where x is (the clamp keeps NaN) and +-inf clamps to the
+  end of the range; dx is 0 at those elements, d(scale) of their group is NaN (torchao's 0 * x term).
 
 Asymmetric per_group / per_channel are torchao's affine primitives on blocks (1, group):
 choose_qparams_affine(MappingType.ASYMMETRIC, int{bits} range) + _fake_quantize_affine, the per-token formula

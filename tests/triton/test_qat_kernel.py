@@ -72,3 +72,166 @@ def test_learned_scale_kernel_matches_reference(dtype, bits, group_size, symmetr
         p = (grad.float().reshape(-1, group_size) * scale.reshape(-1, 1)).to(dtype).float()
         tolerance = (p.abs().sum(-1) * 1e-6 + p.sum(-1).abs() * torch.finfo(dtype).eps).reshape(scale.shape)
         assert torch.all((ours[3] - theirs[3]).abs() <= tolerance)
+
+
+NAN, INF = float("nan"), float("inf")
+# numpy, which runs the interpreted kernels, warns about arithmetic on NaN and inf (and 1 / 0): what these tests feed
+IGNORE_NAN_WARNINGS = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                                 "ignore:divide by zero encountered:RuntimeWarning")
+
+
+def assert_same_values(ours, theirs):
+    """NaN exactly where theirs is NaN, every other value (infinities included) equal."""
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    nan = theirs.isnan()
+    assert torch.equal(ours.isnan(), nan), f"{int(ours.isnan().sum())} NaN vs {int(nan.sum())}"
+    assert torch.equal(torch.where(nan, 0, ours), torch.where(nan, 0, theirs))
+
+
+def with_specials(rows, cols, dtype, seed=0):
+    """x with NaN, +inf, -inf at the edges and in the middle of rows, two specials in one group in rows 4 and 5,
+    clean rows from 7 on; and a random dy."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, cols, generator=g) * 2 + 0.3).to(dtype)
+    x[0, 0] = NAN
+    x[1, cols - 1] = NAN
+    x[2, 1] = INF
+    x[3, cols - 2] = -INF
+    x[4, 5], x[4, 6] = NAN, INF
+    x[5, 3], x[5, 4] = INF, -INF
+    x[6, cols // 2 + 1] = -INF
+    return x, torch.randn(rows, cols, generator=g).to(dtype)
+
+
+def _torchao(x, bits, **config):
+    qat = pytest.importorskip("torchao.quantization.qat")
+    return qat.IntxFakeQuantizer(qat.IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), **config))(x)
+
+
+def _torchao_affine(x, bits, group_size):
+    """torchao's asymmetric affine primitives on blocks of (1, group_size) (fastft's asymmetric per-group)."""
+    from torchao.quantization.quant_primitives import MappingType, _fake_quantize_affine, choose_qparams_affine
+
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    scale, zero_point = choose_qparams_affine(x.detach(), MappingType.ASYMMETRIC, (1, group_size),
+                                              getattr(torch, f"int{bits}"), qmin, qmax, None, torch.float32,
+                                              torch.int32)
+    return _fake_quantize_affine(x, (1, group_size), scale, zero_point, torch.int32, qmin, qmax)
+
+
+NAN_CONFIGS = {  # name: (cols, torchao's fake quantization, fastft's arguments)
+    "per_group_32": (96, lambda t: _torchao(t, 4, group_size=32, is_symmetric=True), dict(bits=4, group_size=32)),
+    "per_group_48": (96, lambda t: _torchao(t, 3, group_size=48, is_symmetric=True), dict(bits=3, group_size=48)),
+    "per_channel": (100, lambda t: _torchao(t, 8, granularity="per_channel", is_symmetric=True),
+                    dict(bits=8, granularity="per_channel")),
+    "per_token": (77, lambda t: _torchao(t, 8, granularity="per_token", is_symmetric=False),
+                  dict(bits=8, granularity="per_token", symmetric=False)),
+    "per_group_asymmetric": (96, lambda t: _torchao_affine(t, 4, 32), dict(bits=4, group_size=32, symmetric=False)),
+}
+
+
+@IGNORE_NAN_WARNINGS
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("config", NAN_CONFIGS)
+def test_kernel_propagates_nan_and_inf_like_torchao(dtype, config):
+    """The Triton pass keeps torchao's NaN: a NaN makes its whole group NaN (outputs and dx), an infinity makes the
+    scale inf; the asymmetric zero point of a group with -inf is NaN through the device's int32 conversion, as
+    torch's cast (here the interpreter on this CPU, as torchao on this CPU)."""
+    cols, theirs_fn, ours_args = NAN_CONFIGS[config]
+    x, grad = with_specials(10, cols, dtype)
+    results = []
+    for run in (theirs_fn, lambda t: fake_quantize(t, **ours_args)):
+        leaf = x.clone().requires_grad_()
+        with use_backend("triton"):
+            out = run(leaf)
+            results.append((out, *torch.autograd.grad(out, [leaf], grad)))
+    (out, dx), (their_out, their_dx) = results
+    assert_same_values(out, their_out)
+    assert_same_values(dx, their_dx)
+    assert out[:7].isnan().any() and not out[7:].isnan().any()
+
+
+@IGNORE_NAN_WARNINGS
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_all_zero_group_with_eps_zero_is_nan_like_torchao(dtype):
+    """eps=0 lets an all-zero group's scale be 0, so 1 / scale is inf: NaN outputs and gradients in torchao."""
+    x = torch.randn(3, 64).to(dtype)
+    x[1, :32] = 0.0
+    grad = torch.randn(3, 64).to(dtype)
+    results = []
+    for run in (lambda t: _torchao(t, 4, group_size=32, is_symmetric=True, eps=0.0),
+                lambda t: fake_quantize(t, 4, 32, eps=0.0)):
+        leaf = x.clone().requires_grad_()
+        with use_backend("triton"):
+            out = run(leaf)
+            results.append((out, *torch.autograd.grad(out, [leaf], grad)))
+    (out, dx), (their_out, their_dx) = results
+    assert their_dx[1, :32].isnan().all()
+    assert_same_values(out, their_out)
+    assert_same_values(dx, their_dx)
+
+
+@IGNORE_NAN_WARNINGS
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("symmetric", (True, False))
+def test_learned_scale_kernel_propagates_nan_like_the_reference(dtype, symmetric):
+    """Given scales: NaN exactly where x is NaN, +-inf clamped, dx equal to the reference's, d(scale) NaN for the
+    same groups (those holding NaN or inf)."""
+    from fastft.qat import fake_quantize_with_scale, initial_qparams
+
+    x, grad = with_specials(10, 96, dtype)
+    scale, zero_point = initial_qparams(torch.where(x.isfinite(), x, 1.0), 4, 32, symmetric)
+    results = {}
+    for backend in ("triton", "reference"):
+        params = [x.clone().requires_grad_(), scale.clone().requires_grad_()]
+        if zero_point is not None:
+            params.append((zero_point + 0.3).requires_grad_())
+        with use_backend(backend):
+            out = fake_quantize_with_scale(params[0], params[1], 4, 32, zero_point=params[2] if len(params) > 2
+                                           else None)
+            results[backend] = (out, *torch.autograd.grad(out, params, grad))
+    ours, theirs = results["triton"], results["reference"]
+    assert_same_values(ours[0], theirs[0])
+    assert torch.equal(ours[0].isnan(), x.isnan())
+    assert_same_values(ours[1], theirs[1])
+    assert theirs[2].isnan().any()
+    for our_grad, their_grad in zip(ours[2:], theirs[2:]):
+        nan = their_grad.isnan()
+        assert torch.equal(our_grad.isnan(), nan)
+        assert (our_grad[~nan] - their_grad[~nan]).abs().max() <= 1e-5 * their_grad[~nan].abs().max() + 1e-6
+
+
+@IGNORE_NAN_WARNINGS
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("where", ("weight", "input"))
+def test_fused_fake_quant_linear_propagates_nan_like_the_reference(dtype, where):
+    """fastft::fake_quant_linear on Triton (fake quantization inside the GEMM tiles, straight-through masks in the
+    epilogues) gives NaN at the reference's places; the finite values agree up to the GEMMs' summation order."""
+    from fastft.ops import qat as qat_ops
+
+    x, _ = with_specials(10, 96, dtype)
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(40, 96, generator=g).to(dtype)
+    bias = torch.randn(40, generator=g).to(dtype)
+    if where == "weight":
+        weight[3, 40] = NAN  # one weight group NaN
+        weight[7, 70] = INF  # a symmetric group with inf: NaN
+        x = torch.where(x.isfinite(), x, 0.5)
+    grad = torch.randn(10, 40, generator=g).to(dtype)
+    results = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        with use_backend(backend):
+            out = qat_ops.fake_quant_linear(*leaves, 4, 32, 8, True)
+            results[backend] = (out, *torch.autograd.grad(out, leaves, grad))
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for ours, theirs in zip(results["triton"], results["reference"]):
+        nan = theirs.isnan()
+        assert torch.equal(ours.isnan(), nan)
+        assert torch.equal(ours.isinf(), theirs.isinf()) and torch.equal(ours[ours.isinf()], theirs[theirs.isinf()])
+        finite = theirs.isfinite()
+        if finite.any():
+            scale = theirs[finite].double().abs().max()
+            assert (ours[finite].double() - theirs[finite].double()).abs().max() <= tolerance * scale
+    out = results["triton"][0]
+    assert out.isnan().any() and not out.isnan().all()
