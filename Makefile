@@ -12,11 +12,16 @@ KERNEL_TESTS := tests/test_nf4_format.py tests/test_nf4_matmul.py tests/test_lor
 
 .PHONY: install test bench info
 
+# torch is installed first, so the extension builds against it: the CPU build where pip's settings provide it,
+# else PyPI's CUDA build, which pins its own triton (3.7.1 for torch 2.13.0); the CPU build does not, and the
+# install then takes the tested triton from constraints.txt.
 $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel ninja
-	$(PIP) torch==2.13.0   # installed first, so the extension builds against it (CPU build where pip's settings say so)
-	$(PIP) --no-build-isolation -e ".[test,bench]"
+	grep -v '^triton==' constraints.txt > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt torch==2.13.0
+	$(PY) -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' || cp constraints.txt $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt --no-build-isolation -e ".[test,bench]"
 	touch $@
 
 install: $(STAMP)
