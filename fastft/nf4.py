@@ -85,7 +85,11 @@ class NF4State:
             raise ValueError(f"state.blocksize must be one of {ref.BLOCKSIZES}, got {self.blocksize}")
         if self.quant_type not in ref.QUANT_TYPES:
             raise ValueError(f"state.quant_type must be one of {ref.QUANT_TYPES}, got {self.quant_type!r}")
-        if not isinstance(self.absmax, Tensor) or self.absmax.numel() != self.blocks:
+        for key in ("absmax", "nested_absmax", "nested_code"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, Tensor):
+                raise TypeError(f"state.{key} must be a tensor, got {type(value).__name__}")
+        if self.absmax is None or self.absmax.numel() != self.blocks:
             raise ValueError(f"state.absmax must hold {self.blocks} entries (blocks of {self.blocksize} for shape "
                              f"{tuple(self.shape)}), got {getattr(self.absmax, 'numel', lambda: None)()}")
         if not isinstance(self.code, Tensor) or self.code.numel() != 16 or self.code.dtype != torch.float32:
@@ -151,7 +155,7 @@ class NF4State:
         re-laid in tiles, absmax transposed to bf16). Such a weight is converted back in place first, with
         bitsandbytes' own inverse (as its `state_dict` does), so that bitsandbytes and fastft keep reading one
         storage; its absmax keeps the bf16 rounding the repack gave it, with which bitsandbytes' CPU kernel
-        computes too. A later repack by bitsandbytes sets the flag again and is undone again here.
+        computes too. `fastft.patch` also turns bitsandbytes' repack off on the layers it fuses.
         """
         quant_state = getattr(weight, "quant_state", None)
         if quant_state is None:
@@ -161,10 +165,10 @@ class NF4State:
 
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, quant_state)
             quant_state = weight.quant_state
-            if not quant_state.nested and quant_state.absmax.dim() == 2:
-                # the inverse restores the absmax of double-quantized weights only; others keep the repacked
-                # (blocks per row, rows) bf16 layout: back to one fp32 value per block, in block order
-                quant_state.absmax = quant_state.absmax.t().reshape(-1).float()
+        if not quant_state.nested and quant_state.absmax.dim() == 2:
+            # bitsandbytes' inverse (here, or in its state_dict) restores the absmax of double-quantized weights
+            # only; others keep the repacked (blocks per row, rows) bf16 layout: one fp32 value per block again
+            quant_state.absmax = quant_state.absmax.t().reshape(-1).float()
         if weight.data.dtype != torch.uint8:
             raise TypeError(f"only bitsandbytes weights stored as uint8 (quant_storage=torch.uint8) are supported, "
                             f"got {weight.data.dtype}")

@@ -118,21 +118,24 @@ print("vector paths ok")
 """
 
 
-def _cpu_has_avx512() -> bool:
-    flags = set(open("/proc/cpuinfo").read().split())
-    return {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags
+def _cpu_flags() -> set:
+    return set(open("/proc/cpuinfo").read().split())
 
 
 @pytest.mark.parametrize("env", ({}, {"FASTFT_NO_AVX512": "1"}))
 def test_the_cpu_chooses_the_vector_path_and_each_matches_the_reference(env):
-    """The distillation row kernel runs on AVX-512 where the CPU has it and FASTFT_NO_AVX512 is unset, else on AVX2;
-    each path gives the reference's loss and gradients (an AVX2-only CPU runs the AVX2 path under both settings)."""
+    """The distillation row kernel runs on AVX-512 where the CPU has it and FASTFT_NO_AVX512 is unset, else on AVX2
+    (else scalar); each path gives the reference's loss and gradients (an AVX2-only CPU runs the AVX2 path under
+    both settings)."""
     import os
 
     result = subprocess.run([sys.executable, "-c", VECTOR_PATH_CHECK], capture_output=True, text=True, timeout=300,
                             env={**os.environ, **env})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"paths 1 {int(_cpu_has_avx512() and not env)}" in result.stdout
+    flags = _cpu_flags()
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    avx512 = avx2 and {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags and not env
+    assert f"paths {int(avx2)} {int(avx512)}" in result.stdout
     assert "vector paths ok" in result.stdout
 
 

@@ -89,3 +89,19 @@ def test_lora_variants_and_unregistered_configs_are_refused_clearly():
         fastft.lora_config_for_nf4(lora_config("llama"))
     with pytest.raises(TypeError, match="config must be a peft LoraConfig"):
         fastft.lora_config_for_nf4({"r": 8})
+
+
+def test_unmerge_restores_the_4bit_weight_exactly():
+    """Merging rounds W + delta to 4 bits; unmerging all adapters gives back the original codes and statistics, so
+    merge / unmerge cycles (e.g. for generation) never drift the frozen base."""
+    _, ours = nf4_pair()
+    losses_over_steps(ours, 3)
+    before = outputs(ours)
+    layers = [m for m in ours.modules() if isinstance(m, LoraNF4Linear)]
+    codes = [m.get_base_layer().weight.detach().clone() for m in layers]
+    for _ in range(2):
+        ours.merge_adapter()
+        assert not all(torch.equal(m.get_base_layer().weight, c) for m, c in zip(layers, codes))
+        ours.unmerge_adapter()
+    assert all(torch.equal(m.get_base_layer().weight, c) for m, c in zip(layers, codes))
+    assert torch.equal(outputs(ours), before)

@@ -176,3 +176,21 @@ def test_bf16_qlora_matches_peft():
     for name, param in patched.named_parameters():
         if param.grad is not None:
             assert (param.grad - grads[name]).abs().max() <= 3e-2 * grads[name].abs().max(), name
+
+
+def test_patch_keeps_bitsandbytes_from_repacking_the_weights_it_fuses(tmp_path):
+    """Calls that stay on bitsandbytes' forward (adapters disabled, eval, no gradient: where bitsandbytes repacks on
+    AVX512_BF16 CPUs) leave the fused layers' weights in the standard layout; unpatch gives bitsandbytes its
+    setting back."""
+    base = four_bit_llama(tmp_path)
+    layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True  # as bitsandbytes sets it on such a CPU
+    model = get_peft_model(base, lora_config("llama"))
+    assert fastft.patch(model).fused["lora.Linear4bit"] == 14
+    with model.disable_adapter():
+        outputs(model)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)
+    fastft.unpatch(model)
+    assert all(m.support_avx512bf16_for_cpu for m in layers)

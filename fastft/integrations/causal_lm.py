@@ -35,6 +35,7 @@ def _fused_loss_forward(self, *args, labels=None, **kwargs):
     shift_labels = kwargs.pop("shift_labels", None)
     ignore_index = kwargs.pop("ignore_index", -100)
     wants_hidden_states = kwargs.pop("output_hidden_states", False)
+    kwargs.pop("logits_to_keep", None)  # 0 here: the decoder takes no such argument
     # The supported forwards run lm_head on the decoder's last hidden state: that is the loss's input. Hidden states
     # are collected only when the caller asks (transformers then hooks closures on the layers, which pickle refuses).
     outputs = self.base_model(output_hidden_states=wants_hidden_states, **kwargs)

@@ -33,8 +33,10 @@ def head_weight(head: nn.Module) -> tuple[Tensor, Tensor | None]:
         return head.to_linear().weight.detach(), head.bias
     if type(head).__name__ == "Linear4bit":
         from fastft import nf4
+        from fastft.integrations.peft import _nf4_state
 
-        return nf4.dequantize(*nf4.NF4State.from_bnb_weight(head.weight)), head.bias
+        state = _nf4_state(head)  # first: it may convert the weight back to bitsandbytes' standard layout
+        return nf4.dequantize(head.weight.data, state), head.bias
     if isinstance(head, nn.Linear):
         return head.weight, head.bias
     raise TypeError(f"no known weight for an output head of type {type(head).__name__}")

@@ -347,6 +347,17 @@ def _nf4_state(base: nn.Module) -> nf4.NF4State:
     return cached[1]
 
 
+def _keep_bnb_standard_layout(base: nn.Module) -> None:
+    """Convert a bitsandbytes Linear4bit's weight back to the standard layout if bitsandbytes repacked it for its
+    CPU kernel, and keep its own forward (still run by unfused calls, e.g. with adapters disabled) from repacking
+    it again: the fused path reads the standard layout, and converting back and forth would cost a pass over the
+    weight each time (and requantize double-quant statistics). `unpatch` gives bitsandbytes its setting back."""
+    _nf4_state(base)
+    if "support_avx512bf16_for_cpu" in base.__dict__ and "_fastft_bnb_cpu_repack" not in base.__dict__:
+        base.__dict__["_fastft_bnb_cpu_repack"] = base.support_avx512bf16_for_cpu
+        base.support_avx512bf16_for_cpu = False
+
+
 def _lora_linear4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.get_base_layer()
     if not _runs_fused(self, kwargs) or args or kwargs or torch.is_autocast_enabled():
@@ -424,6 +435,8 @@ def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True, qat: bool = 
             report.unfused[name] = reason
             continue
         report.fused[f"lora.{type(module).__name__}"] += 1
+        if forward is _lora_linear4bit_forward:
+            _keep_bnb_standard_layout(module.get_base_layer())
         swap_class(module, forward, "fastft's fused LoRA op")
     if lora:
         _form_input_groups(model, report)
@@ -443,6 +456,8 @@ def unpatch(model: nn.Module) -> int:
     many."""
     for module in model.modules():
         module.__dict__.pop("_fastft_input_group", None)
+        if "_fastft_bnb_cpu_repack" in module.__dict__:
+            module.support_avx512bf16_for_cpu = module.__dict__.pop("_fastft_bnb_cpu_repack")
     restored = restore_classes(model)
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):

@@ -20,6 +20,7 @@ import torch
 from peft.tuners.lora import layer as peft_lora
 from torch import nn
 
+from fastft import nf4
 from fastft.nn import NF4Linear
 
 
@@ -31,7 +32,9 @@ class LoraNF4Linear(peft_lora.Linear):
         base = base_layer.get_base_layer() if isinstance(base_layer, peft_lora.LoraLayer) else base_layer
         if not isinstance(base, NF4Linear):
             raise TypeError(f"base_layer must be a fastft NF4Linear, got {type(base).__name__}")
-        config.fan_in_fan_out = False
+        if config.fan_in_fan_out:
+            raise ValueError("fan_in_fan_out must be False for an NF4Linear base (its weight is (out, in), as "
+                             "nn.Linear's)")
         super().__init__(base_layer, adapter_name, config, r=r, lora_alpha=lora_alpha, **kwargs)
 
     def resolve_lora_variant(self, *, config, **kwargs):
@@ -43,12 +46,14 @@ class LoraNF4Linear(peft_lora.Linear):
 
     def _merged_weight(self, adapter: str, sign: int) -> torch.Tensor:
         base = self.get_base_layer()
-        dense = base.to_linear(torch.float32).weight.detach()
-        return dense + sign * self.get_delta_weight(adapter).to(torch.float32)
+        dense = nf4.dequantize(base.weight, base.quant_state, torch.float32)
+        return dense.add_(self.get_delta_weight(adapter).detach().to(torch.float32), alpha=sign)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Merge adapters into the 4-bit weight: dequantize, add scale * B @ A, quantize again (4-bit rounding: the
-        merged layer's outputs differ from the unmerged ones by that rounding)."""
+        merged layer's outputs differ from the unmerged ones by that rounding). The unmerged 4-bit weight is kept
+        aside (outside the parameters and buffers), so that unmerging all adapters restores it exactly instead of
+        rounding to 4 bits once more."""
         adapter_names = peft_lora.check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for adapter in adapter_names:
@@ -63,6 +68,8 @@ class LoraNF4Linear(peft_lora.Linear):
                 bias = base.bias.detach() + self.lora_B[adapter].bias.detach() * self.scaling[adapter]
             if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            if not self.merged_adapters:
+                self.__dict__["_fastft_unmerged_weight"] = (base.weight.data, base.quant_state)
             base.set_weight(weight)
             if bias is not None:
                 base.bias.data = bias.to(base.bias.dtype)
@@ -74,7 +81,12 @@ class LoraNF4Linear(peft_lora.Linear):
             adapter = self.merged_adapters.pop()
             if adapter not in self.lora_A:
                 continue
-            base.set_weight(self._merged_weight(adapter, -1))
+            unmerged = self.__dict__.pop("_fastft_unmerged_weight", None) if not self.merged_adapters else None
+            if unmerged is not None:
+                base.weight.data = unmerged[0]
+                base._set_state(unmerged[1])
+            else:
+                base.set_weight(self._merged_weight(adapter, -1))
             if self.lora_bias[adapter]:
                 base.bias.data -= (self.lora_B[adapter].bias * self.scaling[adapter]).to(base.bias.dtype)
 

@@ -5,8 +5,9 @@ _TILE_BYTES; per chunk the student and teacher logits are computed (fp32 accumul
 is not fp32), then the per-token loss and its gradient with respect to the student logits, which go straight
 into grad_hidden (dz @ W) and, only when the head is trainable, grad_weight (dz^T @ h, fp32 accumulator).
 The student and teacher tiles are allocated once per call and reused by every chunk. Peak extra memory: those
-two tiles, the temporaries of the per-row computation (none on the fused CPU and GPU kernels, a few tiles on the
-torch path) and the fp32 grad_weight accumulator, independent of the number of tokens.
+two tiles, the temporaries of the per-row computation (on the fused CPU and GPU kernels one more tile only with a
+hard-label term, alpha < 1; about six smaller tiles on the torch path) and the fp32 grad_weight accumulator,
+independent of the number of tokens.
 On CPU with fp32 tiles, the per-row soft term and its gradient run in one C++ kernel (csrc/distill_rows.cpp:
 four passes over a cached row, AVX2 exp/log) instead of ~20 torch ops; on CUDA in one Triton kernel
 (kernels/distillation.py: an online log-sum-exp over vocabulary tiles, never a whole row in registers); other
@@ -42,14 +43,16 @@ from fastft.ops.backend import backend_for, native_extension
 # tokens, trainable head) took 4.2 / 4.1 / 3.9 s with 32 / 48 / 64 MiB tiles. Two fp32 tiles (student and teacher
 # logits, reused by every chunk) plus the fp32 grad_weight accumulator are the extra memory.
 _TILE_BYTES = 48 << 20
+# The torch path (teacher top-k, fp64) holds about six tiles of temporaries per chunk: smaller chunks.
+_TORCH_PATH_TILE_BYTES = 8 << 20
 # Cross-entropy alone: chunks of 256 tokens at V = 32000.
 _CROSS_ENTROPY_TILE_BYTES = 32 << 20
 _VOCAB_TILE = 8192
 
 
-def chunk_rows(vocab: int, tile_bytes: int) -> int:
-    """Tokens per chunk so that one fp32 (tokens, vocab) tile is about tile_bytes."""
-    return max(8, min(4096, tile_bytes // (4 * max(vocab, 1))))
+def chunk_rows(vocab: int, tile_bytes: int, element_bytes: int = 4) -> int:
+    """Tokens per chunk so that one (tokens, vocab) tile of elements of element_bytes is about tile_bytes."""
+    return max(8, min(4096, tile_bytes // (element_bytes * max(vocab, 1))))
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -186,7 +189,11 @@ def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
     grad_weight = torch.zeros(student_weight.shape, dtype=dtype, device=student_weight.device) \
         if want_grad and want_weight else None
     grad_bias = torch.zeros(vocab, dtype=dtype, device=student_weight.device) if want_grad and want_bias else None
-    step = max(1, min(n, chunk_rows(vocab, _TILE_BYTES if teacher_hidden is not None else _CROSS_ENTROPY_TILE_BYTES)))
+    if teacher_hidden is None:
+        tile_bytes = _CROSS_ENTROPY_TILE_BYTES
+    else:  # the fused row kernels keep no temporaries; the torch path (top-k, fp64) about six tiles
+        tile_bytes = _TILE_BYTES if dtype == torch.float32 and not teacher_topk else _TORCH_PATH_TILE_BYTES
+    step = max(1, min(n, chunk_rows(vocab, tile_bytes, torch.finfo(dtype).bits // 8)))
     student_tile = torch.empty(step, vocab, dtype=dtype, device=student_hidden.device)
     teacher_tile = None if teacher_hidden is None else torch.empty_like(student_tile)
     for r0 in range(0, n, step):
@@ -220,14 +227,17 @@ def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
 def check_values(labels: Optional[Tensor], vocab: int, ignore_index: int, denominator: Tensor) -> None:
     """ValueError naming labels (the first value outside [0, vocab) other than ignore_index, its flat index and
     the vocabulary size) or num_items_in_batch (a mean's denominator that is not > 0 and finite), after one
-    device-to-host copy of two flags. Skipped while a CUDA graph is captured, where no copy is allowed."""
-    if denominator.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return
+    device-to-host copy of two flags on CPU; on an accelerator the same condition is a device-side assert, which
+    needs no host sync (and runs inside CUDA graphs)."""
     flags = [~(torch.isfinite(denominator) & (denominator > 0)).reshape(())]
     outside = None
     if labels is not None:
         outside = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         flags.append(outside.any())
+    if denominator.device.type != "cpu":  # no host sync per step on an accelerator: an asynchronous device assert
+        torch._assert_async(~torch.stack(flags).any(), f"labels must be in [0, {vocab}) or equal ignore_index="
+                            f"{ignore_index}, and num_items_in_batch a finite number > 0")
+        return
     bad_denominator, *bad_labels = torch.stack(flags).tolist()
     if bad_labels and bad_labels[0]:
         index = int(outside.reshape(-1).nonzero()[0])
