@@ -72,3 +72,29 @@ def repack_for_bnb_cpu_kernel(model: torch.nn.Module) -> int:
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
             count += 1
     return count
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def assert_same_values(ours, theirs):
+    """NaN exactly where theirs is NaN, every other value (infinities included) equal."""
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    nan = theirs.isnan()
+    assert torch.equal(ours.isnan(), nan), f"{int(ours.isnan().sum())} NaN vs {int(nan.sum())}"
+    assert torch.equal(torch.where(nan, 0, ours), torch.where(nan, 0, theirs))
+
+
+def with_specials(rows, cols, dtype, seed=0):
+    """Random (rows, cols) x and dy, x with NaN, +inf and -inf first, in the middle and last in a row (a SIMD body
+    and a scalar tail of a group), NaN with inf and +inf with -inf in one group, and clean rows from row 7 on."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, cols, generator=g) * 2 + 0.3).to(dtype)
+    x[0, 0] = NAN
+    x[1, cols - 1] = NAN
+    x[2, 1] = INF
+    x[3, cols - 2] = -INF
+    x[4, 5], x[4, 6] = NAN, INF
+    x[5, 3], x[5, 4] = INF, -INF
+    x[6, cols // 2 + 1] = -INF
+    return x, torch.randn(rows, cols, generator=g).to(dtype)

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from conftest import INF, NAN, assert_same_values, with_specials
 from fastft.ops import qat as qat_ops
 from fastft.qat import fake_quantize
 
@@ -96,32 +97,6 @@ def test_per_group_asymmetric_is_bit_exact_with_torchao_affine_primitives(backen
                                                      granularity=granularity), x, grad)
     assert ours[0].dtype == dtype and ours[0].shape == x.shape
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
-
-
-NAN, INF = float("nan"), float("inf")
-
-
-def assert_same_values(ours, theirs):
-    """NaN exactly where theirs is NaN, every other value (infinities included) equal."""
-    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
-    nan = theirs.isnan()
-    assert torch.equal(ours.isnan(), nan), f"{int(ours.isnan().sum())} NaN vs {int(nan.sum())}"
-    assert torch.equal(torch.where(nan, 0, ours), torch.where(nan, 0, theirs))
-
-
-def with_specials(rows, cols, dtype, seed=0):
-    """Random (rows, cols) x and dy, x with NaN, +inf and -inf first, in the middle and last in a row (a SIMD body
-    and a scalar tail of a group), NaN with inf and +inf with -inf in one group, and clean rows from row 7 on."""
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(rows, cols, generator=g) * 2 + 0.3).to(dtype)
-    x[0, 0] = NAN
-    x[1, cols - 1] = NAN
-    x[2, 1] = INF
-    x[3, cols - 2] = -INF
-    x[4, 5], x[4, 6] = NAN, INF
-    x[5, 3], x[5, 4] = INF, -INF
-    x[6, cols // 2 + 1] = -INF
-    return x, torch.randn(rows, cols, generator=g).to(dtype)
 
 
 NAN_CONFIGS = {  # name: (cols, torchao's fake quantization, fastft's)

@@ -10,6 +10,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels run on CPU only under TRITON_INTERPRET=1, set before triton is imported",
                 allow_module_level=True)
 
+from conftest import INF, NAN, assert_same_values, with_specials  # noqa: E402
 from fastft.ops import use_backend  # noqa: E402
 from fastft.qat import fake_quantize  # noqa: E402
 
@@ -74,33 +75,9 @@ def test_learned_scale_kernel_matches_reference(dtype, bits, group_size, symmetr
         assert torch.all((ours[3] - theirs[3]).abs() <= tolerance)
 
 
-NAN, INF = float("nan"), float("inf")
 # numpy, which runs the interpreted kernels, warns about arithmetic on NaN and inf (and 1 / 0): what these tests feed
 IGNORE_NAN_WARNINGS = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                                  "ignore:divide by zero encountered:RuntimeWarning")
-
-
-def assert_same_values(ours, theirs):
-    """NaN exactly where theirs is NaN, every other value (infinities included) equal."""
-    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
-    nan = theirs.isnan()
-    assert torch.equal(ours.isnan(), nan), f"{int(ours.isnan().sum())} NaN vs {int(nan.sum())}"
-    assert torch.equal(torch.where(nan, 0, ours), torch.where(nan, 0, theirs))
-
-
-def with_specials(rows, cols, dtype, seed=0):
-    """x with NaN, +inf, -inf at the edges and in the middle of rows, two specials in one group in rows 4 and 5,
-    clean rows from 7 on; and a random dy."""
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(rows, cols, generator=g) * 2 + 0.3).to(dtype)
-    x[0, 0] = NAN
-    x[1, cols - 1] = NAN
-    x[2, 1] = INF
-    x[3, cols - 2] = -INF
-    x[4, 5], x[4, 6] = NAN, INF
-    x[5, 3], x[5, 4] = INF, -INF
-    x[6, cols // 2 + 1] = -INF
-    return x, torch.randn(rows, cols, generator=g).to(dtype)
 
 
 def _torchao(x, bits, **config):
