@@ -6,7 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install -q -c constraints.txt
-# Op-level tests, run a second time with the C++ kernels on their scalar paths (what CPUs without AVX2 run).
+# Op-level tests, run again with the C++ kernels on their scalar paths (what CPUs without AVX2 run) and, on
+# AVX-512 CPUs, on their AVX2 paths.
 KERNEL_TESTS := tests/test_nf4_format.py tests/test_nf4_matmul.py tests/test_lora_op.py tests/test_bottleneck_op.py \
 	tests/test_qat.py tests/test_distillation.py tests/test_fused_loss.py
 
@@ -32,6 +33,7 @@ install: $(STAMP)
 test: install
 	$(VENV)/bin/pytest -q tests --ignore=tests/triton
 	FASTFT_NO_AVX2=1 $(VENV)/bin/pytest -q $(KERNEL_TESTS)
+	if grep -qw avx512f /proc/cpuinfo; then FASTFT_NO_AVX512=1 $(VENV)/bin/pytest -q $(KERNEL_TESTS); fi
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests/triton
 
 bench: install

@@ -6,21 +6,23 @@
 // In the backward a block's rows of dy and v (192 KiB at hidden 1024) are copied once from memory and stay in L2
 // across every GEMM that reads them, and dv is written once. Run as separate ATen GEMMs, the backward reads dy three
 // times and v once more, and the residual adds write and read (tokens, hidden) products. Every GEMM has the
-// bottleneck r as one dimension; they all run on one AVX2 micro-kernel. The weight gradients accumulate per chunk
+// bottleneck r as one dimension; they all run on one micro-kernel (AVX-512 or AVX2). The weight gradients accumulate per chunk
 // of blocks (threads take chunks as they finish) and are summed in chunk order at the end, so results do not depend
 // on scheduling.
 // act(z) and act'(z) are ATen's, over all rows at once (per block, ATen's per-call cost would dominate).
 //
-// Micro-kernel (AVX2 + FMA): a tile of up to 6 rows x 16 columns in 12 ymm accumulators, one broadcast of A per
-// row and two loads of B per k. A is addressed through a row and a k stride (rows of v, dy or act(z), or their
-// transposes); B is rows of 16 floats: weights packed into 16-column panels, or a block of act(z) / dz whose
-// rows are padded to whole panels. Without AVX2, for bottlenecks wider than kMaxRank and for calls of fewer than
-// kMinTokens, the functions compute the same formulas with ATen ops.
+// Micro-kernel (bottleneck_tiles.inc): a tile of up to 6 rows x 16 columns in 12 ymm accumulators (AVX2 + FMA) or
+// of 12 rows x 16 columns in 12 zmm (AVX-512), one broadcast of A per row and one 16-float row of B per k. A is
+// addressed through a row and a k stride (rows of v, dy or act(z), or their transposes); B is rows of 16 floats:
+// weights packed into 16-column panels, or a block of act(z) / dz whose rows are padded to whole panels. Without
+// AVX2, for bottlenecks wider than kMaxRank and for calls of fewer than kMinTokens, the functions compute the same
+// formulas with ATen ops.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 
 #include "bottleneck_cpu.h"
 #include "memory.h"
@@ -30,8 +32,7 @@ namespace fastft {
 namespace {
 
 constexpr int64_t kPanel = 16;
-constexpr int kTileRows = 6;
-constexpr int64_t kRowBlock = 48;
+constexpr int64_t kRowBlock = 48;  // a multiple of every tile's rows
 // Widest bottleneck the kernels take. Above it MKL's GEMMs, whose inner dimension grows with r, run as fast as the
 // micro-kernel, and the per-thread weight-gradient sums (hidden x r) no longer stay in cache across blocks
 // (measured: r = 128 and 256 at hidden 2048-4096 were 0.7-1.0x the ATen composition, r <= 64 1.2-2x).
@@ -126,48 +127,6 @@ struct Panels {
   const float* bias_ptr;
 };
 
-using Tile = __m256[kTileRows][2];
-
-// c[i] += sum_k A(i, k) * B(k, 0:16) for i < MR, with A(i, k) = a[i * a_row + k * a_k] and B(k, j) = b[k * ldb + j].
-template <int MR>
-FASTFT_AVX2 inline void multiply_accumulate(Tile& c, int64_t K, const float* a, int64_t a_row, int64_t a_k,
-                                            const float* b, int64_t ldb) {
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      const __m256 ai = _mm256_broadcast_ss(a + i * a_row + k * a_k);
-      c[i][0] = _mm256_fmadd_ps(ai, b0, c[i][0]);
-      c[i][1] = _mm256_fmadd_ps(ai, b1, c[i][1]);
-    }
-  }
-}
-
-// The first `cols` of 16 floats at p into v, zeros after them; and back.
-FASTFT_AVX2 inline void load16(__m256 (&v)[2], const float* p, int64_t cols) {
-  if (cols == kPanel) {
-    v[0] = _mm256_loadu_ps(p);
-    v[1] = _mm256_loadu_ps(p + 8);
-    return;
-  }
-  alignas(32) float tmp[kPanel] = {};
-  std::copy_n(p, cols, tmp);
-  v[0] = _mm256_load_ps(tmp);
-  v[1] = _mm256_load_ps(tmp + 8);
-}
-
-FASTFT_AVX2 inline void store16(const __m256 (&v)[2], float* p, int64_t cols) {
-  if (cols == kPanel) {
-    _mm256_storeu_ps(p, v[0]);
-    _mm256_storeu_ps(p + 8, v[1]);
-    return;
-  }
-  alignas(32) float tmp[kPanel];
-  _mm256_store_ps(tmp, v[0]);
-  _mm256_store_ps(tmp + 8, v[1]);
-  std::copy_n(tmp, cols, p);
-}
-
 // The rows [k0, k0 + kc) of B that one pass of gemm_tile multiplies; the sums of earlier passes wait in out, the
 // last pass applies the epilogue.
 struct KBlock {
@@ -175,117 +134,85 @@ struct KBlock {
   bool first, last;
 };
 
-// out rows [0, MR), panel p of b: [residual +] alpha * (A @ B + bias), the panel's first `cols` columns.
-template <int MR>
-FASTFT_AVX2 void gemm_tile(const float* a, int64_t lda, const Panels& b, int64_t p, KBlock kb, float alpha,
-                           const float* residual, int64_t ldr, float* out, int64_t ldo) {
-  const int64_t col = p * kPanel, cols = std::min(kPanel, b.N - col);
-  Tile c;
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    if (kb.first) c[i][0] = c[i][1] = _mm256_setzero_ps();
-    else load16(c[i], out + i * ldo + col, cols);
-  }
-  multiply_accumulate<MR>(c, kb.kc, a + kb.k0, lda, 1, b.panel(p) + kb.k0 * kPanel, kPanel);
-  if (!kb.last) {
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) store16(c[i], out + i * ldo + col, cols);
-    return;
-  }
-  const __m256 scale = _mm256_set1_ps(alpha);
-  const __m256 bias0 = _mm256_loadu_ps(b.bias16(p)), bias1 = _mm256_loadu_ps(b.bias16(p) + 8);
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    __m256 v[2] = {_mm256_mul_ps(scale, _mm256_add_ps(c[i][0], bias0)),
-                   _mm256_mul_ps(scale, _mm256_add_ps(c[i][1], bias1))};
-    if (residual != nullptr) {
-      __m256 res[2];
-      load16(res, residual + i * ldr + col, cols);
-      v[0] = _mm256_add_ps(res[0], v[0]);
-      v[1] = _mm256_add_ps(res[1], v[1]);
-    }
-    store16(v, out + i * ldo + col, cols);
+// The tile functions for each vector width (bottleneck_tiles.inc): 6 rows of two ymm per tile on AVX2 (12 of 16
+// registers), 12 rows of one zmm on AVX-512 (12 of 32: the broadcast operand stays in memory).
+namespace avx2 {
+constexpr int kTileRows = 6;
+
+struct Vec {
+  __m256 lo, hi;
+};
+FASTFT_AVX2 inline Vec vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+FASTFT_AVX2 inline Vec vset1(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
+FASTFT_AVX2 inline Vec vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+FASTFT_AVX2 inline void vstore(float* p, Vec v) {
+  _mm256_storeu_ps(p, v.lo);
+  _mm256_storeu_ps(p + 8, v.hi);
+}
+FASTFT_AVX2 inline Vec vload(const float* p, int64_t cols) {
+  if (cols == kPanel) return vload(p);
+  alignas(32) float tmp[kPanel] = {};
+  std::copy_n(p, cols, tmp);
+  return vload(tmp);
+}
+FASTFT_AVX2 inline void vstore(float* p, Vec v, int64_t cols) {
+  if (cols == kPanel) return vstore(p, v);
+  alignas(32) float tmp[kPanel];
+  vstore(tmp, v);
+  std::copy_n(tmp, cols, p);
+}
+FASTFT_AVX2 inline Vec vadd(Vec a, Vec b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+FASTFT_AVX2 inline Vec vmul(Vec a, Vec b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+FASTFT_AVX2 inline Vec vfma_broadcast(const float* a, Vec b, Vec c) {
+  const __m256 ai = _mm256_broadcast_ss(a);
+  return {_mm256_fmadd_ps(ai, b.lo, c.lo), _mm256_fmadd_ps(ai, b.hi, c.hi)};
+}
+
+#define FASTFT_TILE_TARGET FASTFT_AVX2
+#include "bottleneck_tiles.inc"
+#undef FASTFT_TILE_TARGET
+}  // namespace avx2
+
+namespace avx512 {
+constexpr int kTileRows = 12;
+
+using Vec = __m512;
+FASTFT_AVX512 inline Vec vzero() { return _mm512_setzero_ps(); }
+FASTFT_AVX512 inline Vec vset1(float v) { return _mm512_set1_ps(v); }
+FASTFT_AVX512 inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+FASTFT_AVX512 inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+FASTFT_AVX512 inline Vec vload(const float* p, int64_t cols) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cols) - 1), p);
+}
+FASTFT_AVX512 inline void vstore(float* p, Vec v, int64_t cols) {
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << cols) - 1), v);
+}
+FASTFT_AVX512 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+FASTFT_AVX512 inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+FASTFT_AVX512 inline Vec vfma_broadcast(const float* a, Vec b, Vec c) {
+  return _mm512_fmadd_ps(_mm512_set1_ps(*a), b, c);
+}
+
+#define FASTFT_TILE_TARGET FASTFT_AVX512
+#include "bottleneck_tiles.inc"
+#undef FASTFT_TILE_TARGET
+}  // namespace avx512
+
+void gemm_rows(const float* a, int64_t lda, int64_t rows, const Panels& b, float alpha, const float* residual,
+               int64_t ldr, float* out, int64_t ldo) {
+  if (cpu_has_avx512()) {
+    avx512::gemm_rows(a, lda, rows, b, alpha, residual, ldr, out, ldo);
+  } else {
+    avx2::gemm_rows(a, lda, rows, b, alpha, residual, ldr, out, ldo);
   }
 }
 
-template <int MR>
-FASTFT_AVX2 void gemm_row_tile(const float* a, int64_t lda, const Panels& b, int64_t p0, int64_t p1, KBlock kb,
-                               float alpha, const float* residual, int64_t ldr, float* out, int64_t ldo) {
-  for (int64_t p = p0; p < p1; ++p) gemm_tile<MR>(a, lda, b, p, kb, alpha, residual, ldr, out, ldo);
-}
-
-// out (rows, b.N) = [residual +] alpha * (a @ B + bias), a's rows at stride lda. B is used in blocks of kc rows x a
-// group of panels, 256 KiB at most, that stay in L2 while the 6-row tiles sweep them (partial sums over k blocks
-// wait in out); within a group a tile sweeps the panels, so out is written row after row.
-FASTFT_AVX2 void gemm_rows(const float* a, int64_t lda, int64_t rows, const Panels& b, float alpha,
-                           const float* residual, int64_t ldr, float* out, int64_t ldo) {
-  constexpr int64_t kPanelRows = 4096;  // panel rows of 16 floats in 256 KiB
-  const int64_t panels = (b.N + kPanel - 1) / kPanel;
-  int64_t kc = b.K, group = panels;
-  if (b.K * panels > kPanelRows) {
-    if (b.K <= kPanelRows / 16) {
-      group = kPanelRows / b.K;  // short k (the bottleneck r): all of it, fewer panels at a time
-    } else {
-      group = std::min<int64_t>(panels, 16);
-      kc = kPanelRows / group;
-    }
-  }
-  for (int64_t k0 = 0; k0 < std::max<int64_t>(b.K, 1); k0 += std::max<int64_t>(kc, 1)) {  // K = 0: the epilogue
-    const KBlock kb{k0, std::min(kc, b.K - k0), k0 == 0, k0 + kc >= b.K};
-    for (int64_t p0 = 0; p0 < panels; p0 += group) {
-      const int64_t p1 = std::min(panels, p0 + group);
-      for (int64_t i = 0; i < rows; i += kTileRows) {
-        const float* ai = a + i * lda;
-        const float* ri = residual != nullptr ? residual + i * ldr : nullptr;
-        float* oi = out + i * ldo;
-        switch (std::min<int64_t>(kTileRows, rows - i)) {
-          case 6: gemm_row_tile<6>(ai, lda, b, p0, p1, kb, alpha, ri, ldr, oi, ldo); break;
-          case 5: gemm_row_tile<5>(ai, lda, b, p0, p1, kb, alpha, ri, ldr, oi, ldo); break;
-          case 4: gemm_row_tile<4>(ai, lda, b, p0, p1, kb, alpha, ri, ldr, oi, ldo); break;
-          case 3: gemm_row_tile<3>(ai, lda, b, p0, p1, kb, alpha, ri, ldr, oi, ldo); break;
-          case 2: gemm_row_tile<2>(ai, lda, b, p0, p1, kb, alpha, ri, ldr, oi, ldo); break;
-          default: gemm_row_tile<1>(ai, lda, b, p0, p1, kb, alpha, ri, ldr, oi, ldo); break;
-        }
-      }
-    }
-  }
-}
-
-// c rows [m, m + MR) (stride ldc, n_pad columns) (+)= x^T y over k < K rows: x (K, M) at stride ldx, y (K, n_pad);
-// `first` overwrites c.
-template <int MR>
-FASTFT_AVX2 void accumulate_tn_tile(const float* x, int64_t ldx, int64_t K, const float* y, int64_t n_pad, float* c,
-                                    int64_t ldc, bool first) {
-  for (int64_t q = 0; q < n_pad; q += kPanel) {
-    Tile acc;
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      acc[i][0] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + i * ldc + q);
-      acc[i][1] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + i * ldc + q + 8);
-    }
-    multiply_accumulate<MR>(acc, K, x, 1, ldx, y + q, n_pad);
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      _mm256_storeu_ps(c + i * ldc + q, acc[i][0]);
-      _mm256_storeu_ps(c + i * ldc + q + 8, acc[i][1]);
-    }
-  }
-}
-
-// c (M, n_pad) (+)= x^T y for a block of K rows; c holds a weight gradient (hidden, r) padded to whole panels.
-FASTFT_AVX2 void accumulate_tn(const float* x, int64_t ldx, int64_t M, int64_t K, const float* y, int64_t n_pad,
-                               float* c, bool first) {
-  for (int64_t m = 0; m < M; m += kTileRows) {
-    const float* xm = x + m;
-    float* cm = c + m * n_pad;
-    switch (std::min<int64_t>(kTileRows, M - m)) {
-      case 6: accumulate_tn_tile<6>(xm, ldx, K, y, n_pad, cm, n_pad, first); break;
-      case 5: accumulate_tn_tile<5>(xm, ldx, K, y, n_pad, cm, n_pad, first); break;
-      case 4: accumulate_tn_tile<4>(xm, ldx, K, y, n_pad, cm, n_pad, first); break;
-      case 3: accumulate_tn_tile<3>(xm, ldx, K, y, n_pad, cm, n_pad, first); break;
-      case 2: accumulate_tn_tile<2>(xm, ldx, K, y, n_pad, cm, n_pad, first); break;
-      default: accumulate_tn_tile<1>(xm, ldx, K, y, n_pad, cm, n_pad, first); break;
-    }
+void accumulate_tn(const float* x, int64_t ldx, int64_t M, int64_t K, const float* y, int64_t n_pad, float* c,
+                   bool first) {
+  if (cpu_has_avx512()) {
+    avx512::accumulate_tn(x, ldx, M, K, y, n_pad, c, first);
+  } else {
+    avx2::accumulate_tn(x, ldx, M, K, y, n_pad, c, first);
   }
 }
 

@@ -37,7 +37,7 @@ at::Tensor linear_grad_input(const at::Tensor& grad_out, FASTFT_PACKED_PARAMS, i
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastft CPU kernels";
   m.def("has_avx2", &fastft::cpu_has_avx2, "whether the vectorized AVX2 paths run on this CPU");
-  m.def("has_avx512", &fastft::cpu_has_avx512, "whether the AVX-512 paths (distillation rows) run on this CPU");
+  m.def("has_avx512", &fastft::cpu_has_avx512, "whether the AVX-512 paths of the C++ kernels run on this CPU");
   m.def("quantize_4bit", &fastft::quantize_4bit_cpu, "4-bit blockwise quantize (bitsandbytes-exact)");
   m.def("dequantize_4bit", &fastft::dequantize, "4-bit blockwise dequantize");
   m.def("linear_4bit", &fastft::linear, "y = x @ W^T (+ bias) with a packed 4-bit W");

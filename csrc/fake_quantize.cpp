@@ -1,7 +1,8 @@
 // Fake quantization on CPU, one pass over x per group (the group is read twice from L1: min/max, then values).
 // The arithmetic repeats torchao's op order exactly (fastft/reference/qat.py): the scale is computed in x's dtype
 // and then taken to fp32, x is multiplied by the fp32 reciprocal, rounded half to even, shifted by the zero point
-// and clamped, and the dequantized value is rounded to x's dtype. fp32 groups run 8 lanes at a time with AVX2.
+// and clamped, and the dequantized value is rounded to x's dtype. fp32 groups run 16 lanes at a time with AVX-512, 8
+// with AVX2.
 //
 // NaN propagates as in torchao, whose amin / amax / minimum / maximum / clamp all keep NaN: a NaN anywhere in a
 // group makes its scale NaN (std::min, std::max and the x86 min/max instructions would drop it, so the scan also
@@ -150,6 +151,82 @@ FASTFT_AVX2 void backward_avx2(const float* grad, const float* x, float* out, in
   }
   backward_scalar<float>(grad, x, out, i, n, p, qmin, qmax);
 }
+
+// The AVX2 functions, 16 lanes.
+FASTFT_AVX512 GroupParams scan_group_avx512(const float* x, int64_t n, float qmin, float qmax, bool symmetric,
+                                            float eps) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  __m512 lo16 = _mm512_set1_ps(inf), hi16 = _mm512_set1_ps(-inf);
+  __mmask16 nan16 = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    lo16 = _mm512_min_ps(lo16, v);
+    hi16 = _mm512_max_ps(hi16, v);
+    nan16 |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  // min_ps / max_ps drop NaN
+  }
+  float lo = _mm512_reduce_min_ps(lo16), hi = _mm512_reduce_max_ps(hi16);
+  bool nan = nan16 != 0;
+  for (; i < n; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+    nan |= x[i] != x[i];
+  }
+  return nan ? group_params<float>(kNaN, kNaN, qmin, qmax, symmetric, eps)
+             : group_params<float>(lo, hi, qmin, qmax, symmetric, eps);
+}
+
+FASTFT_AVX512 void quantize_avx512(const float* x, float* out, int64_t n, const GroupParams& p, float qmin,
+                                   float qmax) {
+  const __m512 inv = _mm512_set1_ps(p.inv), scale = _mm512_set1_ps(p.scale), zp = _mm512_set1_ps(p.zero_point);
+  const __m512 lo = _mm512_set1_ps(qmin), hi = _mm512_set1_ps(qmax);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // as in quantize_avx2: the value goes second so NaN stays NaN
+    const __m512 q = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_add_ps(r, zp)));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_sub_ps(q, zp), scale));
+  }
+  quantize_avx2(x + i, out + i, n - i, p, qmin, qmax);
+}
+
+FASTFT_AVX512 void backward_avx512(const float* grad, const float* x, float* out, int64_t n, const GroupParams& p,
+                                   float qmin, float qmax) {
+  const __m512 inv = _mm512_set1_ps(p.inv), scale = _mm512_set1_ps(p.scale), zp = _mm512_set1_ps(p.zero_point);
+  const __m512 lo = _mm512_set1_ps(qmin), hi = _mm512_set1_ps(qmax);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 pre = _mm512_add_ps(_mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv),
+                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zp);
+    const __mmask16 keep = _mm512_cmp_ps_mask(pre, lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(pre, hi, _CMP_LE_OQ);
+    const __m512 passed = _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(grad + i), scale);
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(passed, inv));
+  }
+  backward_avx2(grad + i, x + i, out + i, n - i, p, qmin, qmax);
+}
+
+GroupParams scan_group_vector(const float* x, int64_t n, float qmin, float qmax, bool symmetric, float eps) {
+  return cpu_has_avx512() ? scan_group_avx512(x, n, qmin, qmax, symmetric, eps)
+                          : scan_group_avx2(x, n, qmin, qmax, symmetric, eps);
+}
+
+void quantize_vector(const float* x, float* out, int64_t n, const GroupParams& p, float qmin, float qmax) {
+  if (cpu_has_avx512()) {
+    quantize_avx512(x, out, n, p, qmin, qmax);
+  } else {
+    quantize_avx2(x, out, n, p, qmin, qmax);
+  }
+}
+
+void backward_vector(const float* grad, const float* x, float* out, int64_t n, const GroupParams& p, float qmin,
+                     float qmax) {
+  if (cpu_has_avx512()) {
+    backward_avx512(grad, x, out, n, p, qmin, qmax);
+  } else {
+    backward_avx2(grad, x, out, n, p, qmin, qmax);
+  }
+}
 #endif
 
 template <typename T>
@@ -169,7 +246,7 @@ void quantize_group<float>(const float* x, float* out, int64_t n, float qmin, fl
     quantize_scalar<float>(x, out, 0, n, scan_group<float>(x, n, qmin, qmax, symmetric, eps), qmin, qmax);
     return;
   }
-  quantize_avx2(x, out, n, scan_group_avx2(x, n, qmin, qmax, symmetric, eps), qmin, qmax);
+  quantize_vector(x, out, n, scan_group_vector(x, n, qmin, qmax, symmetric, eps), qmin, qmax);
 }
 
 template <>
@@ -179,7 +256,7 @@ void backward_group<float>(const float* grad, const float* x, float* out, int64_
     backward_scalar<float>(grad, x, out, 0, n, scan_group<float>(x, n, qmin, qmax, symmetric, eps), qmin, qmax);
     return;
   }
-  backward_avx2(grad, x, out, n, scan_group_avx2(x, n, qmin, qmax, symmetric, eps), qmin, qmax);
+  backward_vector(grad, x, out, n, scan_group_vector(x, n, qmin, qmax, symmetric, eps), qmin, qmax);
 }
 #endif
 
@@ -193,7 +270,7 @@ void quantize_with(const T* x, T* out, int64_t n, const GroupParams& p, float qm
 template <>
 void quantize_with<float>(const float* x, float* out, int64_t n, const GroupParams& p, float qmin, float qmax) {
   if (cpu_has_avx2()) {
-    quantize_avx2(x, out, n, p, qmin, qmax);
+    quantize_vector(x, out, n, p, qmin, qmax);
   } else {
     quantize_scalar<float>(x, out, 0, n, p, qmin, qmax);
   }

@@ -106,6 +106,53 @@ FASTFT_AVX2 inline void stream8(c10::Half* p, __m256 v) {
 FASTFT_AVX2 inline void stream8(c10::BFloat16* p, __m256 v) {
   _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16x8(v));
 }
+
+// AVX-512: the 16-entry LUT fits one register, so one permute decodes 16 codes (AVX2 needs two and a blend).
+
+// The 16 fp32 LUT values of the 16 codes held in 8 consecutive bytes (elements 2i, 2i+1 of byte i in order).
+FASTFT_AVX512 inline __m512 lut16(uint64_t eight_bytes, __m512 lut) {
+  const __m128i bytes = _mm_cvtsi64_si128(static_cast<long long>(eight_bytes));
+  // each byte twice, widened to 32 bits; the even lane takes the high nibble (>> 4), the odd lane the low one
+  // (permutexvar reads only the low 4 bits of an index)
+  const __m512i doubled = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(bytes, bytes));
+  const __m512i shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  return _mm512_permutexvar_ps(_mm512_srlv_epi32(doubled, shifts), lut);
+}
+
+FASTFT_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+FASTFT_AVX512 inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+FASTFT_AVX512 inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// fp32 -> bf16 with round-to-nearest-even (inputs are finite), as to_bf16x8.
+FASTFT_AVX512 inline __m256i to_bf16x16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_cvtepi32_epi16(
+      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16));
+}
+FASTFT_AVX512 inline __m256i to_fp16x16(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
+
+FASTFT_AVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+FASTFT_AVX512 inline void store16(c10::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_fp16x16(v));
+}
+FASTFT_AVX512 inline void store16(c10::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16x16(v));
+}
+
+// Non-temporal stores; p aligned to 16 elements.
+FASTFT_AVX512 inline void stream16(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+FASTFT_AVX512 inline void stream16(c10::Half* p, __m512 v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_fp16x16(v));
+}
+FASTFT_AVX512 inline void stream16(c10::BFloat16* p, __m512 v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16x16(v));
+}
 #endif
 
 }  // namespace fastft

@@ -1,5 +1,6 @@
-// 4-bit dequantization on CPU: a vectorized decoder for runs of 8 elements inside one block (AVX2: the 16-entry
-// LUT lives in two registers, codes select lanes with permutevar8x32), a scalar loop for the ragged rest.
+// 4-bit dequantization on CPU: a vectorized decoder for runs of 16 elements inside one block (AVX-512: the
+// 16-entry LUT lives in one register, codes select lanes with permutexvar) or of 8 (AVX2: the LUT in two
+// registers, permutevar8x32 twice and a blend), a scalar loop for the ragged rest.
 #include <ATen/Parallel.h>
 
 
@@ -77,6 +78,48 @@ FASTFT_AVX2 int64_t dequantize_avx2(const Packed4bit& w, int64_t e, int64_t end,
   }
   return e;
 }
+
+// dequantize_avx2 for runs of 16 elements (`e` a multiple of 16, out_at_e aligned to 16 elements when streaming).
+template <bool Stream, typename T>
+FASTFT_AVX512 int64_t dequantize_avx512(const Packed4bit& w, int64_t e, int64_t end, T* out_at_e) {
+  T* out = out_at_e - e;
+  const __m512 lut = _mm512_loadu_ps(w.lut);
+  while (e + 16 <= end) {
+    const int64_t block = e / w.blocksize;
+    const int64_t stop = std::min(end, (block + 1) * w.blocksize);
+    const __m512 scale = _mm512_set1_ps(w.scales(block));
+    for (; e + 16 <= stop; e += 16) {
+      uint64_t eight_bytes;
+      std::memcpy(&eight_bytes, w.bytes + e / 2, 8);
+      const __m512 values = _mm512_mul_ps(lut16(eight_bytes, lut), scale);
+      if constexpr (Stream) {
+        stream16(out + e, values);
+      } else {
+        store16(out + e, values);
+      }
+    }
+    if (e < stop) break;
+  }
+  return e;
+}
+
+// Decodes [e, end) with the widest vectors the CPU and the blocksize allow, after scalar elements up to the
+// first multiple of the vector width; returns the first element not written (fewer than a vector remain).
+template <typename T>
+int64_t dequantize_vectors(const Packed4bit& w, int64_t e, int64_t end, T* out_at_e, bool stream) {
+  const bool wide = cpu_has_avx512() && w.blocksize % 16 == 0;
+  const int64_t width = wide ? 16 : 8;
+  T* out = out_at_e - e;
+  for (; e < end && e % width != 0; ++e) out[e] = from_float<T>(w.value_at(e));
+  const bool aligned = reinterpret_cast<uintptr_t>(out + e) % (width * sizeof(T)) == 0;
+  if (stream && aligned) {
+    e = wide ? dequantize_avx512<true>(w, e, end, out + e) : dequantize_avx2<true>(w, e, end, out + e);
+    _mm_sfence();
+  } else {
+    e = wide ? dequantize_avx512<false>(w, e, end, out + e) : dequantize_avx2<false>(w, e, end, out + e);
+  }
+  return e;
+}
 #endif
 
 }  // namespace
@@ -87,16 +130,7 @@ void dequantize_range(const Packed4bit& w, int64_t start, int64_t count, T* out,
   int64_t e = start;
 #ifdef FASTFT_X86
   if constexpr (!std::is_same_v<T, double>) {
-    if (cpu_has_avx2() && w.blocksize % 8 == 0) {
-      for (; e < end && e % 8 != 0; ++e) out[e - start] = from_float<T>(w.value_at(e));
-      T* out_at_e = out + (e - start);
-      if (stream && reinterpret_cast<uintptr_t>(out_at_e) % (8 * sizeof(T)) == 0) {
-        e = dequantize_avx2<true>(w, e, end, out_at_e);
-        _mm_sfence();
-      } else {
-        e = dequantize_avx2<false>(w, e, end, out_at_e);
-      }
-    }
+    if (cpu_has_avx2() && w.blocksize % 8 == 0) e = dequantize_vectors<T>(w, e, end, out, stream);
   }
 #endif
   for (; e < end; ++e) out[e - start] = from_float<T>(w.value_at(e));

@@ -1,7 +1,8 @@
 // y = x @ W^T and dx = dy @ W with W stored as packed 4-bit codes, on CPU.
 //
-// Few rows (fp32/fp16/bf16, K % 8 == 0, AVX2): the kernels read the packed bytes directly
-// and never write a dequantized weight; per block they accumulate sum(lut * x) and scale once by absmax.
+// Few rows (fp32/fp16/bf16, K % 8 == 0, AVX2; 16 lanes on AVX-512 when K and the blocksize are multiples of 16):
+// the kernels read the packed bytes directly and never write a dequantized weight; per block they accumulate
+// sum(lut * x) and scale once by absmax.
 // More rows: the weight is dequantized one cache-sized tile at a time (rows of W for y, columns of W for dx)
 // into a reused buffer and each tile goes through ATen's GEMM, so the full dequantized W never exists.
 #include <ATen/Parallel.h>
@@ -100,16 +101,92 @@ FASTFT_AVX2 void grad_input_direct_columns(const Packed4bit& w, const T* dy, int
     for (int64_t j = 0; j < width; ++j) dx[m * K + k0 + j] = from_float<T>(acc[m * width + j]);
 }
 
+// linear_direct_rows, 16 lanes (K and the blocksize multiples of 16).
+template <int MR, typename T>
+FASTFT_AVX512 void linear_direct_rows_avx512(const Packed4bit& w, const T* x, int64_t K, int64_t N, int64_t n0,
+                                             int64_t n1, const T* bias, T* y) {
+  const __m512 lut = _mm512_loadu_ps(w.lut);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t base = n * K;
+    __m512 acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K;) {
+      const int64_t block = (base + k) / w.blocksize;
+      const int64_t stop = std::min(K, (block + 1) * w.blocksize - base);
+      __m512 part[MR];
+      for (int m = 0; m < MR; ++m) part[m] = _mm512_setzero_ps();
+      for (; k < stop; k += 16) {
+        uint64_t eight_bytes;
+        std::memcpy(&eight_bytes, w.bytes + (base + k) / 2, 8);
+        const __m512 values = lut16(eight_bytes, lut);
+        for (int m = 0; m < MR; ++m) part[m] = _mm512_fmadd_ps(values, load16(x + m * K + k), part[m]);
+      }
+      const __m512 scale = _mm512_set1_ps(w.scales(block));
+      for (int m = 0; m < MR; ++m) acc[m] = _mm512_fmadd_ps(part[m], scale, acc[m]);
+    }
+    const float b = bias != nullptr ? static_cast<float>(bias[n]) : 0.f;
+    for (int m = 0; m < MR; ++m) y[m * N + n] = from_float<T>(_mm512_reduce_add_ps(acc[m]) + b);
+  }
+}
+
+// grad_input_direct_columns, 16 lanes (K, k0, k1 and the blocksize multiples of 16).
+template <int MR, typename T>
+FASTFT_AVX512 void grad_input_direct_columns_avx512(const Packed4bit& w, const T* dy, int64_t N, int64_t K,
+                                                    int64_t k0, int64_t k1, T* dx) {
+  const __m512 lut = _mm512_loadu_ps(w.lut);
+  const int64_t width = k1 - k0;
+  alignas(64) float acc[MR * kGradColumns];
+  std::fill(acc, acc + MR * width, 0.f);
+  for (int64_t n = 0; n < N; ++n) {
+    __m512 dy_n[MR];
+    for (int m = 0; m < MR; ++m) dy_n[m] = _mm512_set1_ps(static_cast<float>(dy[m * N + n]));
+    const int64_t base = n * K + k0;
+    for (int64_t j = 0; j < width;) {
+      const int64_t block = (base + j) / w.blocksize;
+      const int64_t stop = std::min(width, (block + 1) * w.blocksize - base);
+      const __m512 scale = _mm512_set1_ps(w.scales(block));
+      for (; j < stop; j += 16) {
+        uint64_t eight_bytes;
+        std::memcpy(&eight_bytes, w.bytes + (base + j) / 2, 8);
+        const __m512 values = _mm512_mul_ps(lut16(eight_bytes, lut), scale);
+        for (int m = 0; m < MR; ++m) {
+          float* a = acc + m * width + j;
+          _mm512_storeu_ps(a, _mm512_fmadd_ps(values, dy_n[m], _mm512_loadu_ps(a)));
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int64_t j = 0; j < width; ++j) dx[m * K + k0 + j] = from_float<T>(acc[m * width + j]);
+}
+
+// The 16-lane kernels need K and the blocksize to be whole 16-element runs.
+bool wide_direct(int64_t K, const Packed4bit& w) { return cpu_has_avx512() && K % 16 == 0 && w.blocksize % 16 == 0; }
+
 template <int MR, typename T>
 void linear_direct(const Packed4bit& w, const T* x, int64_t K, int64_t N, const T* bias, T* y) {
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { linear_direct_rows<MR, T>(w, x, K, N, n0, n1, bias, y); });
+  const bool wide = wide_direct(K, w);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    if (wide) {
+      linear_direct_rows_avx512<MR, T>(w, x, K, N, n0, n1, bias, y);
+    } else {
+      linear_direct_rows<MR, T>(w, x, K, N, n0, n1, bias, y);
+    }
+  });
 }
 
 template <int MR, typename T>
 void grad_input_direct(const Packed4bit& w, const T* dy, int64_t N, int64_t K, T* dx) {
+  const bool wide = wide_direct(K, w);
   at::parallel_for(0, (K + kGradColumns - 1) / kGradColumns, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c)
-      grad_input_direct_columns<MR, T>(w, dy, N, K, c * kGradColumns, std::min(K, (c + 1) * kGradColumns), dx);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k0 = c * kGradColumns, k1 = std::min(K, (c + 1) * kGradColumns);
+      if (wide) {
+        grad_input_direct_columns_avx512<MR, T>(w, dy, N, K, k0, k1, dx);
+      } else {
+        grad_input_direct_columns<MR, T>(w, dy, N, K, k0, k1, dx);
+      }
+    }
   });
 }
 

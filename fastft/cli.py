@@ -44,10 +44,12 @@ def _bench(args) -> int:
 
 
 def main(argv=None) -> int:
+    from fastft.bench import SUITES
+
     parser = argparse.ArgumentParser(prog="fastft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run a benchmark suite side by side with the peers")
-    bench.add_argument("--suite", default="quick", choices=["quick", "lora", "distill", "adapters", "qat"],
+    bench.add_argument("--suite", default="quick", choices=list(SUITES),
                        help="which suite (default: quick)")
     bench.add_argument("--out", default="bench/results", help="where JSON, Markdown and PNG results go")
     bench.add_argument("--repeats", type=int, default=5,

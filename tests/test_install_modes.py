@@ -98,22 +98,69 @@ def test_scalar_cpu_paths_match_the_reference():
 
 VECTOR_PATH_CHECK = """
 import torch
-from fastft import _C
+from fastft import _C, nf4
 from fastft.ops import use_backend
 from fastft.losses import fused_linear_distillation
+from fastft.nn import BottleneckAdapter
+from fastft.qat import fake_quantize
 print("paths", int(_C.has_avx2()), int(_C.has_avx512()))
 torch.manual_seed(0)
+
+
+def both(fn):
+    results = []
+    for name in ("native", "reference"):
+        with use_backend(name):
+            out = fn()
+            results.append(out if isinstance(out, tuple) else (out,))
+    return zip(*results)
+
+
+def close(a, b, tol, what):
+    assert (a.double() - b.double()).norm() <= tol * b.double().norm(), what
+
+
 for vocab in (16, 17, 203, 2000):  # whole and ragged 16- and 8-lane vectors
     sh, sw = torch.randn(9, 16, requires_grad=True), torch.randn(vocab, 16, requires_grad=True)
     th, tw = torch.randn(9, 24), torch.randn(vocab, 24)
     for beta in (0.0, 0.3, 1.0):
-        results = []
-        for name in ("native", "reference"):
-            with use_backend(name):
-                loss = fused_linear_distillation(sh, sw, th, tw, beta=beta, temperature=2.0, reduction="none")
-                results.append((loss, *torch.autograd.grad(loss.sum(), [sh, sw])))
-        for a, b in zip(*results):
+        def distill():
+            loss = fused_linear_distillation(sh, sw, th, tw, beta=beta, temperature=2.0, reduction="none")
+            return (loss, *torch.autograd.grad(loss.sum(), [sh, sw]))
+        for a, b in both(distill):
             assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (vocab, beta, (a - b).abs().max())
+# 4-bit weights: K = 64 runs 16-lane direct kernels on AVX-512, K = 72 the 8-lane ones; 70 * 33 ragged ends
+for shape, blocksize in (((40, 64), 64), ((40, 72), 32), ((70, 33), 32)):
+    packed, state = nf4.quantize(torch.randn(*shape), blocksize, double_quant=True)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for a, b in both(lambda: nf4.dequantize(packed, state, dtype)):
+            assert torch.equal(a, b), ("dequantize", shape, dtype)
+        for rows in (1, 4, 5):
+            x = torch.randn(rows, shape[1], dtype=dtype, requires_grad=True)
+            for a, b in both(lambda: (y := nf4.matmul(x, packed, state), *torch.autograd.grad(y.sum(), x))):
+                close(a, b, 1e-5 if dtype == torch.float32 else 1e-2, ("matmul", shape, dtype, rows))
+for dtype in (torch.float32, torch.bfloat16):
+    for n in (16 * 37, 8 * 37 + 5):
+        x = torch.randn(3, n, dtype=dtype)
+        for a, b in both(lambda: torch.ops.fastft.lora_dropout(x, 0.3, 7)):
+            assert torch.equal(a, b), ("lora dropout", dtype, n)
+x, dy = torch.randn(48, 96), torch.randn(48, 96)
+x[3, 5] = float("nan")
+x[7, 40] = float("inf")
+for group in (16, 24, 32):
+    for symmetric in (True, False):
+        def qat():
+            xg = x.clone().requires_grad_()
+            y = fake_quantize(xg, 4, group, symmetric)
+            return (y, *torch.autograd.grad(y, xg, dy))
+        for a, b in both(qat):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), ("qat", group)
+for rank in (8, 24):  # one ragged and two whole 16-column panels
+    adapter = BottleneckAdapter(80, bottleneck_size=rank, activation="gelu", init="default")
+    h, dy = torch.randn(1030, 80, requires_grad=True), torch.randn(1030, 80)
+    params = [h, *adapter.parameters()]
+    for a, b in both(lambda: (adapter(h), *torch.autograd.grad(adapter(h), params, dy))):
+        close(a, b, 1e-5, ("bottleneck", rank))
 print("vector paths ok")
 """
 
@@ -124,9 +171,10 @@ def _cpu_flags() -> set:
 
 @pytest.mark.parametrize("env", ({}, {"FASTFT_NO_AVX512": "1"}))
 def test_the_cpu_chooses_the_vector_path_and_each_matches_the_reference(env):
-    """The distillation row kernel runs on AVX-512 where the CPU has it and FASTFT_NO_AVX512 is unset, else on AVX2
-    (else scalar); each path gives the reference's loss and gradients (an AVX2-only CPU runs the AVX2 path under
-    both settings)."""
+    """The C++ kernels run on AVX-512 where the CPU has it and FASTFT_NO_AVX512 is unset, else on AVX2 (else
+    scalar); each path gives the reference's results: bit-exact where the op is (4-bit dequantization, LoRA dropout,
+    fake quantization), within fp32 rounding where only the summation order differs (an AVX2-only CPU runs the AVX2
+    paths under both settings)."""
     import os
 
     result = subprocess.run([sys.executable, "-c", VECTOR_PATH_CHECK], capture_output=True, text=True, timeout=300,

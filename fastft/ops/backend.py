@@ -5,7 +5,7 @@ Defaults: CPU tensors take "native" when the extension `fastft._C` is built, els
 forces one path; a forced path that cannot run on the tensors' device raises instead of falling back silently.
 Triton on CPU tensors runs only under the Triton interpreter (`TRITON_INTERPRET=1`), which the tests use.
 `FASTFT_NO_AVX2=1` makes the C++ kernels take their scalar paths (what CPUs without AVX2 run); `FASTFT_NO_AVX512=1`
-makes those with an AVX-512 path (the distillation rows) take their AVX2 one. The choice is made at run time from
+makes them take their AVX2 paths on AVX-512 CPUs. The choice is made at run time from
 the CPU's flags.
 """
 
@@ -110,8 +110,8 @@ def describe() -> dict[str, str]:
 
     native = native_extension()
     cpu_reason = (
-        f"C++ extension built; vector paths: AVX-512 {'on' if native.has_avx512() else 'off'} (distillation rows), "
-        f"AVX2 {'on' if native.has_avx2() else 'off'} (the other kernels)"
+        f"C++ extension built; vector paths: "
+        f"{'AVX-512' if native.has_avx512() else 'AVX2' if native.has_avx2() else 'none (scalar code)'}"
         if native is not None
         else f"C++ extension not built: {native_error()}"
     )
