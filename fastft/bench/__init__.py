@@ -46,7 +46,7 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
         rows = adapters.run_layer(machine, repeats=repeats, progress=progress)
         rows += adapters.run_step(machine, steps=repeats, progress=progress)
     elif suite == "cpu-paths":
-        rows = cpu_paths.run(machine, repeats=repeats, progress=progress)
+        rows = cpu_paths.run(repeats=repeats, progress=progress)
     elif suite == "lora":
         rows = lora.run_group(machine, repeats=max(repeats, 3), progress=progress)
         rows += lora.run_dora(machine, repeats=max(repeats, 3), progress=progress)

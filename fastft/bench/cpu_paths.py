@@ -15,17 +15,18 @@ import subprocess
 import sys
 import time
 
-from fastft.bench.harness import Machine, Row
+from fastft.bench.harness import Row
 
 AVX2_PEER = "AVX2 path (FASTFT_NO_AVX512=1)"
 
 
 def _cases() -> dict:
-    """name -> (fn, bytes read + written or None): each C++ kernel that has an AVX-512 path, at LLM sizes."""
+    """name -> fn: each C++ kernel with an AVX-512 path, at LLM sizes."""
     import torch
 
     from fastft import nf4
     from fastft.losses import fused_linear_distillation
+    from fastft.nn import BottleneckAdapter
     from fastft.qat import fake_quantize
 
     torch.manual_seed(0)
@@ -35,38 +36,31 @@ def _cases() -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
         out = torch.empty(4096, 4096, dtype=dtype)
-        cases[f"nf4 dequantize 4096x4096 -> {name}"] = (lambda out=out: nf4.dequantize(packed, state, out=out),
-                                                        packed.numel() + out.nbytes)
+        cases[f"nf4 dequantize 4096x4096 -> {name}"] = lambda out=out: nf4.dequantize(packed, state, out=out)
         for rows in (1, 4):
             x = torch.randn(rows, 4096, dtype=dtype)
-            cases[f"nf4 matmul, {rows} row(s) x 4096x4096, {name}"] = (lambda x=x: nf4.matmul(x, packed, state),
-                                                                      packed.numel())
+            cases[f"nf4 matmul, {rows} row(s) x 4096x4096, {name}"] = lambda x=x: nf4.matmul(x, packed, state)
         dy = torch.randn(4, 4096, dtype=dtype)
         cases[f"nf4 grad input, 4 rows x 4096x4096, {name}"] = (
-            lambda dy=dy: ops.nf4_linear_grad_input(dy, packed, *state.op_args(), 4096), packed.numel())
+            lambda dy=dy: ops.nf4_linear_grad_input(dy, packed, *state.op_args(), 4096))
         x = torch.randn(4096, 4096, dtype=dtype)
-        cases[f"LoRA dropout p=0.1, 4096x4096 {name}"] = (lambda x=x: ops.lora_dropout(x, 0.1, 1234), 2 * x.nbytes)
+        cases[f"LoRA dropout p=0.1, 4096x4096 {name}"] = lambda x=x: ops.lora_dropout(x, 0.1, 1234)
     x = torch.randn(4096, 4096)
     grad = torch.randn_like(x)
-    cases["fake quantize int4 g32, 4096x4096 float32"] = (lambda: fake_quantize(x, 4, 32), 2 * x.nbytes)
+    cases["fake quantize int4 g32, 4096x4096 float32"] = lambda: fake_quantize(x, 4, 32)
     cases["fake quantize backward int4 g32, 4096x4096 float32"] = (
-        lambda: ops.fake_quantize_backward(grad, x, 4, 32, True, torch.finfo(torch.float32).eps), 3 * x.nbytes)
-    from fastft.nn import BottleneckAdapter
-
+        lambda: ops.fake_quantize_backward(grad, x, 4, 32, True, torch.finfo(torch.float32).eps))
     for rank in (16, 64):
         adapter = BottleneckAdapter(1024, bottleneck_size=rank, activation="gelu", init="default")
         h, dy = torch.randn(4096, 1024, requires_grad=True), torch.randn(4096, 1024)
         params = [h, *adapter.parameters()]
         cases[f"bottleneck adapter fwd+bwd, 4096x1024, r={rank}"] = (
-            lambda adapter=adapter, h=h, dy=dy, params=params: torch.autograd.grad(adapter(h), params, dy), None)
+            lambda adapter=adapter, h=h, dy=dy, params=params: torch.autograd.grad(adapter(h), params, dy))
     # a narrow hidden size, so that the soft-target rows (the kernel with the AVX-512 path), not the GEMMs, dominate
     student, teacher = torch.randn(1024, 64, requires_grad=True), torch.randn(1024, 64)
     head_s, head_t = torch.randn(32000, 64) / 8, torch.randn(32000, 64) / 8
-
-    def distill():
-        fused_linear_distillation(student, head_s, teacher, head_t, beta=0.5, temperature=2.0).backward()
-
-    cases["distillation rows fwd+bwd, 1024 tokens, H=64, V=32000, JSD 0.5"] = (distill, None)
+    cases["distillation rows fwd+bwd, 1024 tokens, H=64, V=32000, JSD 0.5"] = (
+        lambda: fused_linear_distillation(student, head_s, teacher, head_t, beta=0.5, temperature=2.0).backward())
     return cases
 
 
@@ -84,7 +78,7 @@ def _time_here(repeats: int) -> dict[str, float]:
     import torch
 
     torch.set_num_threads(1)
-    return {name: _best_cpu_ms(fn, repeats) for name, (fn, _) in _cases().items()}
+    return {name: _best_cpu_ms(fn, repeats) for name, fn in _cases().items()}
 
 
 def _time_in_process(avx512: bool, repeats: int) -> dict[str, float]:
@@ -97,7 +91,7 @@ def _time_in_process(avx512: bool, repeats: int) -> dict[str, float]:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def run(machine: Machine, repeats: int = 5, processes: int = 2, progress=print) -> list[Row]:
+def run(repeats: int = 5, processes: int = 2, progress=print) -> list[Row]:
     """Best time of each case over `processes` fresh processes per path (alternating), `repeats` calls each."""
     from fastft.ops.backend import native_extension
 
@@ -111,10 +105,7 @@ def run(machine: Machine, repeats: int = 5, processes: int = 2, progress=print) 
             progress(f"all cases on the {'AVX-512' if avx512 else 'AVX2'} paths, in a fresh process")
             for case, ms in _time_in_process(avx512, repeats).items():
                 times[avx512][case] = min(ms, times[avx512].get(case, float("inf")))
-    nbytes = {name: size for name, (_, size) in _cases().items()}
-    return [Row(f"{case} (1 thread, CPU ms)", times[True][case], AVX2_PEER, times[False][case],
-                None if nbytes[case] is None else machine.copy_ms(nbytes[case]) * machine.threads)
-            for case in times[True]]
+    return [Row(f"{case} (1 thread, CPU ms)", times[True][case], AVX2_PEER, times[False][case]) for case in times[True]]
 
 
 if __name__ == "__main__":
