@@ -1,0 +1,165 @@
+"""fastft under torch.distributed (gloo, 2 processes on 127.0.0.1): DDP and FSDP2 (`fully_shard` per decoder layer
+and on the root) give the single-process run's losses and trained weights on the same global batch, and DDP
+leaves the same gradients on every rank, for each fused path. One pair of processes per wrapper runs every path."""
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import fastft
+
+VOCAB, WORLD, STEPS = 128, 2, 5
+PATHS = ("lora", "lora-fused-loss", "dora", "qlora-nf4", "adapters", "qat")
+pytestmark = pytest.mark.slow
+
+
+def small_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def model_for(path):
+    """The model of one fastft path, identically initialised in every process."""
+    model = small_llama()
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
+                      use_dora=path == "dora")
+    if path in ("lora", "lora-fused-loss", "dora"):
+        model = get_peft_model(model, lora)
+        fastft.patch(model, fused_loss=path == "lora-fused-loss")
+    elif path == "qlora-nf4":
+        model = fastft.quantize_model(model, blocksize=32)
+        model = get_peft_model(model, fastft.lora_config_for_nf4(lora, model))
+        fastft.patch(model, fused_loss=True)
+    elif path == "adapters":
+        from fastft.adapters import AdapterConfig, add_adapters
+
+        for param in model.parameters():
+            param.requires_grad_(False)
+        add_adapters(model, AdapterConfig(bottleneck_size=16, init="default"))
+    elif path == "qat":
+        from fastft.qat import prepare
+
+        prepare(model, weight_bits=4, group_size=32, activation_bits=8)
+    else:
+        raise ValueError(path)
+    return model
+
+
+def decoder_layers(model):
+    return next(module for name, module in model.named_modules() if name.endswith("model.layers"))
+
+
+def global_batch(step):
+    generator = torch.Generator().manual_seed(step)
+    return torch.randint(0, VOCAB, (2 * WORLD, 12), generator=generator)
+
+
+def rank_rows(rank):
+    return slice(2 * rank, 2 * rank + 2)
+
+
+def train(model, ranks, on_backward=None):
+    """Per step, the mean over `ranks` of their losses on their rows of the step's global batch, each rank's loss
+    backpropagated divided by the world size (one rank per process under DDP / FSDP2, which average the gradients;
+    every rank in turn in one process: the same sums); `on_backward(params)` after each step's backward."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    losses = []
+    for step in range(STEPS):
+        total = 0.0
+        for rank in ranks:
+            ids = global_batch(step)[rank_rows(rank)]
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss / WORLD if len(ranks) > 1 else loss).backward()
+            total = total + loss.detach() / len(ranks)
+        if on_backward is not None:
+            on_backward(params)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(total)
+    return torch.stack(losses)
+
+
+def trained_weights(model):
+    """Trainable weights by name, unwrapped and whole (FSDP2's DTensor shards gathered)."""
+    full = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            data = param.detach()
+            data = data.full_tensor() if hasattr(data, "full_tensor") else data
+            full[name.removeprefix("module.")] = data.clone()
+    return full
+
+
+def fastft_ops_run(fn):
+    """fn() under the profiler; the names of the fastft ops it ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    return {event.name for event in profile.events() if event.name.startswith("fastft::")}
+
+
+def _worker(rank, port, wrapper, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for path in PATHS:
+            model = model_for(path)
+            if wrapper == "ddp":
+                model = torch.nn.parallel.DistributedDataParallel(model)
+            else:
+                from torch.distributed.fsdp import fully_shard
+
+                for layer in decoder_layers(model):
+                    fully_shard(layer)
+                fully_shard(model)
+            grads = []
+            ops = fastft_ops_run(lambda: results.setdefault(path, {}).update(
+                losses=train(model, [rank], lambda params: grads.append([p.grad.clone() for p in params]))))
+            losses = results[path]["losses"]
+            dist.all_reduce(losses)
+            results[path].update(losses=losses / WORLD, weights=trained_weights(model), grads=grads, ops=ops)
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=("ddp", "fsdp2"))
+def distributed_run(request):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result")
+        mp.spawn(_worker, args=(free_port(), request.param, out), nprocs=WORLD, join=True)
+        return request.param, [torch.load(f"{out}.{rank}") for rank in range(WORLD)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_distributed_training_matches_one_process(distributed_run, path):
+    wrapper, results = distributed_run
+    single = model_for(path)
+    ops = fastft_ops_run(lambda: results.append(train(single, range(WORLD))))
+    losses, expected = results.pop(), trained_weights(single)
+    for rank_results in results:
+        result = rank_results[path]
+        assert result["ops"] == ops and ops, (result["ops"], ops)  # the same fused ops ran
+        assert torch.allclose(result["losses"], losses, rtol=1e-5, atol=0), (result["losses"], losses)
+        assert result["weights"].keys() == expected.keys()
+        for name, weight in result["weights"].items():
+            assert (weight - expected[name]).norm() <= 1e-5 * expected[name].norm(), name
+    if wrapper == "ddp":  # every rank holds the same (averaged) gradients after each backward
+        for step_grads in zip(results[0][path]["grads"], results[1][path]["grads"]):
+            for g0, g1 in zip(*step_grads):
+                assert torch.equal(g0, g1)
