@@ -28,6 +28,11 @@ from torch import Tensor
 
 from fastft.ops.routing import dispatch
 from fastft.reference import qat as ref
+from fastft.reference.qat import GRANULARITIES, default_eps, group_length, qrange
+from fastft.reference.qat import qparams_ref as qparams
+
+__all__ = ["GRANULARITIES", "default_eps", "fake_quant_linear", "fake_quantize", "fake_quantize_backward",
+           "fake_quantize_with_scale", "fake_quantize_with_scale_backward", "group_length", "qparams", "qrange"]
 
 
 @torch.library.custom_op("fastft::fake_quantize", mutates_args=())
