@@ -82,7 +82,8 @@ def describe_routes(device_types: tuple[str, ...] = ("cpu",)) -> list[str]:
 
     lines = []
     for op, implementations in _TABLE.items():
-        ordered = sorted(implementations.values(), key=lambda impl: ("native", "triton", "reference").index(impl.backend))
+        ordered = sorted(implementations.values(),
+                         key=lambda impl: ("native", "triton", "reference").index(impl.backend))
         registered = ", ".join(impl.backend + (f" (not for {impl.declines})" if impl.declines else "")
                                for impl in ordered)
         name = f"fastft::{op}" if hasattr(torch.ops.fastft, op) else f"{op} (a step inside an op)"
