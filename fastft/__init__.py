@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 __all__ = ["NF4Linear", "PatchReport", "lora_config_for_nf4", "losses", "nf4", "ops", "patch", "quantize_model",
            "unpatch"]
 
-_INTEGRATIONS = ("PatchReport", "lora_config_for_nf4", "patch", "quantize_model", "unpatch")
+_INTEGRATIONS = ("PatchReport", "lora_config_for_nf4", "patch", "unpatch")
 
 
 def __getattr__(name):
@@ -16,4 +16,8 @@ def __getattr__(name):
         from fastft import integrations
 
         return getattr(integrations, name)
+    if name == "quantize_model":
+        from fastft.methods.quantize import quantize_model
+
+        return quantize_model
     raise AttributeError(f"module 'fastft' has no attribute {name!r}")

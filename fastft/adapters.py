@@ -1,6 +1,6 @@
-"""Bottleneck adapters for transformers models (see fastft/integrations/adapters.py)."""
+"""Bottleneck adapters for transformers models (the recipe: fastft/methods/adapters.py)."""
 
-from fastft.integrations.adapters import (
+from fastft.methods.adapters import (
     PLACEMENTS,
     AdapterConfig,
     active_adapters,

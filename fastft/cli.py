@@ -20,9 +20,14 @@ def _info(_args) -> int:
     from torch._library.custom_ops import CustomOpDef
 
     from fastft import ops
+    from fastft.ops.routing import describe_routes
 
     names = sorted(op._qualname for module in (ops.nf4, ops.lora, ops.distillation, ops.bottleneck, ops.qat)
                    for op in vars(module).values() if isinstance(op, CustomOpDef))
+    print("  implementations per op (routing table, fastft/ops/backends/) and which runs here:")
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    for line in describe_routes(devices):
+        print(f"    {line}")
     print("  ops: " + ", ".join(names))
     return 0
 

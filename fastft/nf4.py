@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from fastft.ops import nf4 as ops
-from fastft.ops.backend import backend_for, native_extension
 from fastft.reference import nf4 as ref
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -222,6 +221,16 @@ def _check_weight_to_quantize(weight: Tensor, blocksize: int, quant_type: str) -
                          "4-bit quantization needs finite weights")
 
 
+def _quantize_blockwise_8bit(values: Tensor, blocksize: int = ref.NESTED_BLOCKSIZE) -> tuple[Tensor, Tensor]:
+    """Double quant's second step, bitsandbytes' 8-bit blockwise quantization of the block scales on its dynamic
+    map: (codes uint8, fp32 absmax per block of `blocksize` codes)."""
+    flat = values.reshape(-1).float()
+    absmax = ref.block_absmax(flat, blocksize)
+    table = ref.dynamic_map().to(flat.device)
+    codes = torch.bucketize(ref.scale_to_unit(flat, absmax, blocksize), (table[:-1] + table[1:]) / 2)
+    return codes.to(torch.uint8), absmax
+
+
 @torch.no_grad()
 def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False,
              quant_type: str = "nf4") -> tuple[Tensor, NF4State]:
@@ -232,16 +241,12 @@ def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False,
     on a few entries, their dequantized values agree.
     """
     _check_weight_to_quantize(weight, blocksize, quant_type)
-    midpoints, order = ref.quantize_tables(quant_type)
-    if backend_for(weight.device.type) == "native":
-        packed, absmax = native_extension().quantize_4bit(weight.contiguous(), blocksize, midpoints, order)
-    else:
-        packed, absmax = ref.quantize_4bit_ref(weight, blocksize, quant_type)
+    packed, absmax = ops.nf4_quantize(weight.contiguous(), blocksize, quant_type)
     state = NF4State(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
                      quant_type=quant_type, code=ref.lut(quant_type).to(weight.device))
     if double_quant:
         offset = absmax.mean()
-        codes, nested_absmax = ref.quantize_blockwise_8bit_ref(absmax - offset)
+        codes, nested_absmax = _quantize_blockwise_8bit(absmax - offset)
         state = replace(state, absmax=codes, nested_absmax=nested_absmax,
                         nested_code=ref.dynamic_map().to(weight.device), nested_offset=float(offset))
     return packed, state

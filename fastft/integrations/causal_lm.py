@@ -29,7 +29,7 @@ def _fused_loss_forward(self, *args, labels=None, **kwargs):
         return original.forward(self, *args, labels=labels, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from fastft.integrations.distillation import head_weight
+    from fastft.integrations.heads import head_weight
 
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)

@@ -3,6 +3,8 @@
 from fastft.nn.bottleneck import BottleneckAdapter
 from fastft.nn.distillation import FusedLinearDistillationLoss
 from fastft.nn.fake_quant_linear import FakeQuantLinear, QuantizedLinear
+from fastft.nn.lora import LoraLinear
 from fastft.nn.nf4_linear import NF4Linear
 
-__all__ = ["BottleneckAdapter", "FakeQuantLinear", "FusedLinearDistillationLoss", "NF4Linear", "QuantizedLinear"]
+__all__ = ["BottleneckAdapter", "FakeQuantLinear", "FusedLinearDistillationLoss", "LoraLinear", "NF4Linear",
+           "QuantizedLinear"]

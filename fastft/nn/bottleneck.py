@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fastft.ops import bottleneck as bottleneck_ops
-from fastft.reference.bottleneck import check_activation
+from fastft.ops.bottleneck import check_activation
 
 INITS = ("near_identity", "default")
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastft.fake_quant import fake_quantize, fake_quantize_with_scale, initial_scales
 from fastft.ops import qat as qat_ops
-from fastft.qat import fake_quantize, fake_quantize_with_scale, initial_scales
 
 
 class FakeQuantLinear(nn.Linear):
@@ -118,17 +118,15 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_fake_quant(cls, layer: FakeQuantLinear) -> QuantizedLinear:
-        from fastft.reference.qat import qparams_ref, qrange
-
         weight = layer.weight.detach()
         out = cls(layer.in_features, layer.out_features, layer.bias is not None, weight_bits=layer.weight_bits,
                   group_size=layer.group_size, activation_bits=layer.activation_bits, dtype=weight.dtype,
                   device=weight.device)
-        qmin, qmax = qrange(layer.weight_bits)
+        qmin, qmax = qat_ops.qrange(layer.weight_bits)
         if layer.weight_scale is not None:
             scale = layer.weight_scale.detach().reshape(-1, 1)
         else:
-            scale, _ = qparams_ref(weight, layer.weight_bits, layer.group_size, True)
+            scale, _ = qat_ops.qparams(weight, layer.weight_bits, layer.group_size, True)
         groups = weight.reshape(-1, layer.group_size)
         q = torch.clamp(torch.round(groups * (1.0 / scale)), qmin, qmax).reshape(weight.shape).to(torch.int16)
         if layer.weight_bits <= 4:

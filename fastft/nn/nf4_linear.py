@@ -15,6 +15,17 @@ from fastft import nf4
 _STATE_TENSORS = ("absmax", "code", "nested_absmax", "nested_code")
 
 
+def nf4_linear_forward(x: Tensor, packed: Tensor, state: nf4.NF4State, bias: Tensor | None,
+                       compute_dtype: torch.dtype | None) -> Tensor:
+    """x @ W^T + bias with the 4-bit W, bitsandbytes' dtype rule: x is cast to compute_dtype (None: x's dtype) for
+    the matmul, the bias to that dtype, and the output back to x's dtype."""
+    input_dtype = x.dtype
+    if compute_dtype is not None:
+        x = x.to(compute_dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    return nf4.matmul(x, packed, state, bias).to(input_dtype)
+
+
 class NF4Linear(nn.Module):
     """y = x @ W^T + b with W (out_features, in_features) held as packed 4-bit codes.
 
@@ -117,11 +128,7 @@ class NF4Linear(nn.Module):
 
     # forward -----------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        input_dtype = x.dtype
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nf4.matmul(x, self.weight, self.quant_state, bias).to(input_dtype)
+        return nf4_linear_forward(x, self.weight, self.quant_state, self.bias, self.compute_dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -158,4 +165,4 @@ class NF4Linear(nn.Module):
                 unexpected_keys.remove(key)
 
 
-__all__ = ["NF4Linear"]
+__all__ = ["NF4Linear", "nf4_linear_forward"]

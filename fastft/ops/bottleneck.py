@@ -28,8 +28,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastft.ops.backend import backend_for, native_extension
-from fastft.reference import bottleneck as ref
+from fastft.ops.routing import dispatch
+from fastft.reference.bottleneck import ACTIVATIONS, check_activation
+
+__all__ = ["ACTIVATIONS", "bottleneck_adapter", "bottleneck_backward", "check_activation", "check_inputs"]
 
 
 def check_inputs(x, residual, parameters: dict, x_name: str = "x") -> None:
@@ -72,32 +74,6 @@ def _normalized(v: Tensor, ln_weight, ln_bias, layer_norm: bool, ln_eps: float):
     return out, mean, rstd
 
 
-def _all_fp32(*tensors) -> bool:
-    return all(t is None or t.dtype == torch.float32 for t in tensors)
-
-
-def _no_grads(t: Tensor, count: int) -> tuple[Tensor, ...]:
-    """Distinct empty tensors for the gradients not asked for (op outputs must not alias each other)."""
-    return tuple(t.new_empty(0) for _ in range(count))
-
-
-def _weight_grads(dy, v, z, dz, activation, scale):
-    """(dW_down, db_down, dW_up, db_up) from the output gradient dy (tokens, hidden), the down-projection's input v
-    and pre-activation z, and dz = act'(z) * scale * (dy W_up); bias sums accumulate in fp32 at least."""
-    accumulate = torch.promote_types(dy.dtype, torch.float32)
-    grad_w_up = torch.mm(dy.t(), ref.activate(z, activation)).mul_(scale)
-    grad_b_up = dy.sum(0, dtype=accumulate).mul_(scale).to(dy.dtype)
-    grad_b_down = dz.sum(0, dtype=accumulate).to(dz.dtype)
-    return torch.mm(dz.t(), v), grad_b_down, grad_w_up, grad_b_up
-
-
-def _backward_ref(dy, v, z, w_down, w_up, activation, scale, add_dy, need_dv, need_weights):
-    dz = ref.activation_grad(torch.mm(dy, w_up).mul_(scale), z, activation)
-    dv = (torch.addmm(dy, dz, w_down) if add_dy else torch.mm(dz, w_down)) if need_dv else dy.new_empty(0)
-    weights = _weight_grads(dy, v, z, dz, activation, scale) if need_weights else _no_grads(dy, 4)
-    return dv, *weights
-
-
 @torch.library.custom_op("fastft::bottleneck_backward", mutates_args=())
 def bottleneck_backward(dy: Tensor, v: Tensor, z: Tensor, w_down: Tensor, w_up: Tensor, activation: str, scale: float,
                         add_dy: bool, need_dv: bool, need_weights: bool
@@ -109,33 +85,15 @@ def bottleneck_backward(dy: Tensor, v: Tensor, z: Tensor, w_down: Tensor, w_up: 
     CPU fp32 (fastft._C): one pass over blocks of rows, reading dy and v from memory once and writing dv once
     (bottlenecks up to 64 wide and at least 1024 tokens; ATen's GEMMs otherwise); CUDA: Triton with act' and dy in
     the GEMM epilogues, cuBLAS for the weight gradients."""
-    return _backward_ref(dy, v, z, w_down, w_up, activation, scale, add_dy, need_dv, need_weights)
-
-
-@bottleneck_backward.register_kernel(("cpu", "cuda"))
-def _(dy, v, z, w_down, w_up, activation, scale, add_dy, need_dv, need_weights):
-    backend = backend_for(dy.device.type)
-    if backend == "native" and _all_fp32(dy, v, z, w_down, w_up):
-        return tuple(native_extension().bottleneck_backward(dy, v, z, w_down, w_up, activation, scale, add_dy,
-                                                            need_dv, need_weights))
-    if backend == "triton":
-        from fastft.kernels import bottleneck as kernels
-
-        dy = dy.contiguous()
-        dz = kernels.activation_grad_matmul(dy, w_up, z.contiguous(), scale, activation)
-        dv = dy.new_empty(0)
-        if need_dv:
-            dv = kernels.residual_matmul(dy, dz, w_down, None, 1.0) if add_dy else torch.mm(dz, w_down)
-        weights = _weight_grads(dy, v, z, dz, activation, scale) if need_weights else _no_grads(dy, 4)
-        return dv, *weights
-    return _backward_ref(dy, v, z, w_down, w_up, activation, scale, add_dy, need_dv, need_weights)
+    return dispatch("bottleneck_backward", dy.device.type, dy, v, z, w_down, w_up, activation, scale, add_dy, need_dv,
+                    need_weights)
 
 
 @bottleneck_backward.register_fake
 def _(dy, v, z, w_down, w_up, activation, scale, add_dy, need_dv, need_weights):
     dv = dy.new_empty(dy.shape) if need_dv else dy.new_empty(0)
     if not need_weights:
-        return dv, *_no_grads(dy, 4)
+        return dv, *(dy.new_empty(0) for _ in range(4))
     return dv, w_down.new_empty(w_down.shape), w_down.new_empty(w_down.shape[0]), w_up.new_empty(w_up.shape), \
         w_up.new_empty(w_up.shape[0])
 
@@ -145,23 +103,12 @@ def bottleneck_adapter(x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up
                        activation: str, scale: float, residual: Optional[Tensor], ln_weight: Optional[Tensor],
                        ln_bias: Optional[Tensor], layer_norm: bool, ln_eps: float
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    ref.check_activation(activation)
+    check_activation(activation)
     check_inputs(x, residual, _parameters(w_down, b_down, w_up, b_up, ln_weight, ln_bias))
     rows = _rows(x)
     base = rows if residual is None else _rows(residual)
     v, mean, rstd = _normalized(rows.to(w_down.dtype), ln_weight, ln_bias, layer_norm, ln_eps)
-    backend = backend_for(x.device.type)
-    if backend == "native" and _all_fp32(v, base, w_down, b_down, w_up, b_up):
-        out, z = native_extension().bottleneck_forward(v, base, w_down, b_down, w_up, b_up, activation, scale)
-    elif backend == "triton" and base.dtype == w_up.dtype:
-        from fastft.kernels import bottleneck as kernels
-
-        z, a = kernels.bottleneck_down(v.contiguous(), w_down, b_down, activation)
-        out = kernels.residual_matmul(base.contiguous(), a, w_up.t(), b_up, scale)
-    else:
-        z = torch.nn.functional.linear(v, w_down, b_down)
-        a = ref.activate(z, activation)
-        out = base + (torch.nn.functional.linear(a, w_up, b_up) * scale).to(base.dtype)
+    out, z = dispatch("bottleneck_adapter", x.device.type, v, base, w_down, b_down, w_up, b_up, activation, scale)
     return out.reshape(x.shape), z, mean, rstd
 
 

@@ -27,14 +27,13 @@ cases (teacher top-k, fp64) use torch ops.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastft.ops.backend import backend_for, native_extension
+from fastft.ops.routing import dispatch
 
 
 # Chunks of ~390 tokens at V = 32000. Each chunk's GEMMs stream (and on CPU re-pack) the whole head, so fewer,
@@ -86,61 +85,6 @@ def _times_weight(dz: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
-def _jsd_and_bucket_grad(s_logp, t_logp, beta, want_grad):
-    """Generalized JSD between distributions given as log-probabilities (last dim), and h = dL/dq per category
-    (up to a per-row constant, which the softmax Jacobian removes)."""
-    q = s_logp.exp()
-    if beta == 0.0:
-        p = t_logp.exp()
-        return (p * (t_logp - s_logp)).sum(-1), (-p / q if want_grad else None)
-    if beta == 1.0:
-        g = s_logp - t_logp
-        return (q * g).sum(-1), g
-    p = t_logp.exp()
-    log_m = torch.logaddexp(s_logp + math.log(1 - beta), t_logp + math.log(beta))
-    soft = beta * (p * (t_logp - log_m)).sum(-1) + (1 - beta) * (q * (s_logp - log_m)).sum(-1)
-    return soft, (1 - beta) * (s_logp - log_m)
-
-
-def _soft(zs, zt, beta, temperature, want_grad, topk, grad_scale):
-    """Per-row soft term at temperature T and (want_grad) grad_scale * its gradient with respect to zs / T.
-    zs and zt are this chunk's scratch logits: the native kernel (fp32, CPU, full vocabulary) overwrites them."""
-    if not topk and zs.dtype == torch.float32 and zs.device.type == "cpu" and backend_for("cpu") == "native":
-        soft = native_extension().distill_soft_rows(zs, zt, temperature, beta, grad_scale)
-        return soft, (zs if want_grad else None)
-    if not topk and zs.dtype == torch.float32 and backend_for(zs.device.type) == "triton":
-        from fastft.kernels import distillation as kernels
-
-        soft = kernels.distill_soft_rows(zs, zt, temperature, beta, grad_scale, want_grad)
-        return soft, (zs if want_grad else None)
-    s_logp = F.log_softmax(zs / temperature, dim=-1)
-    t_logp = F.log_softmax(zt / temperature, dim=-1)
-    q = s_logp.exp()
-    if not topk:
-        if beta == 0.0:  # KL(P || Q): gradient q - p, without forming -p / q
-            p = t_logp.exp()
-            soft = (p * (t_logp - s_logp)).sum(-1)
-            return soft, ((q - p).mul_(grad_scale) if want_grad else None)
-        soft, h = _jsd_and_bucket_grad(s_logp, t_logp, beta, want_grad)
-        return soft, (q * (h - (q * h).sum(-1, keepdim=True))).mul_(grad_scale) if want_grad else None
-    # Teacher top-k + rest bucket: token j's probability feeds its bucket c(j); dL/ds_j = q_j (h_c(j) - sum_c b_c h_c).
-    top = zt.topk(topk, dim=-1).indices
-    in_top = torch.zeros_like(zs, dtype=torch.bool).scatter_(-1, top, True)
-
-    def buckets(logp):
-        rest = torch.logsumexp(logp.masked_fill(in_top, float("-inf")), dim=-1, keepdim=True)
-        return torch.cat([logp.gather(-1, top), rest], dim=-1)
-
-    s_buckets = buckets(s_logp)
-    soft, h = _jsd_and_bucket_grad(s_buckets, buckets(t_logp), beta, want_grad)
-    if not want_grad:
-        return soft, None
-    centred = h - (s_buckets.exp() * h).sum(-1, keepdim=True)
-    grad = q * centred[:, -1:]
-    grad.scatter_(-1, top, q.gather(-1, top) * centred[:, :-1])
-    return soft, grad.mul_(grad_scale)
-
-
 def _cross_entropy_rows(zs, labels, ignore_index, want_grad):
     """Per-row cross-entropy of the logits zs and (want_grad) its gradient softmax - onehot; 0 for ignored rows."""
     log_probs = F.log_softmax(zs, dim=-1)
@@ -161,7 +105,9 @@ def _rows(zs, zt, labels, beta, temperature, alpha, scale_by_t2, ignore_index, w
     factor = alpha * (temperature**2 if scale_by_t2 else 1.0)
     with_ce = labels is not None and alpha != 1.0
     ce_log_probs = F.log_softmax(zs, dim=-1) if with_ce else None  # before zs becomes scratch
-    soft, grad = _soft(zs, zt, beta, temperature, want_grad, topk, factor / temperature)
+    # zs and zt are this chunk's scratch logits: the fused row kernels overwrite them
+    soft, grad = dispatch("distill_soft_rows", zs.device.type, zs, zt, beta, temperature, want_grad, topk,
+                          factor / temperature)
     loss = factor * soft
     if labels is not None:
         valid = labels != ignore_index

@@ -1,7 +1,7 @@
 """torch.library ops for LoRA.
 
 - fastft::lora_dropout(x, p, seed): x * keep / (1 - p), the mask a pure function of (seed, flat index)
-  (fastft/reference/lora.py). CPU: C++; CUDA: Triton.
+  (fastft/reference/lora.py).
 - fastft::lora_down(x, As, p, seeds) -> u: the rank-r products of a group of adapters reading one x (the active
   adapters of a layer, or those of sibling projections such as q/k/v), u = [dropout_g(x.to(A.dtype)) @ A_g^T]_g
   side by side in one (M, sum of ranks) tensor. Backward, for du:
@@ -19,101 +19,24 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from fastft.ops.backend import backend_for, native_extension
+from fastft.ops.routing import dispatch
 from fastft.reference import lora as ref
 
 
 @torch.library.custom_op("fastft::lora_dropout", mutates_args=())
 def lora_dropout(x: Tensor, p: float, seed: int) -> Tensor:
-    return ref.lora_dropout_ref(x, p, seed)
-
-
-@lora_dropout.register_kernel(("cpu", "cuda"))
-def _(x, p, seed):
     ref.dropout_threshold(p)  # validates p
-    backend = backend_for(x.device.type)
-    if backend == "native":
-        return native_extension().lora_dropout(x, p, seed)
-    if backend == "triton":
-        from fastft.kernels import lora as triton_lora
-
-        return triton_lora.lora_dropout(x.contiguous(), p, seed)
-    return ref.lora_dropout_ref(x, p, seed)
+    return dispatch("lora_dropout", x.device.type, x, p, seed)
 
 
 @lora_dropout.register_fake
 def _(x, p, seed):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _dropped(x: Tensor, dtype: torch.dtype, p: float, seed: int) -> Tensor:
-    rows = x.reshape(-1, x.shape[-1]).to(dtype)
-    return lora_dropout(rows.contiguous(), p, seed) if p > 0 else rows
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_group(ranks: tuple, p: float, seeds: tuple, device: torch.device):
-    from fastft.kernels import lora as triton_lora
-
-    return triton_lora.AdapterGroup(list(ranks), p, list(seeds), device)
-
-
-def _adapter_group(ranks: list[int], p: float, seeds: list[int], device: torch.device):
-    """The kernels' view of a group (small device tensors): built once per call of the op and reused by its backward's
-    two kernels, which see the same ranks and seeds."""
-    return _cached_group(tuple(ranks), p, tuple(seeds), device)
-
-
-def _down(x: Tensor, A_cat: Tensor, ranks: list[int], p: float, seeds: list[int]) -> Tensor:
-    """u (M, sum of ranks) in A's dtype: [dropout_g(x) @ A_g^T]_g."""
-    if backend_for(x.device.type) == "triton":
-        from fastft.kernels import lora as triton_lora
-
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        return triton_lora.lora_down(rows, A_cat, _adapter_group(ranks, p, seeds, x.device))
-    if p == 0:
-        return _dropped(x, A_cat.dtype, 0.0, 0) @ A_cat.t()
-    if backend_for(x.device.type) == "native":
-        return native_extension().lora_down_dropout(x, A_cat, ranks, p, seeds)
-    parts = A_cat.split(ranks)
-    return torch.cat([_dropped(x, A_cat.dtype, p, seed) @ A.t() for A, seed in zip(parts, seeds)], dim=1)
-
-
-def _grad_A(du: Tensor, x: Tensor, ranks: list[int], p: float, seeds: list[int]) -> Tensor:
-    """dA (sum of ranks, K) in du's dtype: [du_g^T dropout_g(x)]_g."""
-    if backend_for(x.device.type) == "triton":
-        from fastft.kernels import lora as triton_lora
-
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        return triton_lora.lora_grad_a(du.contiguous(), rows, _adapter_group(ranks, p, seeds, x.device))
-    if p == 0:
-        return du.t() @ _dropped(x, du.dtype, 0.0, 0)
-    if backend_for(x.device.type) == "native":
-        return native_extension().lora_grad_a_dropout(du, x, ranks, p, seeds)
-    return torch.cat([d.t() @ _dropped(x, du.dtype, p, seed) for d, seed in zip(du.split(ranks, dim=1), seeds)])
-
-
-def _grad_x(du: Tensor, A_cat: Tensor, ranks: list[int], p: float, seeds: list[int], dtype: torch.dtype) -> Tensor:
-    """dx rows (M, K) in `dtype`: sum_g dropout_g(du_g @ A_g)."""
-    if backend_for(du.device.type) == "triton":
-        from fastft.kernels import lora as triton_lora
-
-        return triton_lora.lora_grad_x(du.contiguous(), A_cat, _adapter_group(ranks, p, seeds, du.device), dtype)
-    if p == 0:
-        return (du @ A_cat).to(dtype)
-    if backend_for(du.device.type) == "native":
-        return native_extension().lora_grad_x_dropout(du, A_cat, ranks, p, seeds).to(dtype)
-    grad = None
-    for d, A, seed in zip(du.split(ranks, dim=1), A_cat.split(ranks), seeds):
-        term = _dropped(d @ A, A.dtype, p, seed)
-        grad = term if grad is None else grad.add_(term)
-    return grad.to(dtype)
 
 
 def _check_group(x: Tensor, lora_As: list[Tensor], lora_Bs: list[Tensor], scales: list[float], seeds: list[int],
@@ -147,7 +70,8 @@ def _concatenated(lora_As: list[Tensor]) -> Tensor:
 def lora_down(x: Tensor, lora_As: list[Tensor], dropout_p: float, seeds: list[int]) -> Tensor:
     """u = [dropout_g(x.to(A.dtype)) @ A_g^T]_g, (tokens, sum of ranks) in A's dtype."""
     rows = x.reshape(-1, x.shape[-1])
-    return _down(rows, _concatenated(lora_As), [A.shape[0] for A in lora_As], dropout_p, seeds)
+    return dispatch("lora_down", x.device.type, rows, _concatenated(lora_As), [A.shape[0] for A in lora_As],
+                    dropout_p, seeds)
 
 
 @lora_down.register_fake
@@ -173,12 +97,10 @@ def lora_down_backward(du: Tensor, x: Tensor, lora_A_cat: Tensor, ranks: list[in
     """(dx in x's shape and dtype, dA (sum of ranks, K) in A's dtype) for du (M, sum of ranks) in A's dtype; an
     empty tensor for a gradient not wanted. dx is not a view, so autograd can add the base layer's dx into it in
     place (a view costs a fresh (tokens, in) tensor for that sum)."""
-    grad_x = x.new_empty(0)
-    if want_x:
-        grad_x = torch.ops.aten._unsafe_view.default(_grad_x(du, lora_A_cat, ranks, dropout_p, seeds, x.dtype),
-                                                     x.shape)
-    grad_A = _grad_A(du, x, ranks, dropout_p, seeds) if want_A else du.new_empty(0)
-    return grad_x, grad_A
+    grad_x, grad_A = dispatch("lora_down_backward", du.device.type, du, x, lora_A_cat, ranks, dropout_p, seeds,
+                              want_x, want_A)
+    grad_x = torch.ops.aten._unsafe_view.default(grad_x, x.shape) if want_x else x.new_empty(0)
+    return grad_x, grad_A if want_A else du.new_empty(0)
 
 
 @lora_down_backward.register_fake

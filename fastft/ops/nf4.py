@@ -11,7 +11,8 @@ Every op takes the weight as the same 8 arguments, the "packed weight" W:
   nf4_linear_grad_input, dbias = sum of dy (at least fp32 accumulation); W gets no gradient. Saved for backward: nothing
   per token (0 bytes/token): W's own tensors and the bias are referenced, not copied.
 - fastft::nf4_linear_grad_input(dy, W, in_features) -> dy @ W. Its own backward is nf4_linear, so double backward works.
-The CPU kernel is the C++ extension, the CUDA kernel Triton; `fastft.ops.backend` picks or forces them.
+- fastft::nf4_quantize(weight, blocksize, quant_type) -> (packed, absmax): the 4-bit codes and fp32 block scales.
+Implementations per backend: fastft/ops/backends/ (the routing table, fastft/ops/routing.py, picks one).
 """
 
 from __future__ import annotations
@@ -21,26 +22,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastft.ops.backend import backend_for, native_extension
-from fastft.reference import nf4 as ref
+from fastft.ops.routing import dispatch
 
 
-def _block_absmax(absmax, nested_absmax, nested_code, nested_blocksize, nested_offset) -> Tensor:
-    if nested_absmax is None:
-        return absmax
-    return ref.nested_absmax_ref(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
+@torch.library.custom_op("fastft::nf4_quantize", mutates_args=())
+def nf4_quantize(weight: Tensor, blocksize: int, quant_type: str) -> tuple[Tensor, Tensor]:
+    """(packed uint8 ((numel+1)//2, 1), fp32 absmax per block) of a contiguous float weight; no autograd."""
+    return dispatch("nf4_quantize", weight.device.type, weight, blocksize, quant_type)
 
 
-def _dequantize_reference(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize,
-                          nested_offset, shape, dtype) -> Tensor:
-    scales = _block_absmax(absmax, nested_absmax, nested_code, nested_blocksize, nested_offset)
-    return ref.dequantize_4bit_ref(packed, scales, code, blocksize, shape, dtype)
-
-
-def _triton():
-    from fastft.kernels import nf4 as triton_nf4
-
-    return triton_nf4
+@nf4_quantize.register_fake
+def _(weight, blocksize, quant_type):
+    blocks = -(-weight.numel() // blocksize)
+    return (weight.new_empty(((weight.numel() + 1) // 2, 1), dtype=torch.uint8),
+            weight.new_empty(blocks, dtype=torch.float32))
 
 
 @torch.library.custom_op("fastft::nf4_dequantize", mutates_args=())
@@ -48,19 +43,8 @@ def nf4_dequantize(
     packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, nested_absmax: Optional[Tensor],
     nested_code: Optional[Tensor], nested_blocksize: int, nested_offset: float, shape: list[int], dtype: torch.dtype,
 ) -> Tensor:
-    return _dequantize_reference(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize,
-                                 nested_offset, shape, dtype)
-
-
-@nf4_dequantize.register_kernel(("cpu", "cuda"))
-def _(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset, shape, dtype):
-    weight = (packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset)
-    backend = backend_for(packed.device.type)
-    if backend == "native":
-        return native_extension().dequantize_4bit(*weight, list(shape), dtype, None)
-    if backend == "triton":
-        return _triton().nf4_dequantize(*weight, shape, dtype)
-    return _dequantize_reference(*weight, shape, dtype)
+    return dispatch("nf4_dequantize", packed.device.type, packed, absmax, code, blocksize, nested_absmax, nested_code,
+                    nested_blocksize, nested_offset, list(shape), dtype)
 
 
 @nf4_dequantize.register_fake
@@ -73,20 +57,8 @@ def nf4_dequantize_into(
     out: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, nested_absmax: Optional[Tensor],
     nested_code: Optional[Tensor], nested_blocksize: int, nested_offset: float,
 ) -> None:
-    out.copy_(_dequantize_reference(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize,
-                                    nested_offset, list(out.shape), out.dtype))
-
-
-@nf4_dequantize_into.register_kernel(("cpu", "cuda"))
-def _(out, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset):
-    weight = (packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset)
-    backend = backend_for(packed.device.type)
-    if backend == "native":
-        native_extension().dequantize_4bit(*weight, list(out.shape), out.dtype, out)
-    elif backend == "triton":
-        _triton().nf4_dequantize(*weight, list(out.shape), out.dtype, out=out)
-    else:
-        out.copy_(_dequantize_reference(*weight, list(out.shape), out.dtype))
+    dispatch("nf4_dequantize_into", packed.device.type, out, packed, absmax, code, blocksize, nested_absmax,
+             nested_code, nested_blocksize, nested_offset)
 
 
 @nf4_dequantize_into.register_fake
@@ -104,24 +76,8 @@ def nf4_linear(
     nested_code: Optional[Tensor], nested_blocksize: int, nested_offset: float, out_features: int,
     bias: Optional[Tensor],
 ) -> Tensor:
-    weight = _dequantize_reference(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize,
-                                   nested_offset, [out_features, x.shape[-1]], x.dtype)
-    return ref.nf4_linear_ref(x, weight, bias)
-
-
-@nf4_linear.register_kernel(("cpu", "cuda"))
-def _(x, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset, out_features,
-      bias):
-    weight = (packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset)
-    backend = backend_for(x.device.type)
-    if backend == "reference":
-        dense = _dequantize_reference(*weight, [out_features, x.shape[-1]], x.dtype)
-        return ref.nf4_linear_ref(x, dense, bias)
-    rows = _as_rows(x)
-    if backend == "native":
-        y = native_extension().linear_4bit(rows, *weight, out_features, bias)
-    else:
-        y = _triton().nf4_matmul(rows, *weight, out_features, bias)
+    y = dispatch("nf4_linear", x.device.type, _as_rows(x), packed, absmax, code, blocksize, nested_absmax,
+                 nested_code, nested_blocksize, nested_offset, out_features, bias)
     # Not a view of y (as matmul folds leading dims): callers may add into the output in place, which autograd
     # forbids on a view made inside a custom op.
     return torch.ops.aten._unsafe_view.default(y, [*x.shape[:-1], out_features])
@@ -138,23 +94,8 @@ def nf4_linear_grad_input(
     grad_out: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, nested_absmax: Optional[Tensor],
     nested_code: Optional[Tensor], nested_blocksize: int, nested_offset: float, in_features: int,
 ) -> Tensor:
-    weight = _dequantize_reference(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize,
-                                   nested_offset, [grad_out.shape[-1], in_features], grad_out.dtype)
-    return grad_out @ weight
-
-
-@nf4_linear_grad_input.register_kernel(("cpu", "cuda"))
-def _(grad_out, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset,
-      in_features):
-    weight = (packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset)
-    backend = backend_for(grad_out.device.type)
-    if backend == "reference":
-        return grad_out @ _dequantize_reference(*weight, [grad_out.shape[-1], in_features], grad_out.dtype)
-    rows = _as_rows(grad_out)
-    if backend == "native":
-        dx = native_extension().linear_4bit_grad_input(rows, *weight, in_features)
-    else:
-        dx = _triton().nf4_matmul_grad_input(rows, *weight, in_features)
+    dx = dispatch("nf4_linear_grad_input", grad_out.device.type, _as_rows(grad_out), packed, absmax, code, blocksize,
+                  nested_absmax, nested_code, nested_blocksize, nested_offset, in_features)
     return dx.reshape(*grad_out.shape[:-1], in_features)
 
 

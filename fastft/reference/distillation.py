@@ -18,18 +18,34 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def jsd_from_logprobs(s_logp: Tensor, t_logp: Tensor, beta: float, want_grad: bool = False):
+    """(generalized JSD(beta) per row between distributions given as log-probabilities over the last dim,
+    h = dJSD/dq per category up to a per-row constant (which the softmax Jacobian removes), or None).
+    beta = 0: KL(P || Q) = sum p (log p - log q), h = -p / q; beta = 1: KL(Q || P) = sum q (log q - log p),
+    h = log q - log p; else beta KL(P || M) + (1 - beta) KL(Q || M) with log M = logaddexp(log(1 - beta) + log q,
+    log(beta) + log p), h = (1 - beta) (log q - log M)."""
+    q = s_logp.exp()
+    if beta == 0.0:
+        p = t_logp.exp()
+        return (p * (t_logp - s_logp)).sum(-1), (-p / q if want_grad else None)
+    if beta == 1.0:
+        g = s_logp - t_logp
+        return (q * g).sum(-1), (g if want_grad else None)
+    p = t_logp.exp()
+    log_m = torch.logaddexp(s_logp + math.log(1 - beta), t_logp + math.log(beta))
+    soft = beta * (p * (t_logp - log_m)).sum(-1) + (1 - beta) * (q * (s_logp - log_m)).sum(-1)
+    return soft, ((1 - beta) * (s_logp - log_m) if want_grad else None)
+
+
 def generalized_jsd_ref(student_logits: Tensor, teacher_logits: Tensor, beta: float) -> Tensor:
     """Per-row generalized JSD of logits already divided by the temperature (summed over the last dim)."""
-    s_logp = F.log_softmax(student_logits, dim=-1)
-    t_logp = F.log_softmax(teacher_logits, dim=-1)
-    if beta == 0.0:
-        return F.kl_div(s_logp, t_logp, reduction="none", log_target=True).sum(-1)
-    if beta == 1.0:
-        return F.kl_div(t_logp, s_logp, reduction="none", log_target=True).sum(-1)
-    log_m = torch.logsumexp(torch.stack([s_logp + math.log(1 - beta), t_logp + math.log(beta)]), dim=0)
-    kl_teacher = F.kl_div(log_m, t_logp, reduction="none", log_target=True).sum(-1)
-    kl_student = F.kl_div(log_m, s_logp, reduction="none", log_target=True).sum(-1)
-    return beta * kl_teacher + (1 - beta) * kl_student
+    return jsd_from_logprobs(F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1), beta)[0]
+
+
+def _buckets(logp: Tensor, top: Tensor, in_top: Tensor) -> Tensor:
+    """log-probabilities of the tokens `top` (rows, k) and of a last bucket holding the rest of the mass."""
+    rest = torch.logsumexp(logp.masked_fill(in_top, float("-inf")), dim=-1, keepdim=True)
+    return torch.cat([logp.gather(-1, top), rest], dim=-1)
 
 
 def topk_bucket_logprobs(student_logits: Tensor, teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -37,13 +53,36 @@ def topk_bucket_logprobs(student_logits: Tensor, teacher_logits: Tensor, k: int)
     s_logp = F.log_softmax(student_logits, dim=-1)
     t_logp = F.log_softmax(teacher_logits, dim=-1)
     top = teacher_logits.topk(k, dim=-1).indices
-    rest = torch.ones_like(s_logp, dtype=torch.bool).scatter_(-1, top, False)
+    in_top = torch.zeros_like(s_logp, dtype=torch.bool).scatter_(-1, top, True)
+    return _buckets(s_logp, top, in_top), _buckets(t_logp, top, in_top)
 
-    def bucketed(logp):
-        rest_mass = torch.logsumexp(logp.masked_fill(~rest, float("-inf")), dim=-1, keepdim=True)
-        return torch.cat([logp.gather(-1, top), rest_mass], dim=-1)
 
-    return bucketed(s_logp), bucketed(t_logp)
+def soft_rows_ref(zs: Tensor, zt: Tensor, beta: float, temperature: float, want_grad: bool, topk: int,
+                  grad_scale: float) -> tuple[Tensor, Tensor | None]:
+    """The row step of the fused loss: per-row soft term between student logits zs and teacher logits zt (rows,
+    vocab) at temperature T (teacher top-k buckets when topk > 0) and, when want_grad, grad_scale * its gradient
+    with respect to zs / T: q * (h - sum q h) for the full vocabulary, and for buckets
+    q_j (h_c(j) - sum_c b_c h_c), token j's probability feeding its bucket c(j)."""
+    s_logp = F.log_softmax(zs / temperature, dim=-1)
+    t_logp = F.log_softmax(zt / temperature, dim=-1)
+    q = s_logp.exp()
+    if not topk:
+        if beta == 0.0:  # KL(P || Q): gradient q - p, without forming -p / q
+            p = t_logp.exp()
+            soft = (p * (t_logp - s_logp)).sum(-1)
+            return soft, ((q - p).mul_(grad_scale) if want_grad else None)
+        soft, h = jsd_from_logprobs(s_logp, t_logp, beta, want_grad)
+        return soft, (q * (h - (q * h).sum(-1, keepdim=True))).mul_(grad_scale) if want_grad else None
+    top = zt.topk(topk, dim=-1).indices
+    in_top = torch.zeros_like(zs, dtype=torch.bool).scatter_(-1, top, True)
+    s_buckets = _buckets(s_logp, top, in_top)
+    soft, h = jsd_from_logprobs(s_buckets, _buckets(t_logp, top, in_top), beta, want_grad)
+    if not want_grad:
+        return soft, None
+    centred = h - (s_buckets.exp() * h).sum(-1, keepdim=True)
+    grad = q * centred[:, -1:]
+    grad.scatter_(-1, top, q.gather(-1, top) * centred[:, :-1])
+    return soft, grad.mul_(grad_scale)
 
 
 def distillation_ref(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,

@@ -68,7 +68,7 @@ def block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     return absmax
 
 
-def _scale_to_unit(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+def scale_to_unit(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
     """x / absmax clamped to [-1, 1]: full blocks multiply by fp32(1/absmax), a partial last block divides."""
     n = flat.numel()
     full = n - n % blocksize
@@ -85,7 +85,7 @@ def quantize_4bit_ref(
     """Quantize `weight` (fp32/fp16/bf16, any shape) to (packed uint8 ((n+1)//2, 1), absmax fp32 (ceil(n/blocksize),))."""
     flat = weight.reshape(-1).float()
     absmax = block_absmax(flat, blocksize)
-    scaled = _scale_to_unit(flat, absmax, blocksize)
+    scaled = scale_to_unit(flat, absmax, blocksize)
     if scaled.numel() % 2:
         scaled = torch.cat([scaled, scaled.new_zeros(1)])
     midpoints, order = quantize_tables(quant_type)
@@ -98,16 +98,6 @@ def unpack_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """The int64 4-bit codes of the first `numel` elements (high nibble first)."""
     flat = packed.reshape(-1).view(torch.uint8).to(torch.int64)
     return torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:numel]
-
-
-def quantize_blockwise_8bit_ref(values: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
-    """8-bit blockwise quantization on the dynamic map: (codes uint8, absmax fp32). Used for double quant."""
-    flat = values.reshape(-1).float()
-    absmax = block_absmax(flat, blocksize)
-    scaled = _scale_to_unit(flat, absmax, blocksize)
-    table = dynamic_map()
-    codes = torch.bucketize(scaled, (table[:-1] + table[1:]) / 2).to(torch.uint8)
-    return codes, absmax
 
 
 def nested_absmax_ref(

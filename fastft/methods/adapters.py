@@ -35,8 +35,7 @@ import torch
 from torch import nn
 
 from fastft.nn import NF4Linear
-from fastft.nn.bottleneck import INITS, BottleneckAdapter
-from fastft.reference.bottleneck import check_activation
+from fastft.nn.bottleneck import INITS, BottleneckAdapter, check_activation
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"

@@ -1,16 +1,12 @@
-"""transformers interop: quantize a model's linear layers to fastft's 4-bit NF4Linear (no bitsandbytes needed)."""
+"""4-bit base models without bitsandbytes: `quantize_model` replaces a model's linear layers by fastft's NF4Linear."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from fastft.methods.common import as_names, name_matches, replace_module
 from fastft.nn import NF4Linear
-
-
-def _skipped(name: str, skip: tuple[str, ...]) -> bool:
-    parts = name.split(".")
-    return any(name == s or name.endswith("." + s) or s in parts for s in skip)
 
 
 def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = True, skip=("lm_head",),
@@ -21,15 +17,11 @@ def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = T
     When the model has a transformers config, its `quantization_config` is set to the matching bitsandbytes
     4-bit config, so `save_pretrained` output loads with transformers + bitsandbytes.
     """
-    if isinstance(skip, str):
-        skip = (skip,)
-    skip = tuple(skip)
+    skip = as_names(skip)
     targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is nn.Linear and not _skipped(name, skip)]
+               if type(module) is nn.Linear and not name_matches(name, skip)]
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype, quant_type))
+        replace_module(model, name, NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype, quant_type))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         config.quantization_config = {

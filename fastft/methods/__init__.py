@@ -1,0 +1,11 @@
+"""Recipes for fine-tuning methods: each a config (where it has options) and functions that change what a model
+trains, built only from fastft.nn, fastft.losses and the public functions (fastft.nf4, fastft.qat, ...).
+
+- adapters.py: bottleneck adapters added to transformers models (add / set_active / save / load / remove).
+- qat.py: quantization-aware fine-tuning, `prepare` (nn.Linear -> FakeQuantLinear) and `convert` (-> QuantizedLinear).
+- quantize.py: `quantize_model`, a model's linear layers to 4-bit NF4Linear.
+- distillation.py: the distillation loss of a causal LM against a teacher and its Trainer.
+
+The submodules load on first use (the distillation Trainer imports transformers); the public paths fastft.adapters,
+fastft.qat, fastft.quantize_model and fastft.integrations.distillation re-export them.
+"""
