@@ -6,9 +6,9 @@
 // In the backward a block's rows of dy and v (192 KiB at hidden 1024) are copied once from memory and stay in L2
 // across every GEMM that reads them, and dv is written once. Run as separate ATen GEMMs, the backward reads dy three
 // times and v once more, and the residual adds write and read (tokens, hidden) products. Every GEMM has the
-// bottleneck r as one dimension; they all run on one micro-kernel (AVX-512 or AVX2). The weight gradients accumulate per chunk
-// of blocks (threads take chunks as they finish) and are summed in chunk order at the end, so results do not depend
-// on scheduling.
+// bottleneck r as one dimension; they all run on one micro-kernel (AVX-512 or AVX2). The weight gradients
+// accumulate per chunk of blocks (threads take chunks as they finish) and are summed in chunk order at the end, so
+// results do not depend on scheduling.
 // act(z) and act'(z) are ATen's, over all rows at once (per block, ATen's per-call cost would dominate).
 //
 // Micro-kernel (bottleneck_tiles.inc): a tile of up to 6 rows x 16 columns in 12 ymm accumulators (AVX2 + FMA) or
@@ -278,7 +278,7 @@ BottleneckGrads backward_aten(const at::Tensor& dy, const at::Tensor& v, const a
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> bottleneck_forward_cpu(const at::Tensor& v_in, const at::Tensor& residual_in,
+std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_cpu(const at::Tensor& v_in, const at::Tensor& residual_in,
                                                           const at::Tensor& w_down,
                                                           const std::optional<at::Tensor>& b_down,
                                                           const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
@@ -287,8 +287,8 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_forward_cpu(const at::Tensor& v_in
   check_fp32(residual_in, "residual");
   check_fp32(w_down, "w_down");
   check_fp32(w_up, "w_up");
-  check_shapes("bottleneck_forward", v_in, w_down, w_up);
-  TORCH_CHECK(residual_in.sizes() == v_in.sizes(), "bottleneck_forward: residual ", residual_in.sizes(),
+  check_shapes("bottleneck_adapter", v_in, w_down, w_up);
+  TORCH_CHECK(residual_in.sizes() == v_in.sizes(), "bottleneck_adapter: residual ", residual_in.sizes(),
               " must have v's shape ", v_in.sizes());
 #ifdef FASTFT_X86
   if (use_kernels(v_in.size(0), w_down.size(0))) {

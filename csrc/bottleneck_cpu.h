@@ -11,7 +11,7 @@ namespace fastft {
 
 // Forward over rows v (T, H): z = v @ w_down^T + b_down (T, r) and
 // out = residual + scale * (act(z) @ w_up^T + b_up) (T, H). Returns (out, z).
-std::tuple<at::Tensor, at::Tensor> bottleneck_forward_cpu(const at::Tensor& v, const at::Tensor& residual,
+std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_cpu(const at::Tensor& v, const at::Tensor& residual,
                                                           const at::Tensor& w_down,
                                                           const std::optional<at::Tensor>& b_down,
                                                           const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,

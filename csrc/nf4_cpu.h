@@ -25,19 +25,19 @@ struct PackedArgs {
 };
 
 // (packed uint8 ((n+1)/2, 1), absmax fp32 (ceil(n/blocksize))) of a contiguous fp32/fp16/bf16 weight.
-std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& weight, int64_t blocksize,
-                                                     const at::Tensor& midpoints, const at::Tensor& order);
+std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& weight, int64_t blocksize,
+                                                    const at::Tensor& midpoints, const at::Tensor& order);
 
 // The dequantized weight with `shape` in `dtype`, written into `out` (contiguous, that shape and dtype) if given.
-at::Tensor dequantize_4bit_cpu(const PackedArgs& w, at::IntArrayRef shape, at::ScalarType dtype,
-                               const std::optional<at::Tensor>& out);
+at::Tensor nf4_dequantize_cpu(const PackedArgs& w, at::IntArrayRef shape, at::ScalarType dtype,
+                              const std::optional<at::Tensor>& out);
 
 // y = x @ W^T (+ bias) for x (M, K) contiguous, W (N, K); y (M, N) in x's dtype.
-at::Tensor linear_4bit_cpu(const at::Tensor& x, const PackedArgs& w, int64_t out_features,
-                           const std::optional<at::Tensor>& bias);
+at::Tensor nf4_linear_cpu(const at::Tensor& x, const PackedArgs& w, int64_t out_features,
+                          const std::optional<at::Tensor>& bias);
 
 // dx = dy @ W for dy (M, N) contiguous, W (N, K); dx (M, K) in dy's dtype.
-at::Tensor linear_4bit_grad_input_cpu(const at::Tensor& grad_out, const PackedArgs& w, int64_t in_features);
+at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_out, const PackedArgs& w, int64_t in_features);
 
 // Elements [start, start + count) of the flattened weight, dequantized into out (multithreading is the caller's);
 // `stream` writes around the caches (for outputs far larger than them).

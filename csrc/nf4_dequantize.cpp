@@ -141,15 +141,15 @@ template void dequantize_range<double>(const Packed4bit&, int64_t, int64_t, doub
 template void dequantize_range<c10::Half>(const Packed4bit&, int64_t, int64_t, c10::Half*, bool);
 template void dequantize_range<c10::BFloat16>(const Packed4bit&, int64_t, int64_t, c10::BFloat16*, bool);
 
-at::Tensor dequantize_4bit_cpu(const PackedArgs& args, at::IntArrayRef shape, at::ScalarType dtype,
-                               const std::optional<at::Tensor>& out_buffer) {
+at::Tensor nf4_dequantize_cpu(const PackedArgs& args, at::IntArrayRef shape, at::ScalarType dtype,
+                              const std::optional<at::Tensor>& out_buffer) {
   at::Tensor out = out_buffer.has_value() ? *out_buffer : empty_huge_pages(shape, args.packed.options().dtype(dtype));
   const Packed4bit w = args.view();
   const int64_t n = out.numel();
   // Outputs much larger than the caches go around them; smaller ones stay cached for their consumer.
   const bool stream = out.nbytes() >= (int64_t{16} << 20);
   constexpr int64_t kChunk = 1 << 14;  // elements per task: a multiple of every blocksize's 8-element runs
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_4bit_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nf4_dequantize_cpu", [&] {
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t c0, int64_t c1) {
       const int64_t start = c0 * kChunk;

@@ -46,13 +46,13 @@ void quantize_blocks(const T* x, int64_t n, int64_t blocksize, const float* midp
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& weight, int64_t blocksize,
-                                                     const at::Tensor& midpoints, const at::Tensor& order) {
+std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& weight, int64_t blocksize,
+                                                    const at::Tensor& midpoints, const at::Tensor& order) {
   const at::Tensor x = weight.contiguous();
   const int64_t n = x.numel();
   at::Tensor packed = at::empty({(n + 1) / 2, 1}, x.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({(n + blocksize - 1) / blocksize}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_4bit_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "nf4_quantize_cpu", [&] {
     quantize_blocks<scalar_t>(x.const_data_ptr<scalar_t>(), n, blocksize, midpoints.const_data_ptr<float>(),
                               order.const_data_ptr<uint8_t>(), packed.mutable_data_ptr<uint8_t>(),
                               absmax.mutable_data_ptr<float>());

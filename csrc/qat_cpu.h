@@ -21,14 +21,14 @@ at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& 
 // Fake quantization with given fp32 scales (one per group) and, for the asymmetric form, fp32 zero points
 // (learned, so not necessarily integers): q = clamp(round(x / s) + zp), out = (T(q) - T(zp)) * s; the clamp keeps
 // NaN, so an output is NaN where x (or its group's scale or zero point) is.
-at::Tensor fake_quantize_scaled_cpu(const at::Tensor& x, const at::Tensor& scale,
-                                    const std::optional<at::Tensor>& zero_point, int64_t group, int64_t qmin,
-                                    int64_t qmax);
+at::Tensor fake_quantize_with_scale_cpu(const at::Tensor& x, const at::Tensor& scale,
+                                        const std::optional<at::Tensor>& zero_point, int64_t group, int64_t qmin,
+                                        int64_t qmax);
 
-// (dx, dscale, dzero_point) of fake_quantize_scaled (dzero_point empty without zero points), torchao's autograd
+// (dx, dscale, dzero_point) of fake_quantize_with_scale (dzero_point empty without zero points), torchao's autograd
 // in closed form with p = T(dy * s) and p_in = p inside the range (0 at the clamp): dx = T(p_in / s);
 // dscale = sum dy * (T(q) - T(zp)) - (1 / s)^2 * sum p_in * x; dzero_point = sum p_in - T(sum p). Sums in fp64.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_scaled_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_with_scale_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
     int64_t group, int64_t qmin, int64_t qmax);
 

@@ -157,7 +157,7 @@ def test_native_kernels_match_reference(shape, activation):
     v, residual, dy = (torch.randn(tokens, hidden, generator=g) for _ in range(3))
     w_down, w_up = torch.randn(r, hidden, generator=g) / 4, torch.randn(hidden, r, generator=g) / 4
     b_down, b_up = torch.randn(r, generator=g), torch.randn(hidden, generator=g)
-    out, z = native_extension().bottleneck_forward(v, residual, w_down, b_down, w_up, b_up, activation, 0.7)
+    out, z = native_extension().bottleneck_adapter(v, residual, w_down, b_down, w_up, b_up, activation, 0.7)
     z64 = v.double() @ w_down.double().t() + b_down.double()
     expected = bottleneck_adapter_ref(v.double(), w_down.double(), b_down.double(), w_up.double(), b_up.double(),
                                       activation, 0.7, residual.double())
@@ -172,7 +172,7 @@ def test_native_kernels_match_reference(shape, activation):
             assert ours.dtype == torch.float32 and ours.shape == theirs.shape
             assert rel_error(ours, theirs) < 1e-5
     with pytest.raises(RuntimeError, match="do not chain"):
-        native_extension().bottleneck_forward(v, residual, w_down, b_down, w_up[:, :-1] if r > 1 else w_up[:0],
+        native_extension().bottleneck_adapter(v, residual, w_down, b_down, w_up[:, :-1] if r > 1 else w_up[:0],
                                               b_up, activation, 1.0)
     with pytest.raises(RuntimeError, match="float32"):
         native_extension().bottleneck_backward(dy.double(), v, z, w_down, w_up, activation, 1.0, True, True, True)

@@ -2,9 +2,13 @@
 and on the root) give the single-process run's losses and trained weights on the same global batch, and DDP
 leaves the same gradients on every rank, for each fused path. One pair of processes per wrapper runs every path."""
 
+import datetime
 import os
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -16,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import fastft
 
 VOCAB, WORLD, STEPS = 128, 2, 5
-PATHS = ("lora", "lora-fused-loss", "dora", "qlora-nf4", "adapters", "qat")
+PATHS = ("lora", "lora-fused-loss", "lora-checkpointed", "dora", "qlora-nf4", "adapters", "qat")
 pytestmark = pytest.mark.slow
 
 
@@ -31,9 +35,11 @@ def model_for(path):
     model = small_llama()
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
                       use_dora=path == "dora")
-    if path in ("lora", "lora-fused-loss", "dora"):
+    if path in ("lora", "lora-fused-loss", "lora-checkpointed", "dora"):
+        if path == "lora-checkpointed":  # activation checkpointing of every decoder layer (HF's)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, lora)
-        fastft.patch(model, fused_loss=path == "lora-fused-loss")
+        fastft.patch(model, fused_loss=path in ("lora-fused-loss", "lora-checkpointed"))
     elif path == "qlora-nf4":
         model = fastft.quantize_model(model, blocksize=32)
         model = get_peft_model(model, fastft.lora_config_for_nf4(lora, model))
@@ -163,3 +169,27 @@ def test_distributed_training_matches_one_process(distributed_run, path):
         for step_grads in zip(results[0][path]["grads"], results[1][path]["grads"]):
             for g0, g1 in zip(*step_grads):
                 assert torch.equal(g0, g1)
+
+
+def _dying_worker(rank, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=20))
+    model = torch.nn.parallel.DistributedDataParallel(model_for("lora-fused-loss"))
+    ids = global_batch(0)[rank_rows(rank)]
+    if rank == 1:
+        os._exit(3)  # the rank dies mid-step, before its backward's all-reduce
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_a_rank_dying_mid_step_ends_the_others_with_an_error():
+    """Each rank its own process, so nothing kills the survivor for it: its backward's all-reduce fails (the peer's
+    connection closed, or the 20 s timeout) instead of hanging."""
+    port = free_port()
+    code = f"import test_distributed as t; t._dying_worker({{rank}}, {port})"
+    ranks = [subprocess.Popen([sys.executable, "-c", code.format(rank=rank)], cwd=os.path.dirname(__file__),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(WORLD)]
+    start = time.monotonic()
+    _, survivor_err = ranks[0].communicate(timeout=120)
+    assert ranks[1].wait(timeout=30) == 3
+    assert ranks[0].returncode != 0 and time.monotonic() - start < 60
+    assert "Error" in survivor_err.splitlines()[-1], survivor_err[-2000:]

@@ -4,7 +4,7 @@ fastft::bottleneck_adapter(x, w_down, b_down, w_up, b_up, activation, scale, res
 layer_norm, ln_eps) -> (out, z, mean, rstd); callers use out. z is the pre-activation down(norm(x)) (tokens, r),
 mean and rstd the LayerNorm statistics (empty without the norm); they are outputs so autograd can save them.
 
-Forward, CPU fp32 (`fastft._C.bottleneck_forward`): the down-projection over blocks of 48 rows, the activation,
+Forward, CPU fp32 (`fastft._C.bottleneck_adapter`): the down-projection over blocks of 48 rows, the activation,
 then the up-projection with the residual add in the GEMM's epilogue, so the (tokens, hidden) product is never
 written and read back (one read of the residual, one write of the output). CUDA: Triton kernels with the
 bias + activation in the down-projection's epilogue and the residual in the up-projection's. Other dtypes: ATen

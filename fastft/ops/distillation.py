@@ -8,7 +8,7 @@ The student and teacher tiles are allocated once per call and reused by every ch
 two tiles, the temporaries of the per-row computation (on the fused CPU and GPU kernels one more tile only with a
 hard-label term, alpha < 1; about six smaller tiles on the torch path) and the fp32 grad_weight accumulator,
 independent of the number of tokens.
-On CPU with fp32 tiles, the per-row soft term and its gradient run in one C++ kernel (csrc/distill_rows.cpp:
+On CPU with fp32 tiles, the per-row soft term and its gradient run in one C++ kernel (csrc/distillation.cpp:
 four passes over a cached row, AVX2 exp/log) instead of ~20 torch ops; on CUDA in one Triton kernel
 (kernels/distillation.py: an online log-sum-exp over vocabulary tiles, never a whole row in registers); other
 cases (teacher top-k, fp64) use torch ops.

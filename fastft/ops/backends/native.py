@@ -1,11 +1,5 @@
-"""The "native" backend: fastft's C++ CPU kernels (the extension fastft._C, built from csrc/).
-
-Bindings whose names still differ from their op's (to be renamed in csrc/extension.cpp): quantize_4bit ->
-nf4_quantize, dequantize_4bit -> nf4_dequantize, linear_4bit -> nf4_linear, linear_4bit_grad_input ->
-nf4_linear_grad_input, lora_down_dropout / lora_grad_a_dropout / lora_grad_x_dropout -> lora_down /
-lora_down_backward, bottleneck_forward -> bottleneck_adapter, fake_quantize_scaled(_backward) ->
-fake_quantize_with_scale(_backward).
-"""
+"""The "native" backend: fastft's C++ CPU kernels (the extension fastft._C, built from csrc/), each binding named
+after its op."""
 
 from __future__ import annotations
 
@@ -23,35 +17,35 @@ def _all_fp32(*tensors) -> bool:
     return all(t is None or t.dtype == torch.float32 for t in tensors)
 
 
-# 4-bit weights (csrc/nf4_quantize.cpp, nf4_dequantize.cpp, nf4_matmul.cpp) ---------------------------------------
+# 4-bit weights (csrc/nf4_quantize.cpp, nf4_dequantize.cpp, nf4_linear.cpp) --------------------------------------------
 @register_kernel("nf4_quantize", NATIVE)
 def nf4_quantize(weight, blocksize, quant_type):
     midpoints, order = nf4_ref.quantize_tables(quant_type)
-    return native_extension().quantize_4bit(weight.contiguous(), blocksize, midpoints, order)
+    return native_extension().nf4_quantize(weight.contiguous(), blocksize, midpoints, order)
 
 
 @register_kernel("nf4_dequantize", NATIVE)
 def nf4_dequantize(*weight_shape_dtype):
     *weight, shape, dtype = weight_shape_dtype
-    return native_extension().dequantize_4bit(*weight, list(shape), dtype, None)
+    return native_extension().nf4_dequantize(*weight, list(shape), dtype, None)
 
 
 @register_kernel("nf4_dequantize_into", NATIVE)
 def nf4_dequantize_into(out, *weight):
-    native_extension().dequantize_4bit(*weight, list(out.shape), out.dtype, out)
+    native_extension().nf4_dequantize(*weight, list(out.shape), out.dtype, out)
 
 
 @register_kernel("nf4_linear", NATIVE)
 def nf4_linear(rows, *weight_out_features_bias):
-    return native_extension().linear_4bit(rows, *weight_out_features_bias)
+    return native_extension().nf4_linear(rows, *weight_out_features_bias)
 
 
 @register_kernel("nf4_linear_grad_input", NATIVE)
 def nf4_linear_grad_input(rows, *weight_in_features):
-    return native_extension().linear_4bit_grad_input(rows, *weight_in_features)
+    return native_extension().nf4_linear_grad_input(rows, *weight_in_features)
 
 
-# LoRA (csrc/lora_dropout.cpp) -----------------------------------------------------------------------------------
+# LoRA (csrc/lora.cpp) -------------------------------------------------------------------------------------------------
 @register_kernel("lora_dropout", NATIVE)
 def lora_dropout(x, p, seed):
     return native_extension().lora_dropout(x, p, seed)
@@ -63,19 +57,16 @@ def _with_dropout(*args) -> bool:
 
 @register_kernel("lora_down", NATIVE, supports=_with_dropout, declines="dropout 0 (one ATen GEMM)")
 def lora_down(rows, A_cat, ranks, p, seeds):
-    return native_extension().lora_down_dropout(rows, A_cat, ranks, p, seeds)
+    return native_extension().lora_down(rows, A_cat, ranks, p, seeds)
 
 
 @register_kernel("lora_down_backward", NATIVE, supports=lambda du, x, A_cat, ranks, p, *_: p > 0,
                  declines="dropout 0 (one ATen GEMM each)")
 def lora_down_backward(du, x, A_cat, ranks, p, seeds, want_x, want_A):
-    native = native_extension()
-    grad_x = native.lora_grad_x_dropout(du, A_cat, ranks, p, seeds).to(x.dtype) if want_x else None
-    grad_A = native.lora_grad_a_dropout(du, x, ranks, p, seeds) if want_A else None
-    return grad_x, grad_A
+    return tuple(native_extension().lora_down_backward(du, x, A_cat, ranks, p, seeds, want_x, want_A))
 
 
-# Bottleneck adapters (csrc/bottleneck.cpp) ----------------------------------------------------------------------
+# Bottleneck adapters (csrc/bottleneck.cpp) ----------------------------------------------------------------------------
 # Mirrors kMaxRank and kMinTokens of csrc/bottleneck.cpp: narrower bottlenecks over at least this many tokens are
 # faster in the C++ kernels; others run ATen's GEMMs (as fast there).
 MAX_BOTTLENECK = 64
@@ -90,7 +81,7 @@ def _bottleneck_forward_fits(v, base, w_down, b_down, w_up, b_up, activation, sc
 @register_kernel("bottleneck_adapter", NATIVE, supports=_bottleneck_forward_fits,
                  declines=f"inputs other than fp32, bottlenecks over {MAX_BOTTLENECK}, under {MIN_TOKENS} tokens")
 def bottleneck_adapter(v, base, w_down, b_down, w_up, b_up, activation, scale):
-    return native_extension().bottleneck_forward(v, base, w_down, b_down, w_up, b_up, activation, scale)
+    return native_extension().bottleneck_adapter(v, base, w_down, b_down, w_up, b_up, activation, scale)
 
 
 def _bottleneck_backward_fits(dy, v, z, w_down, w_up, *_) -> bool:
@@ -104,7 +95,7 @@ def bottleneck_backward(dy, v, z, w_down, w_up, activation, scale, add_dy, need_
                                                         need_weights))
 
 
-# Fake quantization (csrc/fake_quantize.cpp) ---------------------------------------------------------------------
+# Fake quantization (csrc/qat.cpp) -------------------------------------------------------------------------------------
 @register_kernel("fake_quantize", NATIVE)
 def fake_quantize(x, bits, group, symmetric, eps):
     qmin, qmax = qat_ref.qrange(bits)
@@ -121,17 +112,17 @@ def fake_quantize_backward(grad, x, bits, group, symmetric, eps):
 @register_kernel("fake_quantize_with_scale", NATIVE)
 def fake_quantize_with_scale(x, scale, zero_point, bits, group):
     qmin, qmax = qat_ref.qrange(bits)
-    return native_extension().fake_quantize_scaled(x, scale, zero_point, group, qmin, qmax).reshape(x.shape)
+    return native_extension().fake_quantize_with_scale(x, scale, zero_point, group, qmin, qmax).reshape(x.shape)
 
 
 @register_kernel("fake_quantize_with_scale_backward", NATIVE)
 def fake_quantize_with_scale_backward(grad, x, scale, zero_point, bits, group):
     qmin, qmax = qat_ref.qrange(bits)
-    return native_extension().fake_quantize_scaled_backward(grad.to(x.dtype), x, scale, zero_point, group, qmin,
+    return native_extension().fake_quantize_with_scale_backward(grad.to(x.dtype), x, scale, zero_point, group, qmin,
                                                             qmax)
 
 
-# Distillation rows (csrc/distill_rows.cpp) ----------------------------------------------------------------------
+# Distillation rows (csrc/distillation.cpp) ----------------------------------------------------------------------------
 def _full_vocabulary_fp32(zs, zt, beta, temperature, want_grad, topk, grad_scale) -> bool:
     return not topk and zs.dtype == torch.float32
 

@@ -8,7 +8,7 @@
 #include <cmath>
 #include <limits>
 
-#include "distill_cpu.h"
+#include "distillation_cpu.h"
 #include "nf4_codec.h"
 
 namespace fastft {

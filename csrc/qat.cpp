@@ -334,17 +334,17 @@ namespace {
 void check_qparams(const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                    int64_t group) {
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() * group == x.numel(),
-              "fake_quantize_scaled: scale must be float32 with one value per group");
+              "fake_quantize_with_scale: scale must be float32 with one value per group");
   TORCH_CHECK(!zero_point.has_value() ||
                   (zero_point->scalar_type() == at::kFloat && zero_point->numel() == scale.numel()),
-              "fake_quantize_scaled: zero_point must be float32 with one value per group");
+              "fake_quantize_with_scale: zero_point must be float32 with one value per group");
 }
 
 }  // namespace
 
-at::Tensor fake_quantize_scaled_cpu(const at::Tensor& x_in, const at::Tensor& scale_in,
-                                    const std::optional<at::Tensor>& zero_point_in, int64_t group, int64_t qmin_i,
-                                    int64_t qmax_i) {
+at::Tensor fake_quantize_with_scale_cpu(const at::Tensor& x_in, const at::Tensor& scale_in,
+                                        const std::optional<at::Tensor>& zero_point_in, int64_t group, int64_t qmin_i,
+                                        int64_t qmax_i) {
   check(x_in, group, qmin_i, qmax_i);
   check_qparams(x_in, scale_in, zero_point_in, group);
   const at::Tensor x = x_in.contiguous(), scale = scale_in.contiguous();
@@ -353,7 +353,7 @@ at::Tensor fake_quantize_scaled_cpu(const at::Tensor& x_in, const at::Tensor& sc
   const float qmin = static_cast<float>(qmin_i), qmax = static_cast<float>(qmax_i);
   const float* scales = scale.const_data_ptr<float>();
   const float* zero_points = zero_point.defined() ? zero_point.const_data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_scaled_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_with_scale_cpu", [&] {
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, x.numel() / group, std::max<int64_t>(1, 16384 / group), [&](int64_t g0, int64_t g1) {
@@ -366,13 +366,13 @@ at::Tensor fake_quantize_scaled_cpu(const at::Tensor& x_in, const at::Tensor& sc
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_scaled_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_with_scale_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& scale_in,
     const std::optional<at::Tensor>& zero_point_in, int64_t group, int64_t qmin_i, int64_t qmax_i) {
   check(x_in, group, qmin_i, qmax_i);
   check_qparams(x_in, scale_in, zero_point_in, group);
   TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type(),
-              "fake_quantize_scaled_backward: grad must have x's shape and dtype");
+              "fake_quantize_with_scale_backward: grad must have x's shape and dtype");
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous(), scale = scale_in.contiguous();
   const at::Tensor zero_point = zero_point_in.has_value() ? zero_point_in->contiguous() : at::Tensor();
   at::Tensor dx = empty_huge_pages(x.sizes(), x.options());
@@ -383,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_scaled_backward_cpu
   const float* zero_points = zero_point.defined() ? zero_point.const_data_ptr<float>() : nullptr;
   float* dscales = dscale.mutable_data_ptr<float>();
   float* dzero_points = zero_point.defined() ? dzero_point.mutable_data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_scaled_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_with_scale_backward", [&] {
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     const scalar_t* gsrc = grad.const_data_ptr<scalar_t>();
     scalar_t* dst = dx.mutable_data_ptr<scalar_t>();

@@ -244,14 +244,14 @@ void dequantize_tile(const Packed4bit& w, int64_t K, int64_t row0, int64_t rows,
 
 }  // namespace
 
-at::Tensor linear_4bit_cpu(const at::Tensor& x, const PackedArgs& args, int64_t N,
-                           const std::optional<at::Tensor>& bias) {
+at::Tensor nf4_linear_cpu(const at::Tensor& x, const PackedArgs& args, int64_t N,
+                          const std::optional<at::Tensor>& bias) {
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
   const Packed4bit w = args.view();
 #ifdef FASTFT_X86
   if (use_direct(x, M, kDirectMaxRowsForward, K, w)) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_4bit_direct", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "nf4_linear_direct", [&] {
       if constexpr (!std::is_same_v<scalar_t, double>) {
         const scalar_t* b = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
         for_row_groups<scalar_t, LinearDirect>(M, K, N, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
@@ -277,13 +277,13 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const PackedArgs& args, int64_t 
   return y;
 }
 
-at::Tensor linear_4bit_grad_input_cpu(const at::Tensor& dy, const PackedArgs& args, int64_t K) {
+at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& dy, const PackedArgs& args, int64_t K) {
   const int64_t M = dy.size(0), N = dy.size(1);
   at::Tensor dx = at::empty({M, K}, dy.options());
   const Packed4bit w = args.view();
 #ifdef FASTFT_X86
   if (use_direct(dy, M, kDirectMaxRowsBackward, K, w)) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "linear_4bit_grad_input_direct", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "nf4_linear_grad_input_direct", [&] {
       if constexpr (!std::is_same_v<scalar_t, double>) {
         for_row_groups<scalar_t, GradInputDirect>(M, N, K, dy.const_data_ptr<scalar_t>(),
                                                   dx.mutable_data_ptr<scalar_t>(), w, N, K);

@@ -200,8 +200,8 @@ at::Tensor lora_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
   return out;
 }
 
-at::Tensor lora_down_dropout_cpu(const at::Tensor& x_in, const at::Tensor& a_cat_in,
-                                 const std::vector<int64_t>& ranks, double p, const std::vector<int64_t>& seeds) {
+at::Tensor lora_down_cpu(const at::Tensor& x_in, const at::Tensor& a_cat_in, const std::vector<int64_t>& ranks,
+                         double p, const std::vector<int64_t>& seeds) {
   const at::Tensor a_cat = a_cat_in.contiguous();
   const at::Tensor x = x_in.reshape({-1, x_in.size(-1)}).contiguous();
   check_ranks(a_cat.size(0), ranks, seeds);
@@ -216,8 +216,10 @@ at::Tensor lora_down_dropout_cpu(const at::Tensor& x_in, const at::Tensor& a_cat
   return u;
 }
 
-at::Tensor lora_grad_a_dropout_cpu(const at::Tensor& du_in, const at::Tensor& x_in, const std::vector<int64_t>& ranks,
-                                   double p, const std::vector<int64_t>& seeds) {
+namespace {
+
+at::Tensor lora_down_grad_a(const at::Tensor& du_in, const at::Tensor& x_in, const std::vector<int64_t>& ranks,
+                            double p, const std::vector<int64_t>& seeds) {
   const at::Tensor du = du_in.contiguous();
   const at::Tensor x = x_in.reshape({-1, x_in.size(-1)}).contiguous();
   TORCH_CHECK(du.dim() == 2 && du.size(0) == x.size(0), "lora grad A: du must be (", x.size(0), ", sum of ranks)");
@@ -230,8 +232,8 @@ at::Tensor lora_grad_a_dropout_cpu(const at::Tensor& du_in, const at::Tensor& x_
   return grad;
 }
 
-at::Tensor lora_grad_x_dropout_cpu(const at::Tensor& du_in, const at::Tensor& a_cat_in,
-                                   const std::vector<int64_t>& ranks, double p, const std::vector<int64_t>& seeds) {
+at::Tensor lora_down_grad_x(const at::Tensor& du_in, const at::Tensor& a_cat_in, const std::vector<int64_t>& ranks,
+                            double p, const std::vector<int64_t>& seeds) {
   const at::Tensor du = du_in.contiguous(), a_cat = a_cat_in.contiguous();
   check_ranks(a_cat.size(0), ranks, seeds);
   TORCH_CHECK(du.dim() == 2 && du.size(1) == a_cat.size(0) && du.scalar_type() == a_cat.scalar_type(),
@@ -256,6 +258,17 @@ at::Tensor lora_grad_x_dropout_cpu(const at::Tensor& du_in, const at::Tensor& a_
     }
   }
   return grad;
+}
+
+}  // namespace
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> lora_down_backward_cpu(
+    const at::Tensor& du, const at::Tensor& x, const at::Tensor& a_cat, const std::vector<int64_t>& ranks, double p,
+    const std::vector<int64_t>& seeds, bool want_x, bool want_a) {
+  std::optional<at::Tensor> grad_x, grad_a;
+  if (want_x) grad_x = lora_down_grad_x(du, a_cat, ranks, p, seeds).to(x.scalar_type());
+  if (want_a) grad_a = lora_down_grad_a(du, x, ranks, p, seeds);
+  return {grad_x, grad_a};
 }
 
 }  // namespace fastft
