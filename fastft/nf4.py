@@ -24,6 +24,17 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _STATE_KEY = "quant_state.bitsandbytes__"
 
 
+def packed_bytes(storage: Tensor) -> Tensor:
+    """The packed 4-bit codes of a bitsandbytes weight as uint8 (n_bytes, 1), sharing its memory. bitsandbytes'
+    `quant_storage` (bf16 or fp32 in FSDP-QLoRA recipes, so that FSDP shards the 4-bit weights with the other
+    parameters) only changes the element type the same bytes are held in."""
+    if storage.dtype == torch.uint8:
+        return storage
+    if not storage.is_contiguous():
+        raise ValueError("a bitsandbytes weight held in a dtype other than uint8 must be contiguous")
+    return storage.view(torch.uint8).reshape(-1, 1)
+
+
 @dataclass
 class NF4State:
     """What, besides the packed codes, describes a 4-bit weight.
@@ -147,7 +158,8 @@ class NF4State:
 
     @classmethod
     def from_bnb_weight(cls, weight) -> tuple[Tensor, NF4State]:
-        """(packed, state) of a bitsandbytes `Params4bit` in bitsandbytes' standard layout, sharing its tensors.
+        """(packed, state) of a bitsandbytes `Params4bit` in bitsandbytes' standard layout, sharing its tensors
+        (packed as uint8 whatever its `quant_storage`: see `packed_bytes`).
 
         bitsandbytes >= 0.50 repacks a `Linear4bit`'s weight for its own CPU kernel on the first eval-mode forward
         of an input without gradient on CPUs with AVX512_BF16 (`quant_state.packing_format_for_cpu`: codes
@@ -168,10 +180,7 @@ class NF4State:
             # bitsandbytes' inverse (here, or in its state_dict) restores the absmax of double-quantized weights
             # only; others keep the repacked (blocks per row, rows) bf16 layout: one fp32 value per block again
             quant_state.absmax = quant_state.absmax.t().reshape(-1).float()
-        if weight.data.dtype != torch.uint8:
-            raise TypeError(f"only bitsandbytes weights stored as uint8 (quant_storage=torch.uint8) are supported, "
-                            f"got {weight.data.dtype}")
-        return weight.data, cls.from_bnb(quant_state)
+        return packed_bytes(weight.data), cls.from_bnb(quant_state)
 
     def state_dict(self) -> dict[str, Tensor]:
         """bitsandbytes' serialized keys (without the 'weight.' prefix): absmax, quant_map, nested_*, quant_state.*"""

@@ -15,19 +15,38 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import fastft
+from conftest import bnb_standard_layout
 
 VOCAB, WORLD, STEPS = 128, 2, 5
-PATHS = ("lora", "lora-fused-loss", "lora-checkpointed", "dora", "qlora-nf4", "adapters", "qat")
+PATHS = ("lora", "lora-fused-loss", "lora-checkpointed", "dora", "qlora-nf4", "qlora-bnb", "adapters", "qat")
 pytestmark = pytest.mark.slow
 
 
-def small_llama():
+def small_llama(intermediate_size=96):
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=intermediate_size,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64))
+
+
+def bitsandbytes_llama():
+    """small_llama loaded in 4 bits by transformers + bitsandbytes as FSDP-QLoRA recipes load it: the 4-bit codes
+    held in the model's dtype (`bnb_4bit_quant_storage`), so that FSDP shards them with the other parameters."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # written by every rank (save_pretrained writes on rank 0 only once a process group exists)
+        dense = small_llama(intermediate_size=128)  # K multiples of 64: see test_qlora_patch.py
+        dense.config.save_pretrained(tmp)
+        save_file(dense.state_dict(), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization, dtype=torch.float32)
+    torch.manual_seed(0)
+    return bnb_standard_layout(model)
 
 
 def model_for(path):
@@ -44,6 +63,9 @@ def model_for(path):
         model = fastft.quantize_model(model, blocksize=32)
         model = get_peft_model(model, fastft.lora_config_for_nf4(lora, model))
         fastft.patch(model, fused_loss=True)
+    elif path == "qlora-bnb":
+        model = get_peft_model(bitsandbytes_llama(), lora)
+        assert fastft.patch(model, fused_loss=True).fused["lora.Linear4bit"] == 14
     elif path == "adapters":
         from fastft.adapters import AdapterConfig, add_adapters
 

@@ -17,6 +17,10 @@ def nf4_state(base: nn.Module) -> nf4.NF4State:
     double-quant offset is a host sync on GPU) and kept outside the module's parameters and buffers. A weight that
     bitsandbytes repacked for its CPU kernel (its own forward does so in eval mode without gradients on
     AVX512_BF16 CPUs, e.g. when an unfused call ran) is converted back to its standard layout first."""
+    if getattr(base.weight, "quant_state", None) is None:  # FSDP's unsharded parameter: restored from the module
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        fix_4bit_weight_quant_state_from_module(base)
     quant_state = base.weight.quant_state
     cached = base.__dict__.get("_fastft_nf4_state")
     if cached is None or cached[0] is not quant_state or getattr(quant_state, "packing_format_for_cpu", False):
@@ -32,7 +36,7 @@ def linear4bit_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         base.set_compute_type(x)
         base.compute_type_is_set = True
     state = nf4_state(base)  # first: it may convert base.weight back to the standard layout
-    return nf4_linear_forward(x, base.weight.data, state, base.bias, base.compute_dtype)
+    return nf4_linear_forward(x, nf4.packed_bytes(base.weight.data), state, base.bias, base.compute_dtype)
 
 
 def keep_standard_layout(base: nn.Module) -> None:

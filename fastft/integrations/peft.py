@@ -242,9 +242,6 @@ def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True, qat: bool = 
             forward = _lora_linear_forward
         elif peft_4bit is not None and type(module) is peft_4bit and nf4:
             forward = _lora_linear4bit_forward
-            if module.get_base_layer().weight.data.dtype != torch.uint8:
-                report.unfused[name] = "4-bit weight stored in a dtype other than uint8"
-                continue
         else:
             report.unfused[name] = f"{type(module).__name__} has no fused path"
             continue
