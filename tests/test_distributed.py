@@ -3,6 +3,7 @@ and on the root) give the single-process run's losses and trained weights on the
 leaves the same gradients on every rank, for each fused path. One pair of processes per wrapper runs every path."""
 
 import datetime
+import functools
 import os
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import fastft
@@ -22,6 +23,7 @@ from conftest import bnb_standard_layout
 
 VOCAB, WORLD, STEPS = 128, 2, 5
 PATHS = ("lora", "lora-fused-loss", "lora-checkpointed", "dora", "qlora-nf4", "qlora-bnb", "adapters", "qat")
+SAVED = ("lora", "dora")  # paths whose FSDP2 checkpoint is loaded back in one process with plain peft
 pytestmark = pytest.mark.slow
 
 
@@ -155,6 +157,12 @@ def _worker(rank, port, wrapper, out):
             losses = results[path]["losses"]
             dist.all_reduce(losses)
             results[path].update(losses=losses / WORLD, weights=trained_weights(model), grads=grads, ops=ops)
+            if wrapper == "fsdp2" and path in SAVED:  # the adapter as peft saves it, from the gathered state dict
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+                state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                results[path]["adapter"] = f"{out}.{path}"
+                model.save_pretrained(results[path]["adapter"], state_dict=state, is_main_process=rank == 0)
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -167,19 +175,24 @@ def free_port():
 
 
 @pytest.fixture(scope="module", params=("ddp", "fsdp2"))
-def distributed_run(request):
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result")
-        mp.spawn(_worker, args=(free_port(), request.param, out), nprocs=WORLD, join=True)
-        return request.param, [torch.load(f"{out}.{rank}") for rank in range(WORLD)]
+def distributed_run(request, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp(request.param) / "result")
+    mp.spawn(_worker, args=(free_port(), request.param, out), nprocs=WORLD, join=True)
+    return request.param, [torch.load(f"{out}.{rank}") for rank in range(WORLD)]
+
+
+@functools.cache
+def single_process_run(path):
+    """(fastft ops run, losses, trained weights) of `path` trained in this process on every rank's rows in turn."""
+    model, run = model_for(path), {}
+    ops = fastft_ops_run(lambda: run.update(losses=train(model, range(WORLD))))
+    return ops, run["losses"], trained_weights(model)
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_distributed_training_matches_one_process(distributed_run, path):
     wrapper, results = distributed_run
-    single = model_for(path)
-    ops = fastft_ops_run(lambda: results.append(train(single, range(WORLD))))
-    losses, expected = results.pop(), trained_weights(single)
+    ops, losses, expected = single_process_run(path)
     for rank_results in results:
         result = rank_results[path]
         assert result["ops"] == ops and ops, (result["ops"], ops)  # the same fused ops ran
@@ -187,6 +200,12 @@ def test_distributed_training_matches_one_process(distributed_run, path):
         assert result["weights"].keys() == expected.keys()
         for name, weight in result["weights"].items():
             assert (weight - expected[name]).norm() <= 1e-5 * expected[name].norm(), name
+    if wrapper == "fsdp2" and path in SAVED:  # the checkpoint saved under FSDP2 loads in one process, plain peft
+        loaded = PeftModel.from_pretrained(small_llama(), results[0][path]["adapter"])
+        for name, param in loaded.named_parameters():
+            if name in expected:
+                assert (param - expected[name]).norm() <= 1e-5 * expected[name].norm(), name
+        assert sum(name in expected for name, _ in loaded.named_parameters()) == len(expected)
     if wrapper == "ddp":  # every rank holds the same (averaged) gradients after each backward
         for step_grads in zip(results[0][path]["grads"], results[1][path]["grads"]):
             for g0, g1 in zip(*step_grads):
