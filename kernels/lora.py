@@ -97,7 +97,7 @@ def _lora_down_kernel(x_ptr, a_ptr, u_ptr, seed_ptr, offsets_ptr, M, K, R, thres
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = _dropped_x_tile(x_ptr, offs_m, offs_k, M, K, seed_mix, threshold.to(tl.uint32), keep_scale,
                             a_ptr.dtype.element_ty, DROPOUT, INTERPRET_BF16)
-        a = tl.load(a_ptr + (r0 + offs_r)[None, :] * K + offs_k[:, None],
+        a = tl.load(a_ptr + (r0 + offs_r).to(tl.int64)[None, :] * K + offs_k[:, None],
                     mask=(offs_r[None, :] < rank) & (offs_k[:, None] < K), other=0.0)
         acc = _dot(x, a, acc, INTERPRET_BF16)
     tl.store(u_ptr + offs_m[:, None] * R + (r0 + offs_r)[None, :],
@@ -117,7 +117,7 @@ def _lora_grad_x_kernel(du_ptr, a_ptr, dx_ptr, seed_ptr, offsets_ptr, M, K, R, n
         r0, rank, seed_mix = _adapter(seed_ptr, offsets_ptr, g)
         du = tl.load(du_ptr + offs_m[:, None] * R + (r0 + offs_r)[None, :],
                      mask=(offs_m[:, None] < M) & (offs_r[None, :] < rank), other=0.0)
-        a = tl.load(a_ptr + (r0 + offs_r)[:, None] * K + offs_k[None, :],
+        a = tl.load(a_ptr + (r0 + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :],
                     mask=(offs_r[:, None] < rank) & (offs_k[None, :] < K), other=0.0)
         grad = _dot(du, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERPRET_BF16)
         if DROPOUT:
@@ -144,7 +144,7 @@ def _lora_grad_a_kernel(du_ptr, x_ptr, da_ptr, seed_ptr, offsets_ptr, M, K, R, t
         x = _dropped_x_tile(x_ptr, offs_m, offs_k, M, K, seed_mix, threshold.to(tl.uint32), keep_scale,
                             da_ptr.dtype.element_ty, DROPOUT, INTERPRET_BF16)
         acc = _dot(du_t, x, acc, INTERPRET_BF16)
-    tl.store(da_ptr + (r0 + offs_r)[:, None] * K + offs_k[None, :],
+    tl.store(da_ptr + (r0 + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :],
              _to_dtype(acc, da_ptr.dtype.element_ty, INTERPRET_BF16),
              mask=(offs_r[:, None] < rank) & (offs_k[None, :] < K))
 

@@ -247,7 +247,7 @@ def fake_quantize_scaled_backward(grad, x, scale, zero_point, group, qmin, qmax)
 def _tile(ptr, rows, cols, R, C):
     """fp32 tile [rows, cols] of a row-major (R, C) tensor (0 outside), and its in-bounds mask."""
     mask = (rows[:, None] < R) & (cols[None, :] < C)
-    return tl.load(ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32), mask
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32), mask
 
 
 @triton.jit
@@ -262,7 +262,8 @@ def _token_qparams(x_scale_ptr, x_zero_ptr, offs_m, M):
 def _group_qparams(w_scale_ptr, offs_n, offs_k, N, K, group):
     """(scale, 1 / scale) of W's elements [offs_n, offs_k] (one scale per group of `group` along K)."""
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    scale = tl.load(w_scale_ptr + offs_n[:, None] * (K // group) + offs_k[None, :] // group, mask=mask, other=1.0)
+    index = offs_n.to(tl.int64)[:, None] * (K // group) + offs_k[None, :] // group
+    scale = tl.load(w_scale_ptr + index, mask=mask, other=1.0)
     return scale, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
 
 
@@ -339,7 +340,7 @@ def _fake_quant_matmul_grad_w_kernel(dy_ptr, x_ptr, w_ptr, dw_ptr, x_scale_ptr, 
                                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dW (N, K) = STE_w(dy^T @ fq_x(x)): the product rounded to W's dtype, then fq_w's straight-through gradient."""
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
