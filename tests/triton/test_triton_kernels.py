@@ -40,14 +40,23 @@ def test_dequantize_kernel_is_bit_exact(double_quant, quant_type, dtype):
         assert torch.equal(buffer, expected), shape
 
 
+# (out_features, in_features, blocksize, the W-tile path). ROWS: K even and a multiple of the blocksize (vectorized
+# code bytes, a scale per (row, block) of the tile; blocks narrower and wider than the 64 / 128-wide K tiles);
+# ELEMENTS: odd K, or blocks straddling rows.
+WEIGHT_SHAPES = ((130, 72, 32, False), (33, 77, 64, False), (64, 160, 64, False), (130, 128, 64, True),
+                 (33, 192, 32, True), (70, 256, 128, True), (40, 512, 256, True))
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("double_quant", (False, True))
 def test_matmul_kernels_match_reference(dtype, double_quant):
     torch.manual_seed(0)
-    for (out_features, in_features, blocksize) in ((130, 72, 32), (33, 77, 64), (64, 160, 64)):
+    for (out_features, in_features, blocksize, rows_path) in WEIGHT_SHAPES:
         packed, state = nf4.quantize(torch.randn(out_features, in_features) / 8, blocksize, double_quant)
+        assert kernels._weight_args(packed, *state.op_args(), in_features)[2]["ROWS"] == rows_path
         weight = nf4.dequantize(packed, state, dtype).double()
-        for rows in (1, 17, 70):
+        # 1, 17, 70, 200 rows: the heuristic's 16, 32, 64 and 128-row tiles
+        for rows in (1, 17, 70, 200):
             x = torch.randn(rows, in_features).to(dtype)
             bias = torch.randn(out_features).to(dtype)
             y = kernels.nf4_matmul(x, packed, *state.op_args(), out_features, bias)
