@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton kernels run on CPU only under TRITON_INTERPRET=1, set before triton is imported",
+if os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("FASTFT_TEST_DEVICE") != "cuda":
+    pytest.skip("Triton kernels run on CPU only under TRITON_INTERPRET=1 (set before triton is imported), on GPUs "
+                "with FASTFT_TEST_DEVICE=cuda",
                 allow_module_level=True)
 
 from fastft import nf4  # noqa: E402
@@ -64,6 +65,24 @@ def test_matmul_kernels_match_reference(dtype, double_quant):
             dy = torch.randn(rows, out_features).to(dtype)
             dx = kernels.nf4_matmul_grad_input(dy, packed, *state.op_args(), in_features)
             assert rel_error(dx, dy.double() @ weight) < TOLERANCE[dtype], rows
+
+
+@pytest.mark.parametrize("precision, unit", (("tf32", 2.0 ** -10 * (1 + 2.0 ** -12)), ("tf32x3", 2.0 ** -20)))
+def test_fp32_gemm_within_its_tensor_core_error_bound(monkeypatch, precision, unit):
+    """fp32 x on tensor cores: elementwise within the TF32 / TF32x3 bound of fastft.kernels.common (on GPUs; the
+    interpreter computes the dot in fp32, well inside it), with products that cancel (zero-mean data). TF32x3: 3 * 2^-22
+    per product plus the MMA's additions of its three partial products (3 K roundings, not K): 2^-20 covers both and
+    still fails a plain-TF32 result by 2^10."""
+    from conftest import assert_gemm_close
+
+    monkeypatch.setenv("FASTFT_FP32_PRECISION", precision)
+    torch.manual_seed(0)
+    packed, state = nf4.quantize(torch.randn(130, 256), 64, True)
+    weight = nf4.dequantize(packed, state, torch.float32)
+    x = torch.randn(70, 256)
+    assert_gemm_close(kernels.nf4_matmul(x, packed, *state.op_args(), 130, None), x, weight.t(), unit)
+    dy = torch.randn(70, 130)
+    assert_gemm_close(kernels.nf4_matmul_grad_input(dy, packed, *state.op_args(), 256), dy, weight, unit)
 
 
 def test_op_autograd_on_the_triton_path():
