@@ -92,22 +92,28 @@ def _bottleneck_matmul_kernel(a_ptr, b_ptr, bias_ptr, r_ptr, z_ptr, out_ptr, str
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
-# Shared memory a stage: (BLOCK_M + BLOCK_N) * BLOCK_K * s <= (128 + 128) * 64 * 4 = 64 KB (fp32): 2 stages for
-# the 128 x 128 fp32 tiles, see `_fits`.
+# Shared memory a stage: (BLOCK_M + BLOCK_N) * BLOCK_K * s <= (128 + 128) * 64 * 4 = 64 KB (fp32). Half types take
+# 4 warps (8 for 128-row tiles); fp32 operands (TF32x3 holds each twice) take 8 warps and tiles of at most 128 x 64.
 _CONFIGS = [config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
             config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
             config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
             config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
-            config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128)]
+            config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128),
+            config(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)]
 
 
-def _fits(c: triton.Config, N, **_) -> bool:
-    """No N tile wider than needed (r <= 64: one 64-wide tile)."""
-    return c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(N))
+def _fits(c: triton.Config, N, a_ptr, **_) -> bool:
+    """No N tile wider than needed (r <= 64: one 64-wide tile); warps and tile sizes by dtype (see `_CONFIGS`)."""
+    block_m, block_n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+    if block_n > max(64, triton.next_power_of_2(N)):
+        return False
+    if a_ptr.dtype == torch.float32:
+        return c.num_warps == 8 and block_m * block_n <= 128 * 64
+    return c.num_warps == 4 or block_m == 128
 
 
-def _heuristic(**_) -> triton.Config:
-    return _CONFIGS[0]
+def _heuristic(a_ptr, **_) -> triton.Config:
+    return _CONFIGS[5] if a_ptr.dtype == torch.float32 else _CONFIGS[0]
 
 
 TUNED = Tuned(_bottleneck_matmul_kernel, _CONFIGS, ["m_bucket", "N", "K"], _heuristic, _fits)

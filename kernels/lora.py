@@ -168,25 +168,38 @@ def m_bucket(rows: int) -> int:
     return min(256, max(16, triton.next_power_of_2(rows)))
 
 
-# BLOCK_M tokens x BLOCK_K features (x BLOCK_R ranks). Shared memory a stage: (BLOCK_M * BLOCK_K + BLOCK_R *
-# (BLOCK_M or BLOCK_K)) * 4 bytes at most: (128 * 64 + 256 * 128) * 4 = 160 KB for fp32 at r = 256 is too much with
-# 3 stages, hence `_fits`: big-rank tiles stay 64 x 64 and 2 stages.
+# BLOCK_M tokens x BLOCK_K features (x BLOCK_R ranks). Half-precision adapters take 4 warps (8 for 128-row tiles);
+# fp32 adapters (TF32x3: each operand held twice) and ranks above 64 (a 64 x 256 fp32 accumulator is 128 registers
+# a thread at 4 warps) take 8 warps; ranks above 64 also take 2 stages of 32-feature tiles (a 256 x 64 fp32 A tile
+# is 64 KB a stage). See `_fits`.
 _CONFIGS = [config(4, 3, BLOCK_M=64, BLOCK_K=64),
             config(4, 4, BLOCK_M=64, BLOCK_K=128),
             config(8, 3, BLOCK_M=128, BLOCK_K=64),
             config(8, 3, BLOCK_M=128, BLOCK_K=128),
-            config(4, 2, BLOCK_M=64, BLOCK_K=64)]
+            config(8, 3, BLOCK_M=64, BLOCK_K=64),
+            config(8, 2, BLOCK_M=64, BLOCK_K=32)]
 
 
-def _fits(c: triton.Config, BLOCK_R, **_) -> bool:
-    """Tiles whose operands and accumulator fit: rank tiles above 64 take only the 64 x 64, 2-stage config."""
+def _adapter_dtype(arguments) -> torch.dtype:
+    return (arguments["a_ptr"] if "a_ptr" in arguments else arguments["da_ptr"]).dtype
+
+
+def _fits(c: triton.Config, BLOCK_R, **arguments) -> bool:
+    """The configurations a launch may use: by rank tile and adapter dtype (see `_CONFIGS`)."""
+    area = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"]
     if BLOCK_R > 64:
         return c.num_stages == 2
-    return c.num_stages > 2 and (BLOCK_R <= 32 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 64 * 128)
+    if c.num_stages == 2:
+        return False
+    if _adapter_dtype(arguments) == torch.float32:
+        return c.num_warps == 8 and area <= 128 * 64
+    return (c.num_warps == 4 or c.kwargs["BLOCK_M"] == 128) and (BLOCK_R <= 32 or area <= 64 * 128)
 
 
-def _heuristic(BLOCK_R, **_) -> triton.Config:
-    return _CONFIGS[4] if BLOCK_R > 64 else _CONFIGS[0]
+def _heuristic(BLOCK_R, **arguments) -> triton.Config:
+    if BLOCK_R > 64:
+        return _CONFIGS[5]
+    return _CONFIGS[4] if _adapter_dtype(arguments) == torch.float32 else _CONFIGS[0]
 
 
 _KEY = ["m_bucket", "K", "R", "BLOCK_R"]

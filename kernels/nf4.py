@@ -195,9 +195,9 @@ def m_bucket(rows: int) -> int:
 
 
 # 64-row and 128-row tiles are warpgroup-MMA sized on sm_90 (wgmma m64, 4 warps per warpgroup); narrow tiles serve
-# decode-like shapes. Half-precision activations take 4-warp tiles (8 for 128 rows); fp32 activations take 8 warps:
-# TF32x3 holds each operand twice (high and low parts), and 4 warps spill. Shared memory (ptxas, sm_90): at most
-# 138 KB (128 x 128 x 64 fp32, 3 stages), 74 KB for bf16: within A100's 163 KB.
+# decode-like shapes. Half-precision activations take 4-warp tiles (8 for 128 rows); fp32 activations take 8 warps
+# and at most 64 rows: TF32x3 holds each operand twice (high and low parts), and 4 warps spill. Shared memory
+# (ptxas): at most 138 KB (128 x 128 x 64, 3 stages), 74 KB for bf16: within A100's 163 KB.
 _MATMUL_CONFIGS = [config(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128),
                    config(4, 4, BLOCK_M=32, BLOCK_N=128, BLOCK_K=64),
                    config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
@@ -227,11 +227,11 @@ def _activation(arguments) -> torch.Tensor:
 
 
 def _fits(c: triton.Config, m_bucket, **arguments) -> bool:
-    """Autotune pruning: 8 warps for fp32 activations (4 for half types below 128 rows); tiles no taller than twice
-    the rows (decode shapes keep their narrow tiles)."""
+    """Autotune pruning: 8 warps and at most 64 rows for fp32 activations (128-row TF32x3 tiles spill on sm_80), 4
+    warps for half types below 128 rows; tiles no taller than twice the rows (decode shapes keep narrow tiles)."""
     fp32 = _activation(arguments).dtype == torch.float32
     block_m = c.kwargs["BLOCK_M"]
-    warps_ok = c.num_warps == 8 if fp32 else c.num_warps == (8 if block_m == 128 else 4)
+    warps_ok = c.num_warps == 8 and block_m <= 64 if fp32 else c.num_warps == (8 if block_m == 128 else 4)
     return warps_ok and block_m <= max(16, 2 * m_bucket) and (m_bucket > 32 or block_m <= 32)
 
 

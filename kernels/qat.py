@@ -143,11 +143,14 @@ def _qparams_kernel(x_ptr, scale_ptr, zero_point_ptr, n_groups, group, qmin, qma
 
 
 def _group_launch(n_groups: int, group: int) -> tuple[tuple[int], dict]:
-    """Grid and block sizes of the one-pass group kernels: a group per row of a (BLOCK_G, BLOCK_K) tile, about 4096
-    elements a program."""
+    """Grid, block sizes and warps of the one-pass group kernels: a group per row of a (BLOCK_G, BLOCK_K) tile, about
+    4096 elements a program (one whole group when wider)."""
     block_k = triton.next_power_of_2(group)
     block_g = max(1, min(64, 4096 // block_k))
-    return (triton.cdiv(n_groups, block_g),), dict(BLOCK_G=block_g, BLOCK_K=block_k, enable_fp_fusion=False)
+    # groups wider than 4096 (per-channel over a 14336-wide row): more warps, ~32 elements a thread, no spills
+    warps = min(16, max(4, block_g * block_k // 1024))
+    return (triton.cdiv(n_groups, block_g),), dict(BLOCK_G=block_g, BLOCK_K=block_k, enable_fp_fusion=False,
+                                                   num_warps=warps)
 
 
 def _launch(x, grad, group, qmin, qmax, symmetric, eps, backward):
@@ -360,22 +363,31 @@ def _fake_quant_matmul_grad_w_kernel(dy_ptr, x_ptr, w_ptr, dw_ptr, x_scale_ptr, 
     _store(dw_ptr + offs_n[:, None] * K + offs_k[None, :], grad, mask, DTYPE)
 
 
-# Tiles of the fused fake-quant GEMMs (all three share the list; the W operand is fake-quantized in registers,
-# so a stage holds two (64 or 128) x 64 tiles of x's dtype, at most 64 KB for fp32 128 x 128).
+# Tiles of the fused fake-quant GEMMs (all three share the list; the operands are fake-quantized in registers, so
+# a stage holds two (64 or 128) x 64 tiles of x's dtype, at most 64 KB for fp32 128 x 128). Half types take 4 warps
+# (8 for the larger tiles); fp32 (TF32x3 holds each operand twice) takes 8 warps and 64 x 64 tiles.
 _CONFIGS = [config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
             config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
             config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
-            config(8, 2, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)]
+            config(8, 2, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+            config(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)]
 
 
-def _heuristic(**_) -> triton.Config:
-    return _CONFIGS[0]
+def _fits(c: triton.Config, x_ptr, **_) -> bool:
+    area = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+    if x_ptr.dtype == torch.float32:
+        return c.num_warps == 8 and area == 64 * 64
+    return c.num_warps == 4 or area > 64 * 64
+
+
+def _heuristic(x_ptr, **_) -> triton.Config:
+    return _CONFIGS[4] if x_ptr.dtype == torch.float32 else _CONFIGS[0]
 
 
 _KEY = ["m_bucket", "N", "K"]
-TUNED_MATMUL = Tuned(_fake_quant_matmul_kernel, _CONFIGS, _KEY, _heuristic)
-TUNED_GRAD_X = Tuned(_fake_quant_matmul_grad_x_kernel, _CONFIGS, _KEY, _heuristic)
-TUNED_GRAD_W = Tuned(_fake_quant_matmul_grad_w_kernel, _CONFIGS, _KEY, _heuristic)
+TUNED_MATMUL = Tuned(_fake_quant_matmul_kernel, _CONFIGS, _KEY, _heuristic, _fits)
+TUNED_GRAD_X = Tuned(_fake_quant_matmul_grad_x_kernel, _CONFIGS, _KEY, _heuristic, _fits)
+TUNED_GRAD_W = Tuned(_fake_quant_matmul_grad_w_kernel, _CONFIGS, _KEY, _heuristic, _fits)
 
 
 def qparams(x: torch.Tensor, group: int, qmin: float, qmax: float, symmetric: bool, eps: float):
