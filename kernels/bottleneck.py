@@ -93,13 +93,15 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # Shared memory a stage: (BLOCK_M + BLOCK_N) * BLOCK_K * s <= (128 + 128) * 64 * 4 = 64 KB (fp32). Half types take
-# 4 warps (8 for 128-row tiles); fp32 operands (TF32x3 holds each twice) take 8 warps and tiles of at most 128 x 64.
+# 4 warps (8 for 128-row tiles); fp32 operands (TF32x3 holds each twice) take 8 warps and a 32-deep reduction
+# (deeper fp32 tiles spill on sm_80).
 _CONFIGS = [config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
             config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
             config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
             config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
             config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128),
-            config(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)]
+            config(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+            config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32)]
 
 
 def _fits(c: triton.Config, N, a_ptr, **_) -> bool:
@@ -108,8 +110,8 @@ def _fits(c: triton.Config, N, a_ptr, **_) -> bool:
     if block_n > max(64, triton.next_power_of_2(N)):
         return False
     if a_ptr.dtype == torch.float32:
-        return c.num_warps == 8 and block_m * block_n <= 128 * 64
-    return c.num_warps == 4 or block_m == 128
+        return c.kwargs["BLOCK_K"] == 32
+    return c.kwargs["BLOCK_K"] > 32 and (c.num_warps == 4 or block_m == 128)
 
 
 def _heuristic(a_ptr, **_) -> triton.Config:

@@ -122,15 +122,19 @@ def _lora_grad_x_kernel(du_ptr, a_ptr, dx_ptr, seed_ptr, offsets_ptr, threshold,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
+    # the rank is reduced in chunks of at most 64: a whole 256-rank fp32 (TF32x3) operand does not fit in registers
+    RANK_CHUNK: tl.constexpr = BLOCK_R if BLOCK_R < 64 else 64
     total = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for g in range(0, n_adapters):
         r0, rank, seed_mix = _adapter(seed_ptr, offsets_ptr, g)
-        du = tl.load(du_ptr + offs_m[:, None] * R + (r0 + offs_r)[None, :],
-                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < rank), other=0.0)
-        a = tl.load(a_ptr + (r0 + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :],
-                    mask=(offs_r[:, None] < rank) & (offs_k[None, :] < K), other=0.0)
-        grad = _dot(du, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERPRET_BF16, FP32_PRECISION)
+        grad = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for c in tl.static_range(0, BLOCK_R, RANK_CHUNK):
+            offs_r = c + tl.arange(0, RANK_CHUNK)
+            du = tl.load(du_ptr + offs_m[:, None] * R + (r0 + offs_r)[None, :],
+                         mask=(offs_m[:, None] < M) & (offs_r[None, :] < rank), other=0.0)
+            a = tl.load(a_ptr + (r0 + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :],
+                        mask=(offs_r[:, None] < rank) & (offs_k[None, :] < K), other=0.0)
+            grad = _dot(du, a, grad, INTERPRET_BF16, FP32_PRECISION)
         if DROPOUT:
             keep = _dropout_keep(offs_m, offs_k, K, seed_mix) >= threshold.to(tl.uint32)
             grad = tl.where(keep, grad * keep_scale, 0.0)
@@ -171,13 +175,14 @@ def m_bucket(rows: int) -> int:
 # BLOCK_M tokens x BLOCK_K features (x BLOCK_R ranks). Half-precision adapters take 4 warps (8 for 128-row tiles);
 # fp32 adapters (TF32x3: each operand held twice) and ranks above 64 (a 64 x 256 fp32 accumulator is 128 registers
 # a thread at 4 warps) take 8 warps; ranks above 64 also take 2 stages of 32-feature tiles (a 256 x 64 fp32 A tile
-# is 64 KB a stage). See `_fits`.
+# is 64 KB a stage), 32 x 32 tiles for fp32 adapters; lora_grad_x reduces the rank in chunks of 64. See `_fits`.
 _CONFIGS = [config(4, 3, BLOCK_M=64, BLOCK_K=64),
             config(4, 4, BLOCK_M=64, BLOCK_K=128),
             config(8, 3, BLOCK_M=128, BLOCK_K=64),
             config(8, 3, BLOCK_M=128, BLOCK_K=128),
             config(8, 3, BLOCK_M=64, BLOCK_K=64),
-            config(8, 2, BLOCK_M=64, BLOCK_K=32)]
+            config(8, 2, BLOCK_M=64, BLOCK_K=32),
+            config(8, 2, BLOCK_M=32, BLOCK_K=32)]
 
 
 def _adapter_dtype(arguments) -> torch.dtype:
@@ -187,18 +192,18 @@ def _adapter_dtype(arguments) -> torch.dtype:
 def _fits(c: triton.Config, BLOCK_R, **arguments) -> bool:
     """The configurations a launch may use: by rank tile and adapter dtype (see `_CONFIGS`)."""
     area = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"]
-    if BLOCK_R > 64:
-        return c.num_stages == 2
+    if BLOCK_R > 64:  # 32 x 32 tiles for fp32 adapters
+        return c.num_stages == 2 and (c.kwargs["BLOCK_M"] == 32) == (_adapter_dtype(arguments) == torch.float32)
     if c.num_stages == 2:
         return False
-    if _adapter_dtype(arguments) == torch.float32:
-        return c.num_warps == 8 and area <= 128 * 64
+    if _adapter_dtype(arguments) == torch.float32:  # 128 x 64 fp32 tiles need 160 KB: too close to sm_80's 163
+        return c.num_warps == 8 and area <= 64 * 64
     return (c.num_warps == 4 or c.kwargs["BLOCK_M"] == 128) and (BLOCK_R <= 32 or area <= 64 * 128)
 
 
 def _heuristic(BLOCK_R, **arguments) -> triton.Config:
     if BLOCK_R > 64:
-        return _CONFIGS[5]
+        return _CONFIGS[6] if _adapter_dtype(arguments) == torch.float32 else _CONFIGS[5]
     return _CONFIGS[4] if _adapter_dtype(arguments) == torch.float32 else _CONFIGS[0]
 
 

@@ -195,31 +195,34 @@ def m_bucket(rows: int) -> int:
 
 
 # 64-row and 128-row tiles are warpgroup-MMA sized on sm_90 (wgmma m64, 4 warps per warpgroup); narrow tiles serve
-# decode-like shapes. Half-precision activations take 4-warp tiles (8 for 128 rows); fp32 activations take 8 warps
-# and at most 64 rows: TF32x3 holds each operand twice (high and low parts), and 4 warps spill. Shared memory
-# (ptxas): at most 138 KB (128 x 128 x 64, 3 stages), 74 KB for bf16: within A100's 163 KB.
+# decode-like shapes. Half-precision activations take 4-warp tiles (8 for 128 rows); fp32 activations take 8 warps,
+# at most 64 rows and a 32-deep reduction (BLOCK_K of the forward, BLOCK_N of grad_input): TF32x3 holds each operand
+# twice (high and low parts), and deeper or taller tiles spill on sm_80. Shared memory (ptxas): at most ~110 KB,
+# within A100's 163 KB.
 _MATMUL_CONFIGS = [config(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128),
                    config(4, 4, BLOCK_M=32, BLOCK_N=128, BLOCK_K=64),
                    config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
                    config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128),
                    config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
-                   config(8, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64),
-                   config(8, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=64),
-                   config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)]
+                   config(8, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=32),
+                   config(8, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=32),
+                   config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
+                   config(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)]
 _GRAD_INPUT_CONFIGS = [config(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
                        config(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128),
                        config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128),
                        config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128),
-                       config(8, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
-                       config(8, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128),
-                       config(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128)]
-# The ELEMENTS path (odd K, or blocks straddling rows) gathers fp32 tiles per element: 2 stages, 64-wide tiles.
+                       config(8, 3, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128),
+                       config(8, 3, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128),
+                       config(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128)]
+# The ELEMENTS path (odd K, or blocks straddling rows) gathers fp32 tiles per element: 2 stages, 64-wide tiles (32
+# for fp32, whose tiles serve as reduction depth in one kernel or the other).
 _ELEMENTS_CONFIGS = [config(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64),
                      config(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64),
                      config(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
-                     config(8, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64),
-                     config(8, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64),
-                     config(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)]
+                     config(8, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
+                     config(8, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
+                     config(8, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)]
 
 
 def _activation(arguments) -> torch.Tensor:

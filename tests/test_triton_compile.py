@@ -1,8 +1,7 @@
 """Every Triton kernel of kernels/ compiles ahead of time for A100 (sm_80) and H100/H200 (sm_90), without a GPU, at
 every configuration its launcher or autotuner can pick (fastft.bench.gpu_compile: a representative set here, every
 dtype and flag in `fastft bench --suite gpu-compile`), within the target's shared memory (163 / 227 KB a block),
-with no register spills above gpu_compile.SPILL_BUDGET bytes (half-precision launches; fp32 ones are an open
-item, xfail), and with tl.dot on tensor cores. Run time: ~3 s a compile, a few minutes in all on a CI runner.
+with no register spills above gpu_compile.SPILL_BUDGET bytes, and with tl.dot on tensor cores. Run time: ~3 s a compile, a few minutes in all on a CI runner.
 
 The interpreter tests check the arithmetic; this checks what only the real compiler sees."""
 
@@ -34,20 +33,10 @@ def test_every_configuration_compiles_and_fits(results, arch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", (80, 90))
-def test_half_precision_launches_do_not_spill(results, arch):
+def test_no_launch_spills_registers(results, arch):
+    """fp32 included: TF32x3 tiles take 8 warps and 32-deep reductions (see the config lists in kernels/)."""
     spilling = [f"{r.kernel} [{r.config}] {r.dtype}: {r.spill} B" for r in results
-                if r.arch == arch and "fp32" not in r.dtype and r.spill > gpu_compile.SPILL_BUDGET]
-    assert not spilling, "\n".join(spilling)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(reason="issue 14, open: TF32x3 tiles of the fp32 paths still spill on some configurations "
-                          "(mostly sm_80's mma.sync at 64 / 128-row tiles); the table printed by the sweep lists them",
-                   strict=False)
-@pytest.mark.parametrize("arch", (80, 90))
-def test_fp32_launches_do_not_spill(results, arch):
-    spilling = [f"{r.kernel} [{r.config}] {r.dtype}: {r.spill} B" for r in results
-                if r.arch == arch and "fp32" in r.dtype and r.spill > gpu_compile.SPILL_BUDGET]
+                if r.arch == arch and r.spill > gpu_compile.SPILL_BUDGET]
     assert not spilling, "\n".join(spilling)
 
 
