@@ -4,14 +4,15 @@ fp32 precision, and the launch of a GEMM kernel at an autotuned or a heuristic c
 fp32 GEMM operands (fp32 models, peft's fp32 adapters) go to tensor cores as TF32 (`tl.dot` input_precision), chosen
 per launch from torch's own setting, `torch.get_float32_matmul_precision()`, as torch's matmuls do:
 - "highest" (torch's default) -> "tf32x3": each operand split into a TF32 high part and a TF32 low part, three MMAs
-  (hi*hi + hi*lo + lo*hi). Per product a*b the error is |a_lo*b_lo| plus the roundings of the split, at most about
-  3 * 2^-22 |a*b| (the split leaves 2 * 11 = 22 significant bits of each operand); with fp32 accumulation over K
-  terms the error of an output is at most (3 * 2^-22 + gamma_K) * sum_k |a_k b_k|, gamma_K = K 2^-24 / (1 - K 2^-24):
-  the bound of an fp32 dot product, up to a small constant. Three MMAs per tile: 3x the tensor-core work of TF32,
-  still ~2.5x the fp32 CUDA-core ("ieee") rate on H100 and without its register spills.
+  (hi*hi + hi*lo + lo*hi). With a = a_hi + a_lo + e_a, |a_lo| <= 2^-11 |a|, |e_a| <= 2^-22 |a|, the dropped part of
+  a*b is a_lo*b_lo + e_a*b + a*e_b (to first order), at most 3 * 2^-22 |a*b|; the fp32 accumulation of K terms
+  (3 K partial products in the MMAs; tensor cores may truncate rather than round, unit 2^-23) adds at most
+  3 K 2^-23 sum_k |a_k b_k|. So |y_hat - y| <= (3 * 2^-22 + 3 K 2^-23) * sum_k |a_k b_k|: the bound of an fp32 dot
+  product up to a small constant. Three MMAs per tile: 3x the tensor-core work of TF32, still ~2.5x the fp32
+  CUDA-core ("ieee") rate of an H100 (495 / 3 vs 67 TFLOP/s) and without its register spills.
 - "high" or "medium" -> "tf32": operands rounded to TF32 (10 explicit mantissa bits, round to nearest: relative
-  error <= 2^-11 each), so each product carries at most 2^-11 + 2^-11 + 2^-22 <= 2^-10 (1 + 2^-12) relative error,
-  and an output |y_hat - y| <= (2^-10 (1 + 2^-12) + gamma_K) * sum_k |a_k b_k|. That is a bound per element
+  error <= 2^-11 each), so each product carries at most 2^-11 + 2^-11 + 2^-22 = 2^-10 (1 + 2^-12) relative error,
+  and an output |y_hat - y| <= (2^-10 (1 + 2^-12) + K 2^-23) * sum_k |a_k b_k|. That is a bound per element
   against the sum of absolute products, not against |y|: where the products cancel (|y| << sum |a b|) the relative
   error of y can be much larger than 2^-10, so tests check it elementwise against (|A| @ |B|), see
   tests/conftest.py::assert_gemm_close.

@@ -14,9 +14,9 @@ if TEST_DEVICE != "cpu":
 
 def assert_gemm_close(actual: torch.Tensor, a: torch.Tensor, b: torch.Tensor, unit: float, extra=None) -> None:
     """actual ~ a @ b elementwise within the bound of a GEMM whose products carry at most `unit` relative error
-    (TF32: 2^-10 (1 + 2^-12); TF32x3: 3 * 2^-22) and whose K-term fp32 sums add at most K * 2^-23 (truncating
-    accumulation): |actual - a @ b| <= (unit + K 2^-23) * (|a| @ |b|) (+ extra), computed in fp64. Two-sided; NaN
-    fails."""
+    (TF32: 2^-10 (1 + 2^-12); TF32x3: 3 * 2^-22 plus its 3 K accumulation roundings, see kernels/common.py) and whose
+    K-term fp32 sums add at most K * 2^-23 (truncating accumulation): |actual - a @ b| <= (unit + K 2^-23) *
+    (|a| @ |b|) (+ extra), computed in fp64. Two-sided; NaN fails."""
     a64, b64 = a.double(), b.double()
     error = (actual.double() - a64 @ b64).abs()
     bound = (unit + a.shape[-1] * 2.0 ** -23) * (a64.abs() @ b64.abs()) + (0 if extra is None else extra)
