@@ -67,6 +67,21 @@ def test_matmul_kernels_match_reference(dtype, double_quant):
             assert rel_error(dx, dy.double() @ weight) < TOLERANCE[dtype], rows
 
 
+@pytest.mark.parametrize("double_quant", (False, True))
+def test_matmul_kernels_decode_the_weight_bit_exactly(double_quant):
+    """Identity activations make each output element one product: y = x @ W^T with x = I is W^T, and dy @ W with
+    dy = I is W, so the kernels' in-register decode (ROWS and ELEMENTS paths) must give the reference's bf16 W bit
+    for bit (bf16 outputs hold the decoded value exactly)."""
+    for out_features, in_features, blocksize, _ in WEIGHT_SHAPES[:6]:
+        packed, state = nf4.quantize(torch.randn(out_features, in_features), blocksize, double_quant)
+        with use_backend("reference"):
+            weight = nf4.dequantize(packed, state, torch.bfloat16)
+        eye_k = torch.eye(in_features, dtype=torch.bfloat16)
+        assert torch.equal(kernels.nf4_matmul(eye_k, packed, *state.op_args(), out_features, None), weight.t())
+        eye_n = torch.eye(out_features, dtype=torch.bfloat16)
+        assert torch.equal(kernels.nf4_matmul_grad_input(eye_n, packed, *state.op_args(), in_features), weight)
+
+
 # Per-product error of each precision for a K-deep dot (kernels/common.py): TF32 2^-10 (1 + 2^-12); TF32x3
 # 3 * 2^-22 plus 2 K 2^-23 for the extra accumulation roundings of its three MMAs (assert_gemm_close adds K 2^-23).
 UNITS = {"tf32": lambda k: 2.0 ** -10 * (1 + 2.0 ** -12), "tf32x3": lambda k: 3 * 2.0 ** -22 + 2 * k * 2.0 ** -23}
