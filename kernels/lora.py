@@ -175,14 +175,16 @@ def m_bucket(rows: int) -> int:
 # BLOCK_M tokens x BLOCK_K features (x BLOCK_R ranks). Half-precision adapters take 4 warps (8 for 128-row tiles);
 # fp32 adapters (TF32x3: each operand held twice) and ranks above 64 (a 64 x 256 fp32 accumulator is 128 registers
 # a thread at 4 warps) take 8 warps; ranks above 64 also take 2 stages of 32-feature tiles (a 256 x 64 fp32 A tile
-# is 64 KB a stage), 32 x 32 tiles for fp32 adapters; lora_grad_x reduces the rank in chunks of 64. See `_fits`.
+# is 64 KB a stage), 32 x 32 tiles for fp32 adapters, 64 x 32 for fp32 ranks 33-64; lora_grad_x reduces the rank
+# in chunks of 64. See `_fits`.
 _CONFIGS = [config(4, 3, BLOCK_M=64, BLOCK_K=64),
             config(4, 4, BLOCK_M=64, BLOCK_K=128),
             config(8, 3, BLOCK_M=128, BLOCK_K=64),
             config(8, 3, BLOCK_M=128, BLOCK_K=128),
             config(8, 3, BLOCK_M=64, BLOCK_K=64),
             config(8, 2, BLOCK_M=64, BLOCK_K=32),
-            config(8, 2, BLOCK_M=32, BLOCK_K=32)]
+            config(8, 2, BLOCK_M=32, BLOCK_K=32),
+            config(8, 3, BLOCK_M=64, BLOCK_K=32)]
 
 
 def _adapter_dtype(arguments) -> torch.dtype:
@@ -197,14 +199,17 @@ def _fits(c: triton.Config, BLOCK_R, **arguments) -> bool:
     if c.num_stages == 2:
         return False
     if _adapter_dtype(arguments) == torch.float32:  # 128 x 64 fp32 tiles need 160 KB: too close to sm_80's 163
-        return c.num_warps == 8 and area <= 64 * 64
+        # ranks 33-64: 32 features a tile (64 x 64 spills on sm_80)
+        return c.num_warps == 8 and area <= 64 * 64 and (BLOCK_R <= 32 or c.kwargs["BLOCK_K"] == 32)
     return (c.num_warps == 4 or c.kwargs["BLOCK_M"] == 128) and (BLOCK_R <= 32 or area <= 64 * 128)
 
 
 def _heuristic(BLOCK_R, **arguments) -> triton.Config:
     if BLOCK_R > 64:
         return _CONFIGS[6] if _adapter_dtype(arguments) == torch.float32 else _CONFIGS[5]
-    return _CONFIGS[4] if _adapter_dtype(arguments) == torch.float32 else _CONFIGS[0]
+    if _adapter_dtype(arguments) == torch.float32:
+        return _CONFIGS[4] if BLOCK_R <= 32 else _CONFIGS[7]
+    return _CONFIGS[0]
 
 
 _KEY = ["m_bucket", "K", "R", "BLOCK_R"]

@@ -109,7 +109,7 @@ def _lora_cases(full: bool):
     pairs = [(F32, F32), (BF16, F32), (BF16, BF16), (F16, F16), (F16, F32)] if full else [(F32, F32), (BF16, F32),
                                                                                            (BF16, BF16)]
     for x_dtype, a_dtype in pairs:
-        for rank in (8, 16, 32, 64, 128, 256) if full else (16, 256):
+        for rank in (8, 16, 32, 64, 128, 256) if full else (16, 64, 256):  # BLOCK_R classes: <=32, 64, >64
             def run(x_dtype=x_dtype, a_dtype=a_dtype, rank=rank):
                 group = lora.AdapterGroup([rank], 0.1, [1], torch.device("meta"))
                 x, a, du = meta(TOKENS, HIDDEN, dtype=x_dtype), meta(rank, HIDDEN, dtype=a_dtype), meta(
@@ -162,7 +162,7 @@ def _qat_cases(full: bool):
             qat.fake_quantize_scaled_backward(meta(INTERMEDIATE, HIDDEN, dtype=d), meta(INTERMEDIATE, HIDDEN, dtype=d),
                                               meta(INTERMEDIATE * HIDDEN // 32), meta(INTERMEDIATE * HIDDEN // 32),
                                               32, -8, 7)))
-        for quantize_x, quantize_w in ((True, True), (False, True)) if full else ((True, True),):
+        for quantize_x, quantize_w in ((True, True), (False, True)):
             def fused(d=dtype, qx=quantize_x, qw=quantize_w):
                 x, w = meta(TOKENS, HIDDEN, dtype=d), meta(INTERMEDIATE, HIDDEN, dtype=d)
                 ops = qat.FakeQuantOperands(x, w, 32, (-128, 127) if qx else None, (-8, 7) if qw else None, 1e-6)
