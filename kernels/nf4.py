@@ -215,12 +215,9 @@ _GRAD_INPUT_CONFIGS = [config(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
                        config(8, 3, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128),
                        config(8, 3, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128),
                        config(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128)]
-# The ELEMENTS path (odd K, or blocks straddling rows) gathers fp32 tiles per element: 2 stages, 64-wide tiles (32
-# for fp32, whose tiles serve as reduction depth in one kernel or the other).
-_ELEMENTS_CONFIGS = [config(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64),
-                     config(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64),
-                     config(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
-                     config(8, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
+# The ELEMENTS path (odd K, or blocks straddling rows) gathers fp32 tiles per element: 2 stages, 8 warps and 32-wide
+# tiles for every dtype (4-warp 64-wide tiles spill on its per-element index arithmetic, fp16 included).
+_ELEMENTS_CONFIGS = [config(8, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
                      config(8, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
                      config(8, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)]
 
@@ -230,9 +227,10 @@ def _activation(arguments) -> torch.Tensor:
 
 
 def _fits(c: triton.Config, m_bucket, **arguments) -> bool:
-    """Autotune pruning: 8 warps and at most 64 rows for fp32 activations (128-row TF32x3 tiles spill on sm_80), 4
-    warps for half types below 128 rows; tiles no taller than twice the rows (decode shapes keep narrow tiles)."""
-    fp32 = _activation(arguments).dtype == torch.float32
+    """Autotune pruning: 8 warps and at most 64 rows for fp32 activations (128-row TF32x3 tiles spill on sm_80) and
+    on the ELEMENTS path, 4 warps for half types below 128 rows; tiles no taller than twice the rows (decode shapes
+    keep narrow tiles)."""
+    fp32 = _activation(arguments).dtype == torch.float32 or not arguments.get("ROWS", True)
     block_m = c.kwargs["BLOCK_M"]
     warps_ok = c.num_warps == 8 and block_m <= 64 if fp32 else c.num_warps == (8 if block_m == 128 else 4)
     return warps_ok and block_m <= max(16, 2 * m_bucket) and (m_bucket > 32 or block_m <= 32)

@@ -364,13 +364,12 @@ def _fake_quant_matmul_grad_w_kernel(dy_ptr, x_ptr, w_ptr, dw_ptr, x_scale_ptr, 
 
 
 # Tiles of the fused fake-quant GEMMs (all three share the list; the operands are fake-quantized in registers, so
-# a stage holds two (64 or 128) x 64 tiles of x's dtype, at most 64 KB for fp32 128 x 128). Half types take 4 warps
-# (8 for the larger tiles); fp32 (TF32x3 holds each operand twice) takes 8 warps, 64 x 64 x 32 tiles and 2 stages
+# a stage holds two (64 or 128) x 64 tiles of x's dtype). Half types take 4 warps (8 for the larger tiles; 128 x 128
+# spills on sm_80); fp32 (TF32x3 holds each operand twice) takes 8 warps, 64 x 64 x 32 tiles and 2 stages
 # (64-deep fp32 tiles spill on sm_80; 3 stages of them need 160 KB, too close to its 163 KB).
 _CONFIGS = [config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
             config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
             config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
-            config(8, 2, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
             config(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)]
 
 
@@ -378,11 +377,11 @@ def _fits(c: triton.Config, x_ptr, **_) -> bool:
     area = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
     if x_ptr.dtype == torch.float32:
         return c.num_warps == 8 and area == 64 * 64 and c.num_stages == 2
-    return (c.num_warps == 4 or area > 64 * 64) and c.num_stages == 3 or area == 128 * 128
+    return (c.num_warps == 4 or area > 64 * 64) and c.num_stages == 3
 
 
 def _heuristic(x_ptr, **_) -> triton.Config:
-    return _CONFIGS[4] if x_ptr.dtype == torch.float32 else _CONFIGS[0]
+    return _CONFIGS[3] if x_ptr.dtype == torch.float32 else _CONFIGS[0]
 
 
 _KEY = ["m_bucket", "N", "K"]
