@@ -35,6 +35,15 @@ def _info(_args) -> int:
 def _bench(args) -> int:
     import torch
 
+    if args.suite == "gpu-compile":  # no benchmark: the ahead-of-time compile sweep (no GPU needed)
+        from fastft.bench import gpu_compile
+
+        return gpu_compile.main([])
+    if args.suite == "gpu":
+        from fastft.bench import gpu
+
+        gpu.run(Path(args.out))
+        return 0
     from fastft.bench import SUITES, markdown, run_suite
 
     if args.threads:
@@ -48,14 +57,18 @@ def _bench(args) -> int:
     return 0
 
 
+GPU_SUITES = {"gpu": "the CUDA suite (bench/gpu_check.sh runs it)",
+              "gpu-compile": "every Triton kernel compiled for sm_80 / sm_90, no GPU needed"}
+
+
 def main(argv=None) -> int:
     from fastft.bench import SUITES
 
     parser = argparse.ArgumentParser(prog="fastft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run a benchmark suite side by side with the peers")
-    bench.add_argument("--suite", default="quick", choices=list(SUITES),
-                       help="which suite (default: quick)")
+    bench.add_argument("--suite", default="quick", choices=[*SUITES, *GPU_SUITES],
+                       help="which suite (default: quick); " + "; ".join(f"{k}: {v}" for k, v in GPU_SUITES.items()))
     bench.add_argument("--out", default="bench/results", help="where JSON, Markdown and PNG results go")
     bench.add_argument("--repeats", type=int, default=5,
                        help="timed runs per case, median reported (lora and adapters suites: training steps per case)")

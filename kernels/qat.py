@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastft.kernels.nf4 import _INTERPRET, _dot, _to_bf16_rtne
+from fastft.kernels.common import _INTERPRET, Tuned, _dot, _to_bf16_rtne, config, fp32_precision
 
 
 @triton.jit
@@ -143,11 +143,14 @@ def _qparams_kernel(x_ptr, scale_ptr, zero_point_ptr, n_groups, group, qmin, qma
 
 
 def _group_launch(n_groups: int, group: int) -> tuple[tuple[int], dict]:
-    """Grid and block sizes of the one-pass group kernels: a group per row of a (BLOCK_G, BLOCK_K) tile, about 4096
-    elements a program."""
+    """Grid, block sizes and warps of the one-pass group kernels: a group per row of a (BLOCK_G, BLOCK_K) tile, about
+    4096 elements a program (one whole group when wider)."""
     block_k = triton.next_power_of_2(group)
     block_g = max(1, min(64, 4096 // block_k))
-    return (triton.cdiv(n_groups, block_g),), dict(BLOCK_G=block_g, BLOCK_K=block_k, enable_fp_fusion=False)
+    # groups wider than 4096 (per-channel over a 14336-wide row): more warps, ~32 elements a thread, no spills
+    warps = min(16, max(4, block_g * block_k // 1024))
+    return (triton.cdiv(n_groups, block_g),), dict(BLOCK_G=block_g, BLOCK_K=block_k, enable_fp_fusion=False,
+                                                   num_warps=warps)
 
 
 def _launch(x, grad, group, qmin, qmax, symmetric, eps, backward):
@@ -247,7 +250,7 @@ def fake_quantize_scaled_backward(grad, x, scale, zero_point, group, qmin, qmax)
 def _tile(ptr, rows, cols, R, C):
     """fp32 tile [rows, cols] of a row-major (R, C) tensor (0 outside), and its in-bounds mask."""
     mask = (rows[:, None] < R) & (cols[None, :] < C)
-    return tl.load(ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32), mask
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32), mask
 
 
 @triton.jit
@@ -262,7 +265,8 @@ def _token_qparams(x_scale_ptr, x_zero_ptr, offs_m, M):
 def _group_qparams(w_scale_ptr, offs_n, offs_k, N, K, group):
     """(scale, 1 / scale) of W's elements [offs_n, offs_k] (one scale per group of `group` along K)."""
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    scale = tl.load(w_scale_ptr + offs_n[:, None] * (K // group) + offs_k[None, :] // group, mask=mask, other=1.0)
+    index = offs_n.to(tl.int64)[:, None] * (K // group) + offs_k[None, :] // group
+    scale = tl.load(w_scale_ptr + index, mask=mask, other=1.0)
     return scale, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
 
 
@@ -289,10 +293,11 @@ def _input_tile(x_ptr, x_scale_ptr, x_zero_ptr, offs_m, offs_k, M, K, a_qmin, a_
 
 
 @triton.jit
-def _fake_quant_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, x_scale_ptr, x_zero_ptr, w_scale_ptr, M, N, K, group,
-                              a_qmin, a_qmax, w_qmin, w_qmax, QUANTIZE_X: tl.constexpr, QUANTIZE_W: tl.constexpr,
-                              HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fake_quant_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, x_scale_ptr, x_zero_ptr, w_scale_ptr, group, a_qmin,
+                              a_qmax, w_qmin, w_qmax, M, N, K, m_bucket, QUANTIZE_X: tl.constexpr,
+                              QUANTIZE_W: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+                              FP32_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
     """out (M, N) = fq_x(x) @ fq_w(W)^T + bias."""
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -302,17 +307,18 @@ def _fake_quant_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, x_scale_ptr, x_ze
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = _input_tile(x_ptr, x_scale_ptr, x_zero_ptr, offs_m, offs_k, M, K, a_qmin, a_qmax, QUANTIZE_X, DTYPE)
         w = _weight_tile(w_ptr, w_scale_ptr, offs_n, offs_k, N, K, group, w_qmin, w_qmax, QUANTIZE_W, DTYPE)
-        acc = _dot(x.to(DTYPE), tl.trans(w).to(DTYPE), acc, INTERPRET_BF16)
+        acc = _dot(x.to(DTYPE), tl.trans(w).to(DTYPE), acc, INTERPRET_BF16, FP32_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     _store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, (offs_m[:, None] < M) & (offs_n[None, :] < N), DTYPE)
 
 
 @triton.jit
-def _fake_quant_matmul_grad_x_kernel(dy_ptr, w_ptr, x_ptr, dx_ptr, x_scale_ptr, x_zero_ptr, w_scale_ptr, M, N, K,
-                                     group, a_qmin, a_qmax, w_qmin, w_qmax, QUANTIZE_X: tl.constexpr,
-                                     QUANTIZE_W: tl.constexpr, INTERPRET_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
-                                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fake_quant_matmul_grad_x_kernel(dy_ptr, w_ptr, x_ptr, dx_ptr, x_scale_ptr, x_zero_ptr, w_scale_ptr, group,
+                                     a_qmin, a_qmax, w_qmin, w_qmax, M, N, K, m_bucket, QUANTIZE_X: tl.constexpr,
+                                     QUANTIZE_W: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+                                     FP32_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                     BLOCK_K: tl.constexpr):
     """dx (M, K) = STE_x(dy @ fq_w(W)): the product rounded to x's dtype, then fq_x's straight-through gradient."""
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -322,7 +328,7 @@ def _fake_quant_matmul_grad_x_kernel(dy_ptr, w_ptr, x_ptr, dx_ptr, x_scale_ptr, 
         offs_n = n0 + tl.arange(0, BLOCK_N)
         dy, _ = _tile(dy_ptr, offs_m, offs_n, M, N)
         w = _weight_tile(w_ptr, w_scale_ptr, offs_n, offs_k, N, K, group, w_qmin, w_qmax, QUANTIZE_W, DTYPE)
-        acc = _dot(dy.to(DTYPE), w.to(DTYPE), acc, INTERPRET_BF16)
+        acc = _dot(dy.to(DTYPE), w.to(DTYPE), acc, INTERPRET_BF16, FP32_PRECISION)
     grad = _in_dtype(acc, DTYPE)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     if QUANTIZE_X:
@@ -333,20 +339,21 @@ def _fake_quant_matmul_grad_x_kernel(dy_ptr, w_ptr, x_ptr, dx_ptr, x_scale_ptr, 
 
 
 @triton.jit
-def _fake_quant_matmul_grad_w_kernel(dy_ptr, x_ptr, w_ptr, dw_ptr, x_scale_ptr, x_zero_ptr, w_scale_ptr, M, N, K,
-                                     group, a_qmin, a_qmax, w_qmin, w_qmax, QUANTIZE_X: tl.constexpr,
-                                     QUANTIZE_W: tl.constexpr, INTERPRET_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
-                                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fake_quant_matmul_grad_w_kernel(dy_ptr, x_ptr, w_ptr, dw_ptr, x_scale_ptr, x_zero_ptr, w_scale_ptr, group,
+                                     a_qmin, a_qmax, w_qmin, w_qmax, M, N, K, m_bucket, QUANTIZE_X: tl.constexpr,
+                                     QUANTIZE_W: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+                                     FP32_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                     BLOCK_K: tl.constexpr):
     """dW (N, K) = STE_w(dy^T @ fq_x(x)): the product rounded to W's dtype, then fq_w's straight-through gradient."""
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         dy, _ = _tile(dy_ptr, offs_m, offs_n, M, N)
         x = _input_tile(x_ptr, x_scale_ptr, x_zero_ptr, offs_m, offs_k, M, K, a_qmin, a_qmax, QUANTIZE_X, DTYPE)
-        acc = _dot(tl.trans(dy).to(DTYPE), x.to(DTYPE), acc, INTERPRET_BF16)
+        acc = _dot(tl.trans(dy).to(DTYPE), x.to(DTYPE), acc, INTERPRET_BF16, FP32_PRECISION)
     grad = _in_dtype(acc, DTYPE)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     if QUANTIZE_W:
@@ -356,7 +363,31 @@ def _fake_quant_matmul_grad_w_kernel(dy_ptr, x_ptr, w_ptr, dw_ptr, x_scale_ptr, 
     _store(dw_ptr + offs_n[:, None] * K + offs_k[None, :], grad, mask, DTYPE)
 
 
-_MATMUL_BLOCK = 64
+# Tiles of the fused fake-quant GEMMs (all three share the list; the operands are fake-quantized in registers, so
+# a stage holds two (64 or 128) x 64 tiles of x's dtype). Half types take 4 warps (8 for the larger tiles; 128 x 128
+# spills on sm_80); fp32 (TF32x3 holds each operand twice) takes 8 warps, 64 x 64 x 32 tiles and 2 stages
+# (64-deep fp32 tiles spill on sm_80; 3 stages of them need 160 KB, too close to its 163 KB).
+_CONFIGS = [config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+            config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
+            config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+            config(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)]
+
+
+def _fits(c: triton.Config, x_ptr, **_) -> bool:
+    area = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+    if x_ptr.dtype == torch.float32:
+        return c.num_warps == 8 and area == 64 * 64 and c.num_stages == 2
+    return (c.num_warps == 4 or area > 64 * 64) and c.num_stages == 3
+
+
+def _heuristic(x_ptr, **_) -> triton.Config:
+    return _CONFIGS[3] if x_ptr.dtype == torch.float32 else _CONFIGS[0]
+
+
+_KEY = ["m_bucket", "N", "K"]
+TUNED_MATMUL = Tuned(_fake_quant_matmul_kernel, _CONFIGS, _KEY, _heuristic, _fits)
+TUNED_GRAD_X = Tuned(_fake_quant_matmul_grad_x_kernel, _CONFIGS, _KEY, _heuristic, _fits)
+TUNED_GRAD_W = Tuned(_fake_quant_matmul_grad_w_kernel, _CONFIGS, _KEY, _heuristic, _fits)
 
 
 def qparams(x: torch.Tensor, group: int, qmin: float, qmax: float, symmetric: bool, eps: float):
@@ -384,19 +415,20 @@ class FakeQuantOperands:
         self.x_params = qparams(x, self.K, *x_range, False, eps) if x_range else (x, x)
         self.w_scale = qparams(weight, group, *w_range, True, eps)[0] if w_range else weight
         self.flags = dict(QUANTIZE_X=x_range is not None, QUANTIZE_W=w_range is not None,
-                          INTERPRET_BF16=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=_MATMUL_BLOCK,
-                          BLOCK_N=_MATMUL_BLOCK, BLOCK_K=_MATMUL_BLOCK)
+                          INTERPRET_BF16=_INTERPRET and x.dtype == torch.bfloat16)
 
-    def launch(self, kernel, grid, tensors, **flags):
-        kernel[grid](*tensors, *self.x_params, self.w_scale, self.M, self.N, self.K, self.group, *self.x_range,
-                     *self.w_range, **self.flags, **flags, enable_fp_fusion=False)
+    def launch(self, tuned: Tuned, grid, tensors, **flags):
+        """grid(rows, cols): the launch grid for a configuration's (BLOCK_x, BLOCK_y) of the output's two sides."""
+        sizes = dict(M=self.M, N=self.N, K=self.K, m_bucket=min(256, max(16, triton.next_power_of_2(self.M))))
+        tuned.launch(grid, (*tensors, *self.x_params, self.w_scale, self.group, *self.x_range, *self.w_range), sizes,
+                     self.x.device, **self.flags, **flags, FP32_PRECISION=fp32_precision(), enable_fp_fusion=False)
 
 
 def fake_quant_matmul(ops: FakeQuantOperands, bias) -> torch.Tensor:
     """fq_x(x) @ fq_w(W)^T + bias, (M, N) in x's dtype."""
     out = torch.empty((ops.M, ops.N), dtype=ops.x.dtype, device=ops.x.device)
-    grid = (triton.cdiv(ops.M, _MATMUL_BLOCK), triton.cdiv(ops.N, _MATMUL_BLOCK))
-    ops.launch(_fake_quant_matmul_kernel, grid, (ops.x, ops.weight, bias if bias is not None else ops.x, out),
+    grid = lambda meta: (triton.cdiv(ops.M, meta["BLOCK_M"]), triton.cdiv(ops.N, meta["BLOCK_N"]))  # noqa: E731
+    ops.launch(TUNED_MATMUL, grid, (ops.x, ops.weight, bias if bias is not None else ops.x, out),
                HAS_BIAS=bias is not None)
     return out
 
@@ -404,14 +436,14 @@ def fake_quant_matmul(ops: FakeQuantOperands, bias) -> torch.Tensor:
 def fake_quant_matmul_grad_x(ops: FakeQuantOperands, dy: torch.Tensor) -> torch.Tensor:
     """STE_x(dy @ fq_w(W)), (M, K); dy (M, N) contiguous in x's dtype."""
     dx = torch.empty_like(ops.x)
-    grid = (triton.cdiv(ops.M, _MATMUL_BLOCK), triton.cdiv(ops.K, _MATMUL_BLOCK))
-    ops.launch(_fake_quant_matmul_grad_x_kernel, grid, (dy, ops.weight, ops.x, dx))
+    grid = lambda meta: (triton.cdiv(ops.M, meta["BLOCK_M"]), triton.cdiv(ops.K, meta["BLOCK_K"]))  # noqa: E731
+    ops.launch(TUNED_GRAD_X, grid, (dy, ops.weight, ops.x, dx))
     return dx
 
 
 def fake_quant_matmul_grad_w(ops: FakeQuantOperands, dy: torch.Tensor) -> torch.Tensor:
     """STE_w(dy^T @ fq_x(x)), (N, K); dy (M, N) contiguous in x's dtype."""
     dw = torch.empty_like(ops.weight)
-    grid = (triton.cdiv(ops.N, _MATMUL_BLOCK), triton.cdiv(ops.K, _MATMUL_BLOCK))
-    ops.launch(_fake_quant_matmul_grad_w_kernel, grid, (dy, ops.x, ops.weight, dw))
+    grid = lambda meta: (triton.cdiv(ops.N, meta["BLOCK_N"]), triton.cdiv(ops.K, meta["BLOCK_K"]))  # noqa: E731
+    ops.launch(TUNED_GRAD_W, grid, (dy, ops.x, ops.weight, dw))
     return dw

@@ -1,7 +1,27 @@
+import os
+
 import pytest
 import torch
 
 from fastft.ops import use_backend
+
+# FASTFT_TEST_DEVICE=cuda (bench/gpu_check.sh): tensors the tests create without a device are CUDA tensors, so the
+# Triton tests (tests/triton) compare the compiled kernels on the GPU with the reference.
+TEST_DEVICE = os.environ.get("FASTFT_TEST_DEVICE", "cpu")
+if TEST_DEVICE != "cpu":
+    torch.set_default_device(TEST_DEVICE)
+
+
+def assert_gemm_close(actual: torch.Tensor, a: torch.Tensor, b: torch.Tensor, unit: float, extra=None) -> None:
+    """actual ~ a @ b elementwise within the bound of a GEMM whose products carry at most `unit` relative error
+    (TF32: 2^-10 (1 + 2^-12); TF32x3: 3 * 2^-22 plus its 3 K accumulation roundings, see kernels/common.py) and whose
+    K-term fp32 sums add at most K * 2^-23 (truncating accumulation): |actual - a @ b| <= (unit + K 2^-23) *
+    (|a| @ |b|) (+ extra), computed in fp64. Two-sided; NaN fails."""
+    a64, b64 = a.double(), b.double()
+    error = (actual.double() - a64 @ b64).abs()
+    bound = (unit + a.shape[-1] * 2.0 ** -23) * (a64.abs() @ b64.abs()) + (0 if extra is None else extra)
+    assert not torch.isnan(actual).any()
+    assert bool((error <= bound).all()), float((error - bound).max())
 
 CPU_BACKENDS = ("native", "reference")
 

@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton kernels run on CPU only under TRITON_INTERPRET=1, set before triton is imported",
+if os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("FASTFT_TEST_DEVICE") != "cuda":
+    pytest.skip("Triton kernels run on CPU only under TRITON_INTERPRET=1 (set before triton is imported), on GPUs "
+                "with FASTFT_TEST_DEVICE=cuda",
                 allow_module_level=True)
 
 from conftest import rel_error  # noqa: E402
@@ -26,7 +27,7 @@ def run(x, args, activation, layer_norm, grad):
 
 
 def inputs(rows, hidden, r, dtype, layer_norm, residual):
-    g = torch.Generator().manual_seed(rows + hidden + r)
+    g = torch.Generator(torch.get_default_device()).manual_seed(rows + hidden + r)
 
     def rand(*shape, std=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype).requires_grad_()
@@ -43,7 +44,7 @@ def inputs(rows, hidden, r, dtype, layer_norm, residual):
 def test_kernels_match_reference(activation, dtype):
     for rows, hidden, r, layer_norm, residual in ((70, 100, 20, False, False), (5, 33, 64, True, True)):
         x, args = inputs(rows, hidden, r, dtype, layer_norm, residual)
-        grad = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(3)).to(dtype)
+        grad = torch.randn(rows, hidden, generator=torch.Generator(torch.get_default_device()).manual_seed(3)).to(dtype)
         with use_backend("triton"):
             out, grads = run(x, args, activation, layer_norm, grad)
         x64 = x.detach().double().requires_grad_()

@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton kernels run on CPU only under TRITON_INTERPRET=1, set before triton is imported",
+if os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("FASTFT_TEST_DEVICE") != "cuda":
+    pytest.skip("Triton kernels run on CPU only under TRITON_INTERPRET=1 (set before triton is imported), on GPUs "
+                "with FASTFT_TEST_DEVICE=cuda",
                 allow_module_level=True)
 
 from conftest import INF, NAN, assert_same_values, with_specials  # noqa: E402
@@ -22,7 +23,7 @@ from fastft.qat import fake_quantize  # noqa: E402
                                     dict(group_size=32, symmetric=False),
                                     dict(granularity="per_channel", symmetric=False)))
 def test_kernel_is_bit_exact(dtype, bits, config):
-    g = torch.Generator().manual_seed(bits)
+    g = torch.Generator(torch.get_default_device()).manual_seed(bits)
     x = (torch.randn(21, 96, generator=g) * 3).to(dtype)
     x[0] = 0.0  # all-zero groups: the scale clamps at eps
     x[1] = x[1].abs()
@@ -47,7 +48,7 @@ def test_learned_scale_kernel_matches_reference(dtype, bits, group_size, symmetr
     zero point's second sum is rounded to x's dtype: up to one unit in its last place more)."""
     from fastft.qat import fake_quantize_with_scale, initial_qparams
 
-    g = torch.Generator().manual_seed(bits + group_size)
+    g = torch.Generator(torch.get_default_device()).manual_seed(bits + group_size)
     x = (torch.randn(21, 96, generator=g) * 3 + (0.0 if symmetric else 0.5)).to(dtype)
     scale, zero_point = initial_qparams(x, bits, group_size, symmetric)
     scale = scale * torch.empty(scale.shape).uniform_(0.6, 1.4, generator=g)  # as after some training
@@ -187,7 +188,7 @@ def test_fused_fake_quant_linear_propagates_nan_like_the_reference(dtype, where)
     from fastft.ops import qat as qat_ops
 
     x, _ = with_specials(10, 96, dtype)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(torch.get_default_device()).manual_seed(1)
     weight = torch.randn(40, 96, generator=g).to(dtype)
     bias = torch.randn(40, generator=g).to(dtype)
     if where == "weight":

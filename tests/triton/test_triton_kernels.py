@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton kernels run on CPU only under TRITON_INTERPRET=1, set before triton is imported",
+if os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("FASTFT_TEST_DEVICE") != "cuda":
+    pytest.skip("Triton kernels run on CPU only under TRITON_INTERPRET=1 (set before triton is imported), on GPUs "
+                "with FASTFT_TEST_DEVICE=cuda",
                 allow_module_level=True)
 
 from fastft import nf4  # noqa: E402
@@ -40,14 +41,23 @@ def test_dequantize_kernel_is_bit_exact(double_quant, quant_type, dtype):
         assert torch.equal(buffer, expected), shape
 
 
+# (out_features, in_features, blocksize, the W-tile path). ROWS: K even and a multiple of the blocksize (vectorized
+# code bytes, a scale per (row, block) of the tile; blocks narrower and wider than the 64 / 128-wide K tiles);
+# ELEMENTS: odd K, or blocks straddling rows.
+WEIGHT_SHAPES = ((130, 72, 32, False), (33, 77, 64, False), (64, 160, 64, False), (130, 128, 64, True),
+                 (33, 192, 32, True), (70, 256, 128, True), (40, 512, 256, True))
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("double_quant", (False, True))
 def test_matmul_kernels_match_reference(dtype, double_quant):
     torch.manual_seed(0)
-    for (out_features, in_features, blocksize) in ((130, 72, 32), (33, 77, 64), (64, 160, 64)):
+    for (out_features, in_features, blocksize, rows_path) in WEIGHT_SHAPES:
         packed, state = nf4.quantize(torch.randn(out_features, in_features) / 8, blocksize, double_quant)
+        assert kernels._weight_args(packed, *state.op_args(), in_features)[2]["ROWS"] == rows_path
         weight = nf4.dequantize(packed, state, dtype).double()
-        for rows in (1, 17, 70):
+        # 1, 17, 70, 200 rows: the heuristic's 16, 32, 64 and 128-row tiles
+        for rows in (1, 17, 70, 200):
             x = torch.randn(rows, in_features).to(dtype)
             bias = torch.randn(out_features).to(dtype)
             y = kernels.nf4_matmul(x, packed, *state.op_args(), out_features, bias)
@@ -55,6 +65,44 @@ def test_matmul_kernels_match_reference(dtype, double_quant):
             dy = torch.randn(rows, out_features).to(dtype)
             dx = kernels.nf4_matmul_grad_input(dy, packed, *state.op_args(), in_features)
             assert rel_error(dx, dy.double() @ weight) < TOLERANCE[dtype], rows
+
+
+@pytest.mark.parametrize("double_quant", (False, True))
+def test_matmul_kernels_decode_the_weight_bit_exactly(double_quant):
+    """Identity activations make each output element one product: y = x @ W^T with x = I is W^T, and dy @ W with
+    dy = I is W, so the kernels' in-register decode (ROWS and ELEMENTS paths) must give the reference's bf16 W bit
+    for bit (bf16 outputs hold the decoded value exactly)."""
+    for out_features, in_features, blocksize, _ in WEIGHT_SHAPES[:6]:
+        packed, state = nf4.quantize(torch.randn(out_features, in_features), blocksize, double_quant)
+        with use_backend("reference"):
+            weight = nf4.dequantize(packed, state, torch.bfloat16)
+        eye_k = torch.eye(in_features, dtype=torch.bfloat16)
+        assert torch.equal(kernels.nf4_matmul(eye_k, packed, *state.op_args(), out_features, None), weight.t())
+        eye_n = torch.eye(out_features, dtype=torch.bfloat16)
+        assert torch.equal(kernels.nf4_matmul_grad_input(eye_n, packed, *state.op_args(), in_features), weight)
+
+
+# Per-product error of each precision for a K-deep dot (kernels/common.py): TF32 2^-10 (1 + 2^-12); TF32x3
+# 3 * 2^-22 plus 2 K 2^-23 for the extra accumulation roundings of its three MMAs (assert_gemm_close adds K 2^-23).
+UNITS = {"tf32": lambda k: 2.0 ** -10 * (1 + 2.0 ** -12), "tf32x3": lambda k: 3 * 2.0 ** -22 + 2 * k * 2.0 ** -23}
+
+
+@pytest.mark.parametrize("precision", ("tf32", "tf32x3"))
+def test_fp32_gemm_within_its_tensor_core_error_bound(monkeypatch, precision):
+    """fp32 x on tensor cores: elementwise within the TF32 / TF32x3 bound of fastft.kernels.common (on GPUs; the
+    interpreter computes the dot in fp32, well inside it), with products that cancel (zero-mean data)."""
+    from conftest import assert_gemm_close
+
+    monkeypatch.setenv("FASTFT_FP32_PRECISION", precision)
+    torch.manual_seed(0)
+    packed, state = nf4.quantize(torch.randn(130, 256), 64, True)
+    weight = nf4.dequantize(packed, state, torch.float32)
+    x = torch.randn(70, 256)
+    assert_gemm_close(kernels.nf4_matmul(x, packed, *state.op_args(), 130, None), x, weight.t(),
+                      UNITS[precision](256))
+    dy = torch.randn(70, 130)
+    assert_gemm_close(kernels.nf4_matmul_grad_input(dy, packed, *state.op_args(), 256), dy, weight,
+                      UNITS[precision](130))
 
 
 def test_op_autograd_on_the_triton_path():
