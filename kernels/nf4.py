@@ -130,7 +130,7 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, 
 
 
 @triton.jit
-def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset,
+def _nf4_linear_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset,
                        bias_ptr, y_ptr, row_bytes, blocksize, nested_blocksize, M, N, K, m_bucket,
                        NESTED: tl.constexpr, ROWS: tl.constexpr, BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                        INTERPRET_BF16: tl.constexpr, FP32_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -157,7 +157,7 @@ def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_pt
 
 
 @triton.jit
-def _nf4_matmul_grad_input_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+def _nf4_linear_grad_input_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
                                   nested_offset, dx_ptr, row_bytes, blocksize, nested_blocksize, M, N, K, m_bucket,
                                   NESTED: tl.constexpr, ROWS: tl.constexpr, BLOCKSIZE: tl.constexpr,
                                   INTERPRET_BF16: tl.constexpr, FP32_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -247,13 +247,13 @@ def _heuristic(configs):
 
 
 _KEY = ["m_bucket", "N", "K"]
-TUNED_MATMUL = Tuned(_nf4_matmul_kernel, _MATMUL_CONFIGS, _KEY, _heuristic(_MATMUL_CONFIGS), _fits,
+TUNED_MATMUL = Tuned(_nf4_linear_kernel, _MATMUL_CONFIGS, _KEY, _heuristic(_MATMUL_CONFIGS), _fits,
                      when={"ROWS": True})
-TUNED_GRAD_INPUT = Tuned(_nf4_matmul_grad_input_kernel, _GRAD_INPUT_CONFIGS, _KEY, _heuristic(_GRAD_INPUT_CONFIGS),
+TUNED_GRAD_INPUT = Tuned(_nf4_linear_grad_input_kernel, _GRAD_INPUT_CONFIGS, _KEY, _heuristic(_GRAD_INPUT_CONFIGS),
                          _fits, when={"ROWS": True})
-TUNED_MATMUL_ELEMENTS = Tuned(_nf4_matmul_kernel, _ELEMENTS_CONFIGS, _KEY, _heuristic(_ELEMENTS_CONFIGS), _fits,
+TUNED_MATMUL_ELEMENTS = Tuned(_nf4_linear_kernel, _ELEMENTS_CONFIGS, _KEY, _heuristic(_ELEMENTS_CONFIGS), _fits,
                               when={"ROWS": False})
-TUNED_GRAD_INPUT_ELEMENTS = Tuned(_nf4_matmul_grad_input_kernel, _ELEMENTS_CONFIGS, _KEY,
+TUNED_GRAD_INPUT_ELEMENTS = Tuned(_nf4_linear_grad_input_kernel, _ELEMENTS_CONFIGS, _KEY,
                                   _heuristic(_ELEMENTS_CONFIGS), _fits, when={"ROWS": False})
 
 
@@ -282,7 +282,7 @@ def nf4_dequantize(packed, absmax, code, blocksize, nested_absmax, nested_code, 
     return out
 
 
-def nf4_matmul(x, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset,
+def nf4_linear(x, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset,
                out_features, bias) -> torch.Tensor:
     """y = x @ W^T (+ bias) for contiguous x (M, K); y (M, out_features) in x's dtype."""
     _check_dtype("x", x)
@@ -299,7 +299,7 @@ def nf4_matmul(x, packed, absmax, code, blocksize, nested_absmax, nested_code, n
     return y
 
 
-def nf4_matmul_grad_input(grad_out, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize,
+def nf4_linear_grad_input(grad_out, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize,
                           nested_offset, in_features) -> torch.Tensor:
     """dx = dy @ W for contiguous dy (M, N); dx (M, in_features) in dy's dtype."""
     _check_dtype("grad_out", grad_out)

@@ -11,7 +11,7 @@ same read of x), so a NaN in a group makes its scale NaN; every other min/max/cl
 sm_80+, one instruction like the plain max); a NaN zero point (an asymmetric group holding -inf) goes through the
 device's int32 conversion, as torch's cast does; and a NaN scale makes every gradient of its group NaN.
 
-_fake_quantize_scaled_kernel is the same pass with given (learned) per-group fp32 scales and optional zero points:
+_fake_quantize_with_scale_kernel is the same pass with given (learned) per-group fp32 scales and optional zero points:
 forward q = clamp(round(x / s) + zp) and (q - zp) * s; backward dx (straight-through), d(scale) and d(zero point)
 per group (fp32 sums over the group's tile, as torchao's autograd) from one read of x and dy.
 """
@@ -177,7 +177,7 @@ def fake_quantize_backward(grad, x, group, qmin, qmax, symmetric, eps):
 
 
 @triton.jit
-def _fake_quantize_scaled_kernel(x_ptr, scale_ptr, zero_point_ptr, grad_ptr, out_ptr, grad_scale_ptr,
+def _fake_quantize_with_scale_kernel(x_ptr, scale_ptr, zero_point_ptr, grad_ptr, out_ptr, grad_scale_ptr,
                                  grad_zero_point_ptr, n_groups, group, qmin, qmax, HAS_ZERO_POINT: tl.constexpr,
                                  BACKWARD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -220,7 +220,7 @@ def _launch_scaled(x, scale, zero_point, grad, group, qmin, qmax):
     grad_zero_point = (torch.empty(n_groups, dtype=torch.float32, device=x.device) if backward and
                        zero_point is not None else scale.new_empty(0))
     grid, blocks = _group_launch(n_groups, group)
-    _fake_quantize_scaled_kernel[grid](
+    _fake_quantize_with_scale_kernel[grid](
         x, scale.contiguous(), zero_point.contiguous() if zero_point is not None else scale,
         grad.contiguous() if backward else x, out, grad_scale if backward else scale,
         grad_zero_point if grad_zero_point.numel() else scale, n_groups, group, float(qmin), float(qmax),
@@ -228,13 +228,13 @@ def _launch_scaled(x, scale, zero_point, grad, group, qmin, qmax):
     return out, grad_scale, grad_zero_point
 
 
-def fake_quantize_scaled(x, scale, zero_point, group, qmin, qmax):
+def fake_quantize_with_scale(x, scale, zero_point, group, qmin, qmax):
     """x fake-quantized with the given fp32 scales (one per group of `group` elements) and fp32 zero points (or
     None: symmetric); x's shape and dtype."""
     return _launch_scaled(x, scale, zero_point, None, group, qmin, qmax)[0]
 
 
-def fake_quantize_scaled_backward(grad, x, scale, zero_point, group, qmin, qmax):
+def fake_quantize_with_scale_backward(grad, x, scale, zero_point, group, qmin, qmax):
     """(dx in x's dtype and shape, d(scale) fp32 (numel / group,), d(zero point) fp32 (numel / group,), empty
     without zero points) for grad of x's shape."""
     return _launch_scaled(x, scale, zero_point, grad.to(x.dtype), group, qmin, qmax)

@@ -90,17 +90,17 @@ def _nf4_cases(full: bool) -> Iterator[tuple[str, str, Callable]]:
                 *weight(n, k, q), (n, k), d))
             for rows in (1, 32, 100, TOKENS) if full else (1, TOKENS):
                 for bias in (True, False) if full else (True,):
-                    yield (f"nf4_matmul M={rows} nested={nested} bias={bias}", SHORT[dtype],
-                           lambda d=dtype, q=nested, m=rows, b=bias: nf4.nf4_matmul(
+                    yield (f"nf4_linear M={rows} nested={nested} bias={bias}", SHORT[dtype],
+                           lambda d=dtype, q=nested, m=rows, b=bias: nf4.nf4_linear(
                                meta(m, k, dtype=d), *weight(n, k, q), n, meta(n, dtype=d) if b else None))
-                yield (f"nf4_matmul_grad_input M={rows} nested={nested}", SHORT[dtype],
-                       lambda d=dtype, q=nested, m=rows: nf4.nf4_matmul_grad_input(
+                yield (f"nf4_linear_grad_input M={rows} nested={nested}", SHORT[dtype],
+                       lambda d=dtype, q=nested, m=rows: nf4.nf4_linear_grad_input(
                            meta(m, n, dtype=d), *weight(n, k, q), k))
                 # odd K: the ELEMENTS path
-                yield (f"nf4_matmul (odd K) M={rows} nested={nested}", SHORT[dtype],
+                yield (f"nf4_linear (odd K) M={rows} nested={nested}", SHORT[dtype],
                        lambda d=dtype, q=nested, m=rows: (
-                           nf4.nf4_matmul(meta(m, k + 1, dtype=d), *weight(n, k + 1, q), n, None),
-                           nf4.nf4_matmul_grad_input(meta(m, n, dtype=d), *weight(n, k + 1, q), k + 1)))
+                           nf4.nf4_linear(meta(m, k + 1, dtype=d), *weight(n, k + 1, q), n, None),
+                           nf4.nf4_linear_grad_input(meta(m, n, dtype=d), *weight(n, k + 1, q), k + 1)))
 
 
 def _lora_cases(full: bool):
@@ -156,10 +156,10 @@ def _qat_cases(full: bool):
                 qat.fake_quantize(meta(INTERMEDIATE, HIDDEN, dtype=d), g, -8, 7, True, 1e-6),
                 qat.fake_quantize_backward(meta(INTERMEDIATE, HIDDEN, dtype=d), meta(INTERMEDIATE, HIDDEN, dtype=d),
                                            g, -8, 7, False, 1e-6)))
-        yield ("fake_quantize_scaled", SHORT[dtype], lambda d=dtype: (
-            qat.fake_quantize_scaled(meta(INTERMEDIATE, HIDDEN, dtype=d), meta(INTERMEDIATE * HIDDEN // 32),
+        yield ("fake_quantize_with_scale", SHORT[dtype], lambda d=dtype: (
+            qat.fake_quantize_with_scale(meta(INTERMEDIATE, HIDDEN, dtype=d), meta(INTERMEDIATE * HIDDEN // 32),
                                      meta(INTERMEDIATE * HIDDEN // 32), 32, -8, 7),
-            qat.fake_quantize_scaled_backward(meta(INTERMEDIATE, HIDDEN, dtype=d), meta(INTERMEDIATE, HIDDEN, dtype=d),
+            qat.fake_quantize_with_scale_backward(meta(INTERMEDIATE, HIDDEN, dtype=d), meta(INTERMEDIATE, HIDDEN, dtype=d),
                                               meta(INTERMEDIATE * HIDDEN // 32), meta(INTERMEDIATE * HIDDEN // 32),
                                               32, -8, 7)))
         for quantize_x, quantize_w in ((True, True), (False, True)):

@@ -60,10 +60,10 @@ def test_matmul_kernels_match_reference(dtype, double_quant):
         for rows in (1, 17, 70, 200):
             x = torch.randn(rows, in_features).to(dtype)
             bias = torch.randn(out_features).to(dtype)
-            y = kernels.nf4_matmul(x, packed, *state.op_args(), out_features, bias)
+            y = kernels.nf4_linear(x, packed, *state.op_args(), out_features, bias)
             assert rel_error(y, x.double() @ weight.t() + bias.double()) < TOLERANCE[dtype], rows
             dy = torch.randn(rows, out_features).to(dtype)
-            dx = kernels.nf4_matmul_grad_input(dy, packed, *state.op_args(), in_features)
+            dx = kernels.nf4_linear_grad_input(dy, packed, *state.op_args(), in_features)
             assert rel_error(dx, dy.double() @ weight) < TOLERANCE[dtype], rows
 
 
@@ -77,9 +77,9 @@ def test_matmul_kernels_decode_the_weight_bit_exactly(double_quant):
         with use_backend("reference"):
             weight = nf4.dequantize(packed, state, torch.bfloat16)
         eye_k = torch.eye(in_features, dtype=torch.bfloat16)
-        assert torch.equal(kernels.nf4_matmul(eye_k, packed, *state.op_args(), out_features, None), weight.t())
+        assert torch.equal(kernels.nf4_linear(eye_k, packed, *state.op_args(), out_features, None), weight.t())
         eye_n = torch.eye(out_features, dtype=torch.bfloat16)
-        assert torch.equal(kernels.nf4_matmul_grad_input(eye_n, packed, *state.op_args(), in_features), weight)
+        assert torch.equal(kernels.nf4_linear_grad_input(eye_n, packed, *state.op_args(), in_features), weight)
 
 
 # Per-product error of each precision for a K-deep dot (kernels/common.py): TF32 2^-10 (1 + 2^-12); TF32x3
@@ -98,10 +98,10 @@ def test_fp32_gemm_within_its_tensor_core_error_bound(monkeypatch, precision):
     packed, state = nf4.quantize(torch.randn(130, 256), 64, True)
     weight = nf4.dequantize(packed, state, torch.float32)
     x = torch.randn(70, 256)
-    assert_gemm_close(kernels.nf4_matmul(x, packed, *state.op_args(), 130, None), x, weight.t(),
+    assert_gemm_close(kernels.nf4_linear(x, packed, *state.op_args(), 130, None), x, weight.t(),
                       UNITS[precision](256))
     dy = torch.randn(70, 130)
-    assert_gemm_close(kernels.nf4_matmul_grad_input(dy, packed, *state.op_args(), 256), dy, weight,
+    assert_gemm_close(kernels.nf4_linear_grad_input(dy, packed, *state.op_args(), 256), dy, weight,
                       UNITS[precision](130))
 
 
@@ -123,7 +123,7 @@ def test_op_autograd_on_the_triton_path():
 def test_launchers_reject_unsupported_dtypes():
     packed, state = nf4.quantize(torch.randn(8, 32), 32)
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
-        kernels.nf4_matmul(torch.randn(2, 32, dtype=torch.float64), packed, *state.op_args(), 8, None)
+        kernels.nf4_linear(torch.randn(2, 32, dtype=torch.float64), packed, *state.op_args(), 8, None)
 
 
 def test_lora_dropout_kernel_is_bit_exact():

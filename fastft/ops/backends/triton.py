@@ -1,9 +1,8 @@
 """The "triton" backend: fastft's Triton kernels (kernels/, installed as fastft.kernels), imported on first use.
 
-Launchers whose names still differ from their op's (to be renamed in kernels/): nf4_matmul -> nf4_linear,
-nf4_matmul_grad_input -> nf4_linear_grad_input, fake_quantize_scaled(_backward) -> fake_quantize_with_scale(_backward),
-fake_quant_matmul(_grad_x, _grad_w) -> fake_quant_linear(_backward), bottleneck_down + residual_matmul ->
-bottleneck_adapter.
+Launchers whose names still differ from their op's: fake_quant_matmul(_grad_x, _grad_w) (the GEMMs of
+fake_quant_linear and its backward), bottleneck_down + residual_matmul (the two passes of bottleneck_adapter),
+lora_grad_x / lora_grad_a (the two parts of lora_down_backward): each is one step of its op, not the op.
 """
 
 from __future__ import annotations
@@ -38,12 +37,12 @@ def nf4_dequantize_into(out, *weight):
 
 @register_kernel("nf4_linear", TRITON)
 def nf4_linear(rows, *weight_out_features_bias):
-    return _kernels("nf4").nf4_matmul(rows, *weight_out_features_bias)
+    return _kernels("nf4").nf4_linear(rows, *weight_out_features_bias)
 
 
 @register_kernel("nf4_linear_grad_input", TRITON)
 def nf4_linear_grad_input(rows, *weight_in_features):
-    return _kernels("nf4").nf4_matmul_grad_input(rows, *weight_in_features)
+    return _kernels("nf4").nf4_linear_grad_input(rows, *weight_in_features)
 
 
 # LoRA (kernels/lora.py) -----------------------------------------------------------------------------------------
@@ -118,12 +117,12 @@ def fake_quantize_backward(grad, x, bits, group, symmetric, eps):
 
 @register_kernel("fake_quantize_with_scale", TRITON)
 def fake_quantize_with_scale(x, scale, zero_point, bits, group):
-    return _kernels("qat").fake_quantize_scaled(x, scale, zero_point, group, *qat_ref.qrange(bits))
+    return _kernels("qat").fake_quantize_with_scale(x, scale, zero_point, group, *qat_ref.qrange(bits))
 
 
 @register_kernel("fake_quantize_with_scale_backward", TRITON)
 def fake_quantize_with_scale_backward(grad, x, scale, zero_point, bits, group):
-    return _kernels("qat").fake_quantize_scaled_backward(grad, x, scale, zero_point, group, *qat_ref.qrange(bits))
+    return _kernels("qat").fake_quantize_with_scale_backward(grad, x, scale, zero_point, group, *qat_ref.qrange(bits))
 
 
 def _operands(x, weight, weight_bits, group, activation_bits, quantize_weight):
