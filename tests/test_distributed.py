@@ -234,3 +234,26 @@ def test_a_rank_dying_mid_step_ends_the_others_with_an_error():
     assert ranks[1].wait(timeout=30) == 3
     assert ranks[0].returncode != 0 and time.monotonic() - start < 60
     assert "Error" in survivor_err.splitlines()[-1], survivor_err[-2000:]
+
+
+def test_hf_trainer_under_torchrun_trains_a_patched_model_and_saves_a_plain_peft_adapter(tmp_path):
+    """torchrun with 2 processes (127.0.0.1) runs HF Trainer (DDP, gloo) on a fastft-patched peft model: the fused
+    ops run, both ranks end with the same weights, and the adapter Trainer saves loads with plain peft."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--nnodes=1", f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", "trainer_under_torchrun.py", str(tmp_path)]
+    result = subprocess.run(command, cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+    assert all(r["steps"] == 4 and "fastft::lora_down" in r["ops"] for r in ranks), [r["ops"] for r in ranks]
+    assert ranks[0]["weights"].keys() == ranks[1]["weights"].keys()
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.equal(weight, ranks[1]["weights"][name]), name
+    loaded = PeftModel.from_pretrained(small_llama(), tmp_path / "adapter")
+    trained = {name: param for name, param in loaded.named_parameters() if name in ranks[0]["weights"]}
+    assert len(trained) == len(ranks[0]["weights"])
+    initial = dict(model_for("lora").named_parameters())
+    for name, param in trained.items():
+        assert torch.equal(param, ranks[0]["weights"][name]), name
+        assert not torch.equal(param, initial[name]), name  # trained
