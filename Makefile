@@ -8,8 +8,7 @@ STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install -q -c constraints.txt
 # Op-level tests, run again with the C++ kernels on their scalar paths (what CPUs without AVX2 run) and, on
 # AVX-512 CPUs, on their AVX2 paths.
-KERNEL_TESTS := tests/test_nf4_format.py tests/test_nf4_matmul.py tests/test_lora_op.py tests/test_bottleneck_op.py \
-	tests/test_qat.py tests/test_distillation.py tests/test_fused_loss.py
+KERNEL_TESTS := tests/ops -m "not triton_interpreter"
 
 .PHONY: install test bench info
 
@@ -29,12 +28,12 @@ install: $(STAMP)
 
 # pytest, not python -m pytest: the repo root stays off sys.path, so its kernels/ folder never shadows the PyPI
 # package `kernels` (fastft installs it as fastft.kernels). Triton kernels run on CPU under the interpreter, which
-# must be enabled before triton is imported: own process.
+# must be enabled before triton is imported: the tests marked triton_interpreter run in their own process.
 test: install
-	$(VENV)/bin/pytest -q tests --ignore=tests/triton
+	$(VENV)/bin/pytest -q tests -m "not triton_interpreter"
 	FASTFT_NO_AVX2=1 $(VENV)/bin/pytest -q $(KERNEL_TESTS)
 	if grep -qw avx512f /proc/cpuinfo; then FASTFT_NO_AVX512=1 $(VENV)/bin/pytest -q $(KERNEL_TESTS); fi
-	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests/triton
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests/ops -m triton_interpreter
 
 bench: install
 	$(VENV)/bin/fastft bench

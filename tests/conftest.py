@@ -6,7 +6,7 @@ import torch
 from fastft.ops import use_backend
 
 # FASTFT_TEST_DEVICE=cuda (bench/gpu_check.sh): tensors the tests create without a device are CUDA tensors, so the
-# Triton tests (tests/triton) compare the compiled kernels on the GPU with the reference.
+# Triton tests (tests/ops, marked triton_interpreter) compare the compiled kernels on the GPU with the reference.
 TEST_DEVICE = os.environ.get("FASTFT_TEST_DEVICE", "cpu")
 if TEST_DEVICE != "cpu":
     torch.set_default_device(TEST_DEVICE)
@@ -69,8 +69,8 @@ def bnb_standard_layout(model: torch.nn.Module) -> torch.nn.Module:
     """Keep the bitsandbytes Linear4bit layers of `model` (an oracle in a test) on bitsandbytes' standard 4-bit
     layout on every CPU. On AVX512_BF16 CPUs its forward otherwise repacks the weight for its own CPU kernel (absmax
     rounded to bf16) in eval mode without gradients, so its outputs would depend on the machine. The repacked
-    layout is tested on its own, by calling bitsandbytes' conversion directly (tests/test_nf4_linear.py,
-    tests/test_qlora_patch.py)."""
+    layout is tested on its own, by calling bitsandbytes' conversion directly (tests/nn/test_nf4_linear.py,
+    tests/integrations/test_qlora_patch.py)."""
     import bitsandbytes as bnb
 
     for module in model.modules():

@@ -1,6 +1,6 @@
 """Ahead-of-time compile check of every Triton kernel for A100 (sm_80) and H100/H200 (sm_90), without a GPU.
 
-The interpreter (what tests/triton runs) checks the arithmetic; only the real compiler sees shared memory, registers
+The interpreter (what the tests marked triton_interpreter run) checks the arithmetic; only the real compiler sees shared memory, registers
 and whether tl.dot reaches the tensor cores. This module
 1. calls the launchers of fastft.kernels as fastft.ops does, on meta tensors (shapes and dtypes, no memory) at
    Llama-8B sizes, and records each `kernel[grid](...)` launch instead of running it;
@@ -12,7 +12,7 @@ and whether tl.dot reaches the tensor cores. This module
 
 A row fails on a compile error, shared memory above the target's limit, or spill stores above SPILL_BUDGET bytes.
 `fastft bench --suite gpu-compile` (or `python -m fastft.bench.gpu_compile`) runs the full sweep; the test
-tests/test_triton_compile.py runs `sweep(full=False)`, a representative set: every configuration of every list in
+tests/kernels/test_triton_compile.py runs `sweep(full=False)`, a representative set: every configuration of every list in
 fp32 (the largest tiles in shared memory and registers, TF32x3 MMAs), the heuristic's configuration in bf16, at the
 heaviest flags (double quantization, bias, dropout) and the sizes that select each list.
 """

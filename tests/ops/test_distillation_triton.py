@@ -11,6 +11,8 @@ if os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("FASTFT_TEST_DEV
                 "with FASTFT_TEST_DEVICE=cuda",
                 allow_module_level=True)
 
+pytestmark = pytest.mark.triton_interpreter  # run in their own process: `make test`, gpu_check.sh
+
 from conftest import rel_error  # noqa: E402
 from fastft.losses import fused_linear_distillation  # noqa: E402
 from fastft.ops import use_backend  # noqa: E402

@@ -10,6 +10,8 @@ if os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("FASTFT_TEST_DEV
                 "with FASTFT_TEST_DEVICE=cuda",
                 allow_module_level=True)
 
+pytestmark = pytest.mark.triton_interpreter  # run in their own process: `make test`, gpu_check.sh
+
 from fastft import nf4  # noqa: E402
 from fastft.kernels import nf4 as kernels  # noqa: E402
 from fastft.ops import use_backend  # noqa: E402

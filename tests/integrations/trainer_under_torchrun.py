@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun (2 processes): HF Trainer trains a fastft-patched peft model with
+"""Run by tests/integrations/test_distributed.py under torchrun (2 processes): HF Trainer trains a fastft-patched peft model with
 DDP (gloo), saves the adapter from rank 0, and each rank writes its trained weights and the fastft ops it ran."""
 
 import sys

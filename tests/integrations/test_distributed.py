@@ -168,6 +168,10 @@ def _worker(rank, port, wrapper, out):
         dist.destroy_process_group()
 
 
+# where a fresh interpreter finds this module and the tests' conftest
+HELPER_PATH = os.pathsep.join([os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))])
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -228,7 +232,8 @@ def test_a_rank_dying_mid_step_ends_the_others_with_an_error():
     port = free_port()
     code = f"import test_distributed as t; t._dying_worker({{rank}}, {port})"
     ranks = [subprocess.Popen([sys.executable, "-c", code.format(rank=rank)], cwd=os.path.dirname(__file__),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(WORLD)]
+                              env={**os.environ, "PYTHONPATH": HELPER_PATH}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(WORLD)]
     start = time.monotonic()
     _, survivor_err = ranks[0].communicate(timeout=120)
     assert ranks[1].wait(timeout=30) == 3
@@ -243,7 +248,7 @@ def test_hf_trainer_under_torchrun_trains_a_patched_model_and_saves_a_plain_peft
     command = [torchrun, "--nnodes=1", f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", "trainer_under_torchrun.py", str(tmp_path)]
     result = subprocess.run(command, cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HELPER_PATH})
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
     assert all(r["steps"] == 4 and "fastft::lora_down" in r["ops"] for r in ranks), [r["ops"] for r in ranks]
