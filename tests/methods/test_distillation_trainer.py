@@ -85,7 +85,7 @@ def test_example_script_runs():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).parent.parent / "examples" / "distill_with_trainer.py"
+    script = Path(__file__).parents[2] / "examples" / "distill_with_trainer.py"
     result = subprocess.run([sys.executable, str(script), "--max-steps", "2", "--vocab", "512"], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
