@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastft.formats import nf4 as nf4_format
 from fastft.ops import nf4 as ops
-from fastft.reference import nf4 as ref
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _STATE_KEY = "quant_state.bitsandbytes__"
@@ -53,12 +53,12 @@ class NF4State:
     nested_absmax: Tensor | None = None
     nested_code: Tensor | None = None
     nested_offset: float = 0.0
-    nested_blocksize: int = ref.NESTED_BLOCKSIZE
+    nested_blocksize: int = nf4_format.NESTED_BLOCKSIZE
 
     def __post_init__(self):
         self.shape = torch.Size(self.shape)
         if self.code is None:
-            self.code = ref.lut(self.quant_type).to(self.absmax.device)
+            self.code = nf4_format.lut(self.quant_type).to(self.absmax.device)
 
     @property
     def double_quant(self) -> bool:
@@ -91,10 +91,10 @@ class NF4State:
         if packed.numel() != (self.numel + 1) // 2:
             raise ValueError(f"{name} holds {packed.numel()} bytes but state.shape {tuple(self.shape)} needs "
                              f"{(self.numel + 1) // 2}")
-        if self.blocksize not in ref.BLOCKSIZES:
-            raise ValueError(f"state.blocksize must be one of {ref.BLOCKSIZES}, got {self.blocksize}")
-        if self.quant_type not in ref.QUANT_TYPES:
-            raise ValueError(f"state.quant_type must be one of {ref.QUANT_TYPES}, got {self.quant_type!r}")
+        if self.blocksize not in nf4_format.BLOCKSIZES:
+            raise ValueError(f"state.blocksize must be one of {nf4_format.BLOCKSIZES}, got {self.blocksize}")
+        if self.quant_type not in nf4_format.QUANT_TYPES:
+            raise ValueError(f"state.quant_type must be one of {nf4_format.QUANT_TYPES}, got {self.quant_type!r}")
         for key in ("absmax", "nested_absmax", "nested_code"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, Tensor):
@@ -154,7 +154,7 @@ class NF4State:
                    nested_absmax=None if nested is None else nested.absmax,
                    nested_code=None if nested is None else nested.code,
                    nested_offset=0.0 if nested is None else float(quant_state.offset),
-                   nested_blocksize=ref.NESTED_BLOCKSIZE if nested is None else nested.blocksize)
+                   nested_blocksize=nf4_format.NESTED_BLOCKSIZE if nested is None else nested.blocksize)
 
     @classmethod
     def from_bnb_weight(cls, weight) -> tuple[Tensor, NF4State]:
@@ -208,7 +208,7 @@ class NF4State:
                    nested_absmax=tensors["nested_absmax"] if nested else None,
                    nested_code=tensors["nested_quant_map"] if nested else None,
                    nested_offset=float(meta["nested_offset"]) if nested else 0.0,
-                   nested_blocksize=int(meta.get("nested_blocksize", ref.NESTED_BLOCKSIZE)))
+                   nested_blocksize=int(meta.get("nested_blocksize", nf4_format.NESTED_BLOCKSIZE)))
 
 
 def _check_weight_to_quantize(weight: Tensor, blocksize: int, quant_type: str) -> None:
@@ -217,11 +217,11 @@ def _check_weight_to_quantize(weight: Tensor, blocksize: int, quant_type: str) -
                         f"{getattr(weight, 'dtype', type(weight).__name__)}")
     if weight.numel() == 0:
         raise ValueError("weight must not be empty")
-    if isinstance(blocksize, bool) or blocksize not in ref.BLOCKSIZES:
-        raise ValueError(f"blocksize must be a power of two in {ref.BLOCKSIZES[0]}..{ref.BLOCKSIZES[-1]}, got "
+    if isinstance(blocksize, bool) or blocksize not in nf4_format.BLOCKSIZES:
+        raise ValueError(f"blocksize must be a power of two in {nf4_format.BLOCKSIZES[0]}..{nf4_format.BLOCKSIZES[-1]}, got "
                          f"{blocksize!r}")
-    if quant_type not in ref.QUANT_TYPES:
-        raise ValueError(f"quant_type must be one of {ref.QUANT_TYPES}, got {quant_type!r}")
+    if quant_type not in nf4_format.QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {nf4_format.QUANT_TYPES}, got {quant_type!r}")
     finite = torch.isfinite(weight)
     if not bool(finite.all()):
         bad = (~finite).nonzero()
@@ -230,13 +230,13 @@ def _check_weight_to_quantize(weight: Tensor, blocksize: int, quant_type: str) -
                          "4-bit quantization needs finite weights")
 
 
-def _quantize_blockwise_8bit(values: Tensor, blocksize: int = ref.NESTED_BLOCKSIZE) -> tuple[Tensor, Tensor]:
+def _quantize_blockwise_8bit(values: Tensor, blocksize: int = nf4_format.NESTED_BLOCKSIZE) -> tuple[Tensor, Tensor]:
     """Double quant's second step, bitsandbytes' 8-bit blockwise quantization of the block scales on its dynamic
     map: (codes uint8, fp32 absmax per block of `blocksize` codes)."""
     flat = values.reshape(-1).float()
-    absmax = ref.block_absmax(flat, blocksize)
-    table = ref.dynamic_map().to(flat.device)
-    codes = torch.bucketize(ref.scale_to_unit(flat, absmax, blocksize), (table[:-1] + table[1:]) / 2)
+    absmax = nf4_format.block_absmax(flat, blocksize)
+    table = nf4_format.dynamic_map().to(flat.device)
+    codes = torch.bucketize(nf4_format.scale_to_unit(flat, absmax, blocksize), (table[:-1] + table[1:]) / 2)
     return codes.to(torch.uint8), absmax
 
 
@@ -252,12 +252,12 @@ def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False,
     _check_weight_to_quantize(weight, blocksize, quant_type)
     packed, absmax = ops.nf4_quantize(weight.contiguous(), blocksize, quant_type)
     state = NF4State(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
-                     quant_type=quant_type, code=ref.lut(quant_type).to(weight.device))
+                     quant_type=quant_type, code=nf4_format.lut(quant_type).to(weight.device))
     if double_quant:
         offset = absmax.mean()
         codes, nested_absmax = _quantize_blockwise_8bit(absmax - offset)
         state = replace(state, absmax=codes, nested_absmax=nested_absmax,
-                        nested_code=ref.dynamic_map().to(weight.device), nested_offset=float(offset))
+                        nested_code=nf4_format.dynamic_map().to(weight.device), nested_offset=float(offset))
     return packed, state
 
 

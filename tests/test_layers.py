@@ -1,5 +1,5 @@
 """The package's layering (docs/architecture.md): no import circle, the backends named only in the routing table and
-the backends' own files, the reference used at run time only by the ops and their backends."""
+the backends' own files, the reference used at run time only by the reference backend."""
 
 import ast
 import re
@@ -84,12 +84,21 @@ def test_backends_are_named_only_in_the_routing_table_and_the_backends_files():
     assert len(searched) > 20 and offenders == []
 
 
-@pytest.mark.parametrize("layer", ["nn", "integrations", "methods"])
-def test_reference_is_not_a_run_time_dependency_of(layer):
+def test_reference_is_imported_at_run_time_only_by_the_reference_backend():
+    """The specification is the reference backend's source and the test oracle; the definitions it shares with the
+    run-time code (tables, option domains, validators) are in fastft/formats."""
     modules = _modules()
-    users = {name for name, path in modules.items() if name.startswith(f"fastft.{layer}")
+    users = {name for name, path in modules.items()
+             if not name.startswith(("fastft.reference", "fastft.bench"))
              and any(imported.startswith("fastft.reference") for imported in _imports(path, modules))}
-    assert users == set()
+    assert users == {"fastft.ops.backends.reference"}
+
+
+def test_formats_depend_on_no_other_part_of_fastft():
+    modules = _modules()
+    formats = {name: path for name, path in modules.items() if name.startswith("fastft.formats")}
+    imported = set().union(*(_imports(path, modules) for path in formats.values()))
+    assert len(formats) >= 4 and {name for name in imported if not name.startswith("fastft.formats")} == set()
 
 
 def test_every_routed_op_has_a_reference_implementation():

@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastft.formats.bottleneck import ACTIVATIONS, check_activation
 from fastft.ops.routing import dispatch
-from fastft.reference.bottleneck import ACTIVATIONS, check_activation
 
 __all__ = ["ACTIVATIONS", "bottleneck_adapter", "bottleneck_backward", "check_activation", "check_inputs"]
 

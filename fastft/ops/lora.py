@@ -24,13 +24,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastft.formats.lora import dropout_threshold
 from fastft.ops.routing import dispatch
-from fastft.reference import lora as ref
 
 
 @torch.library.custom_op("fastft::lora_dropout", mutates_args=())
 def lora_dropout(x: Tensor, p: float, seed: int) -> Tensor:
-    ref.dropout_threshold(p)  # validates p
+    dropout_threshold(p)  # validates p
     return dispatch("lora_dropout", x.device.type, x, p, seed)
 
 

@@ -26,13 +26,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastft.formats.qat import GRANULARITIES, default_eps, group_length, qrange
 from fastft.ops.routing import dispatch
-from fastft.reference import qat as ref
-from fastft.reference.qat import GRANULARITIES, default_eps, group_length, qrange
-from fastft.reference.qat import qparams_ref as qparams
 
 __all__ = ["GRANULARITIES", "default_eps", "fake_quant_linear", "fake_quantize", "fake_quantize_backward",
            "fake_quantize_with_scale", "fake_quantize_with_scale_backward", "group_length", "qparams", "qrange"]
+
+
+def qparams(x: Tensor, bits: int, group: int, symmetric: bool, eps: float | None = None) -> tuple[Tensor, Tensor]:
+    """(scale fp32, zero_point fp32), each (x.numel() // group, 1): the dynamic qparams of each group of `group`
+    consecutive elements, as fastft::fake_quantize computes them (initial scales of learned fake quantization)."""
+    return dispatch("fake_quantize_qparams", x.device.type, x, bits, group, symmetric, eps)
 
 
 @torch.library.custom_op("fastft::fake_quantize", mutates_args=())
@@ -117,14 +121,14 @@ def quantized_input(x, activation_bits):
     """fq_a(x) per token (or x), as fastft::fake_quantize computes it."""
     if not activation_bits:
         return x
-    return fake_quantize(x, activation_bits, x.shape[1], False, ref.default_eps(x.dtype, None))
+    return fake_quantize(x, activation_bits, x.shape[1], False, default_eps(x.dtype, None))
 
 
 def quantized_weight(weight, weight_bits, group, quantize_weight):
     """fq_w(W) per group (or W), as fastft::fake_quantize computes it."""
     if not quantize_weight:
         return weight
-    return fake_quantize(weight, weight_bits, group, True, ref.default_eps(weight.dtype, None))
+    return fake_quantize(weight, weight_bits, group, True, default_eps(weight.dtype, None))
 
 
 @torch.library.custom_op("fastft::fake_quant_linear", mutates_args=())

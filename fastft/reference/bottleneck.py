@@ -15,13 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
-
-
-def check_activation(activation: str) -> str:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    return activation
+from fastft.formats.bottleneck import ACTIVATIONS, check_activation  # noqa: F401  (re-exported)
 
 
 def activate(z: Tensor, activation: str) -> Tensor:

@@ -10,30 +10,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_M32 = 0xFFFFFFFF
+from fastft.formats.lora import M32, dropout_threshold  # noqa: F401  (re-exported)
 
 
 def mix32(h: Tensor) -> Tensor:
     """A 32-bit avalanche mixer on int64 tensors holding values < 2^32 (wrapping multiplies, low 32 bits kept)."""
     h = h ^ (h >> 16)
-    h = (h * 0x7FEB352D) & _M32
+    h = (h * 0x7FEB352D) & M32
     h = h ^ (h >> 15)
-    h = (h * 0x846CA68B) & _M32
+    h = (h * 0x846CA68B) & M32
     return h ^ (h >> 16)
-
-
-def dropout_threshold(p: float) -> int:
-    """Keep iff hash >= this: P(keep) = 1 - p up to 2^-32."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout p must be in [0, 1), got {p}")
-    return min(int(round(p * 2.0**32)), _M32)
 
 
 def dropout_keep_ref(numel: int, p: float, seed: int, device=None) -> Tensor:
     """bool (numel,): which elements dropout keeps for this seed."""
     index = torch.arange(numel, dtype=torch.int64, device=device)
-    seed_mix = mix32(torch.tensor(seed & _M32, dtype=torch.int64, device=device))
-    h = mix32((index & _M32) ^ mix32((index >> 32) ^ seed_mix))
+    seed_mix = mix32(torch.tensor(seed & M32, dtype=torch.int64, device=device))
+    h = mix32((index & M32) ^ mix32((index >> 32) ^ seed_mix))
     return h >= dropout_threshold(p)
 
 

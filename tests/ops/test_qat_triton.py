@@ -42,6 +42,26 @@ def test_kernel_is_bit_exact(dtype, bits, config):
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("bits,group", ((4, 32), (8, 48), (2, 96)))
+@pytest.mark.parametrize("symmetric", (True, False))
+def test_qparams_kernel_is_bit_exact(dtype, bits, group, symmetric):
+    """The dynamic scales and zero points (fastft.qat.initial_qparams' source) equal the reference's."""
+    from fastft.ops.qat import qparams
+
+    g = torch.Generator(torch.get_default_device()).manual_seed(bits + group)
+    x = (torch.randn(21, 96, generator=g) * 3).to(dtype)
+    x[0] = 0.0  # all-zero groups: the scale clamps at eps
+    x[1] = x[1].abs() + 1.0  # groups away from zero
+    results = {}
+    for backend in ("triton", "reference"):
+        with use_backend(backend):
+            results[backend] = qparams(x, bits, group, symmetric)
+    for got, want in zip(results["triton"], results["reference"]):
+        assert got.shape == want.shape == (x.numel() // group, 1) and got.dtype == want.dtype == torch.float32
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("bits,group_size", ((4, 32), (8, 48), (2, 96)))
 @pytest.mark.parametrize("symmetric", (True, False))
 def test_learned_scale_kernel_matches_reference(dtype, bits, group_size, symmetric):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from fastft.formats import nf4 as nf4_format
+from fastft.formats import qat as qat_format
 from fastft.ops.backend import native_extension
 from fastft.ops.routing import register_kernel
-from fastft.reference import nf4 as nf4_ref
-from fastft.reference import qat as qat_ref
 
 NATIVE = "native"
 
@@ -20,7 +20,7 @@ def _all_fp32(*tensors) -> bool:
 # 4-bit weights (csrc/nf4_quantize.cpp, nf4_dequantize.cpp, nf4_linear.cpp) --------------------------------------------
 @register_kernel("nf4_quantize", NATIVE)
 def nf4_quantize(weight, blocksize, quant_type):
-    midpoints, order = nf4_ref.quantize_tables(quant_type)
+    midpoints, order = nf4_format.quantize_tables(quant_type)
     return native_extension().nf4_quantize(weight.contiguous(), blocksize, midpoints, order)
 
 
@@ -98,26 +98,26 @@ def bottleneck_backward(dy, v, z, w_down, w_up, activation, scale, add_dy, need_
 # Fake quantization (csrc/qat.cpp) -------------------------------------------------------------------------------------
 @register_kernel("fake_quantize", NATIVE)
 def fake_quantize(x, bits, group, symmetric, eps):
-    qmin, qmax = qat_ref.qrange(bits)
+    qmin, qmax = qat_format.qrange(bits)
     return native_extension().fake_quantize(x, group, qmin, qmax, symmetric, eps).reshape(x.shape)
 
 
 @register_kernel("fake_quantize_backward", NATIVE)
 def fake_quantize_backward(grad, x, bits, group, symmetric, eps):
-    qmin, qmax = qat_ref.qrange(bits)
+    qmin, qmax = qat_format.qrange(bits)
     return native_extension().fake_quantize_backward(grad.to(x.dtype), x, group, qmin, qmax, symmetric,
                                                      eps).reshape(x.shape)
 
 
 @register_kernel("fake_quantize_with_scale", NATIVE)
 def fake_quantize_with_scale(x, scale, zero_point, bits, group):
-    qmin, qmax = qat_ref.qrange(bits)
+    qmin, qmax = qat_format.qrange(bits)
     return native_extension().fake_quantize_with_scale(x, scale, zero_point, group, qmin, qmax).reshape(x.shape)
 
 
 @register_kernel("fake_quantize_with_scale_backward", NATIVE)
 def fake_quantize_with_scale_backward(grad, x, scale, zero_point, bits, group):
-    qmin, qmax = qat_ref.qrange(bits)
+    qmin, qmax = qat_format.qrange(bits)
     return native_extension().fake_quantize_with_scale_backward(grad.to(x.dtype), x, scale, zero_point, group, qmin,
                                                             qmax)
 

@@ -126,6 +126,11 @@ def bottleneck_backward(dy, v, z, w_down, w_up, activation, scale, add_dy, need_
 
 
 # Fake quantization ----------------------------------------------------------------------------------------------
+@register_kernel("fake_quantize_qparams", REFERENCE)
+def fake_quantize_qparams(x, bits, group, symmetric, eps):
+    return qat_ref.qparams_ref(x, bits, group, symmetric, eps)
+
+
 @register_kernel("fake_quantize", REFERENCE)
 def fake_quantize(x, bits, group, symmetric, eps):
     with torch.no_grad():

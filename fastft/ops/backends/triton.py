@@ -11,8 +11,8 @@ import functools
 
 import torch
 
+from fastft.formats import qat as qat_format
 from fastft.ops.routing import register_kernel
-from fastft.reference import qat as qat_ref
 
 TRITON = "triton"
 
@@ -105,31 +105,38 @@ def bottleneck_backward(dy, v, z, w_down, w_up, activation, scale, add_dy, need_
 
 
 # Fake quantization (kernels/qat.py) -----------------------------------------------------------------------------
+@register_kernel("fake_quantize_qparams", TRITON)
+def fake_quantize_qparams(x, bits, group, symmetric, eps):
+    scale, zero_point = _kernels("qat").qparams(x.contiguous(), group, *qat_format.qrange(bits), symmetric,
+                                                qat_format.default_eps(x.dtype, eps))
+    return scale.unsqueeze(1), zero_point.unsqueeze(1)
+
+
 @register_kernel("fake_quantize", TRITON)
 def fake_quantize(x, bits, group, symmetric, eps):
-    return _kernels("qat").fake_quantize(x, group, *qat_ref.qrange(bits), symmetric, eps)
+    return _kernels("qat").fake_quantize(x, group, *qat_format.qrange(bits), symmetric, eps)
 
 
 @register_kernel("fake_quantize_backward", TRITON)
 def fake_quantize_backward(grad, x, bits, group, symmetric, eps):
-    return _kernels("qat").fake_quantize_backward(grad, x, group, *qat_ref.qrange(bits), symmetric, eps)
+    return _kernels("qat").fake_quantize_backward(grad, x, group, *qat_format.qrange(bits), symmetric, eps)
 
 
 @register_kernel("fake_quantize_with_scale", TRITON)
 def fake_quantize_with_scale(x, scale, zero_point, bits, group):
-    return _kernels("qat").fake_quantize_with_scale(x, scale, zero_point, group, *qat_ref.qrange(bits))
+    return _kernels("qat").fake_quantize_with_scale(x, scale, zero_point, group, *qat_format.qrange(bits))
 
 
 @register_kernel("fake_quantize_with_scale_backward", TRITON)
 def fake_quantize_with_scale_backward(grad, x, scale, zero_point, bits, group):
-    return _kernels("qat").fake_quantize_with_scale_backward(grad, x, scale, zero_point, group, *qat_ref.qrange(bits))
+    return _kernels("qat").fake_quantize_with_scale_backward(grad, x, scale, zero_point, group, *qat_format.qrange(bits))
 
 
 def _operands(x, weight, weight_bits, group, activation_bits, quantize_weight):
-    x_range = qat_ref.qrange(activation_bits) if activation_bits else None
-    w_range = qat_ref.qrange(weight_bits) if quantize_weight else None
+    x_range = qat_format.qrange(activation_bits) if activation_bits else None
+    w_range = qat_format.qrange(weight_bits) if quantize_weight else None
     return _kernels("qat").FakeQuantOperands(x.contiguous(), weight.contiguous(), group, x_range, w_range,
-                                             qat_ref.default_eps(x.dtype, None))
+                                             qat_format.default_eps(x.dtype, None))
 
 
 @register_kernel("fake_quant_linear", TRITON)
