@@ -16,8 +16,12 @@ from fastft.losses import check_options, fused_linear_distillation
 
 
 def _last_hidden_and_head(model: nn.Module, inputs: dict) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The last hidden states of `model` (run through its wrapper: DDP's forward syncs gradients) and the weight of
+    the unwrapped model's head."""
     batch = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
     outputs = model(**batch, output_hidden_states=True, logits_to_keep=1)
+    while isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     weight, bias = head_weight(model.get_output_embeddings())
     return outputs.hidden_states[-1], weight, bias
 
