@@ -200,7 +200,16 @@ def _lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
 
 def _lora_linear4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.get_base_layer()
-    if not _runs_fused(self, kwargs) or args or kwargs or torch.is_autocast_enabled():
+    if args or kwargs or torch.is_autocast_enabled():
+        return original_class(self).forward(self, x, *args, **kwargs)
+    if self.disable_adapters or self.merged:
+        # peft runs the base layer alone here (adapters disabled: a DPO reference pass, GRPO's KL term, user code
+        # under disable_adapter; or merged into the weight): on the fused NF4 matmul too
+        self._check_forward_args(x)
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        return bnb.linear4bit_forward(base, x)
+    if not _runs_fused(self, kwargs):
         return original_class(self).forward(self, x, *args, **kwargs)
     self._check_forward_args(x)
     result = bnb.linear4bit_forward(base, x.reshape(-1, x.shape[-1]))  # bitsandbytes' forward; it runs no hooks
