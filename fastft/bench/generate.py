@@ -63,6 +63,6 @@ def run(machine: Machine, repeats: int = 5, progress=print) -> list[Row]:
                            repeats=repeats)
         base = "4-bit NF4" if four_bit else "fp32"
         rows.append(Row(f"SmolLM2 LoRA r=16 generate {NEW_TOKENS} tokens, {base} base, batch 1"
-                        f"{'' if same else ' (tokens differ)'}", times["fastft"], peer, times["peer"],
+                        f"{'' if same else ' (tokens differ: ' + ('bitsandbytes computes in bf16)' if four_bit else 'rounding)')}", times["fastft"], peer, times["peer"],
                         target="at least as fast as the peer", met=times["fastft"] <= times["peer"]))
     return rows
