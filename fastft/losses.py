@@ -193,7 +193,15 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *
     ignore_index, or by num_items_in_batch (transformers' sum / num_items_in_batch); "sum"; "none" (per token,
     shaped like labels). The loss is fp32 (fp64 for fp64 inputs); bf16/fp16 logits are accumulated in fp32.
     labels must lie in [0, V) or equal ignore_index; num_items_in_batch must be None, a finite number > 0 or a
-    one-element tensor holding one (the values of both are checked as the module doc says)."""
+    one-element tensor holding one (the values of both are checked as the module doc says).
+
+    Row i of hidden is scored against labels[i] as given: no shift. A causal LM's loss (what its forward returns
+    for labels=input_ids) predicts token t+1 from position t, so the caller shifts, as transformers does:
+
+        hidden = model.model(input_ids).last_hidden_state                  # (B, T, H)
+        loss = fused_linear_cross_entropy(hidden[:, :-1], model.lm_head.weight, input_ids[:, 1:])
+        # equal to model(input_ids, labels=input_ids).loss (fastft.patch(model, fused_loss=True) does this)
+    """
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")

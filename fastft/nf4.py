@@ -246,8 +246,10 @@ def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False,
     """Quantize `weight` (fp32/fp16/bf16, any shape) to bitsandbytes' 4-bit format: (packed uint8, NF4State).
 
     Bit-exact with `bitsandbytes.functional.quantize_4bit(weight, blocksize, compress_statistics=double_quant,
-    quant_type=quant_type)`; with double quant the 8-bit absmax codes may differ from bitsandbytes' CPU quantizer
-    on a few entries, their dequantized values agree.
+    quant_type=quant_type)` except, with double quant, the 8-bit absmax codes: each is the dynamic-map value nearest
+    to fp32((absmax - offset) * fp32(1 / scale)) (ties to the lower code), where bitsandbytes 0.50's CPU quantizer
+    (an approximate table lookup, then one neighbour checked) keeps a farther one for ~0.25% of them (1-3 map steps
+    away; README, "Double quantization"). The offset and the nested scales are bitsandbytes' bit for bit.
     """
     _check_weight_to_quantize(weight, blocksize, quant_type)
     packed, absmax = ops.nf4_quantize(weight.contiguous(), blocksize, quant_type)

@@ -8,7 +8,8 @@ from fastft.bench.harness import Machine, Row, markdown, write_results
 
 SUITES = {
     "quick": "NF4 dequantize and matmul vs bitsandbytes and dense fp32 (4096x4096); one LoRA layer vs peft; "
-             "one bottleneck adapter vs plain torch; fake quantization vs torchao",
+             "one bottleneck adapter vs plain torch; fake quantization vs torchao; SmolLM2 LoRA generation vs peft (fp32) "
+             "and peft + bitsandbytes (4-bit)",
     "lora": "a mini Llama LoRA training step, fp32 and 4-bit base, vs peft (one process per case; minutes)",
     "distill": "fused distillation loss vs plain torch and Liger: time (warm, and first call in fresh processes), "
                "peak memory, growth in tokens and vocab; "
@@ -27,7 +28,7 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
               command: str = "fastft bench") -> tuple[Machine, list[Row], list[Path]]:
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
-    from fastft.bench import adapters, cpu_paths, distillation, distributed, lora, lora_step, nf4, qat
+    from fastft.bench import adapters, cpu_paths, distillation, distributed, generate, lora, lora_step, nf4, qat
 
     print("measuring the machine's copy bandwidth and fp32 GEMM rate ...", flush=True)
     machine = Machine.measure()
@@ -40,6 +41,7 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
         rows += lora.run_layer(machine, repeats=repeats, progress=progress)
         rows += adapters.run_layer(machine, repeats=repeats, progress=progress)
         rows += qat.run(machine, repeats=repeats, progress=progress)
+        rows += generate.run(machine, repeats=repeats, progress=progress)
     elif suite == "qat":
         rows = qat.run(machine, repeats=repeats, progress=progress)
         rows += qat.run_layer(machine, repeats=repeats, progress=progress)

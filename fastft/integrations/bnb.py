@@ -4,6 +4,8 @@ dequantized copy), and replace plain `Linear4bit` layers by NF4Linear sharing th
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -12,22 +14,85 @@ from fastft.nn import NF4Linear
 from fastft.nn.nf4_linear import nf4_linear_forward
 
 
+class _StorageView:
+    """fastft's view of one bitsandbytes 4-bit weight: the NF4State it reads, the bitsandbytes QuantState and absmax
+    tensor it was built from (bitsandbytes replaces the absmax whenever it changes the weight's layout, keeping the
+    QuantState object), and bitsandbytes' standard-layout statistics at that time, to put back exactly after a
+    CPU repack (which rounds every block scale to bf16, and whose inverse quantizes them again)."""
+
+    def __init__(self, quant_state):
+        self.quant_state, self.absmax = quant_state, quant_state.absmax
+        self.statistics = (quant_state.absmax, quant_state.offset if quant_state.nested else None,
+                           quant_state.state2 if quant_state.nested else None, quant_state.nested)
+        self.state = nf4.NF4State.from_bnb(quant_state)
+
+    def matches(self, quant_state) -> bool:
+        return (self.quant_state is quant_state and self.absmax is quant_state.absmax
+                and not getattr(quant_state, "packing_format_for_cpu", False))
+
+    def repacks_to(self, repacked_absmax: torch.Tensor) -> bool:
+        """Whether bitsandbytes' CPU repack of these statistics gives `repacked_absmax` (its bf16 (blocks per row,
+        rows) layout) exactly: then they are the standard-layout statistics of that repacked weight."""
+        from bitsandbytes.functional import dequantize_blockwise
+
+        absmax, offset, state2, nested = self.statistics
+        rows, cols = self.state.shape
+        if repacked_absmax.shape != (cols // self.state.blocksize, rows):
+            return False
+        if nested:  # as the repack computes it
+            absmax = (dequantize_blockwise(absmax, state2) + offset).float()
+        return torch.equal(absmax.reshape(rows, -1).t().to(torch.bfloat16), repacked_absmax)
+
+    def restore(self, quant_state) -> None:
+        """Put these statistics back into `quant_state` (its codes already in the standard layout)."""
+        absmax, offset, state2, nested = self.statistics
+        quant_state.absmax, quant_state.nested = absmax, nested
+        if nested:
+            quant_state.offset, quant_state.state2 = offset, state2
+
+
+_CONVERSION = threading.Lock()  # a layout conversion replaces the weight's tensors: one thread at a time
+
+
 def nf4_state(base: nn.Module) -> nf4.NF4State:
-    """The NF4State view of a bitsandbytes layer's QuantState, built once per QuantState (reading the
-    double-quant offset is a host sync on GPU) and kept outside the module's parameters and buffers. A weight that
-    bitsandbytes repacked for its CPU kernel (its own forward does so in eval mode without gradients on
-    AVX512_BF16 CPUs, e.g. when an unfused call ran) is converted back to its standard layout first."""
+    """The NF4State of a bitsandbytes Linear4bit's weight in its current storage, kept outside the module's
+    parameters and buffers and rebuilt whenever bitsandbytes changed that storage (a new QuantState, or a new
+    absmax in the same one: bitsandbytes changes a weight's layout in place). Building it reads the double-quant
+    offset (a host sync on GPU): once per storage.
+
+    bitsandbytes >= 0.50 repacks a weight for its own CPU kernel in eval-mode forwards without gradient on
+    AVX512_BF16 CPUs (`quant_state.packing_format_for_cpu`: codes re-laid in tiles, absmax transposed and rounded
+    to bf16, double quant dropped). Such a weight is converted back to the standard layout first, in place, with
+    bitsandbytes' own inverse for the codes; its statistics become the ones fastft read before the repack when
+    they repack to exactly that bf16 absmax (so train / eval / generate cycles lose nothing), else those of
+    bitsandbytes' inverse (the bf16 block scales, quantized again with double quant), as its `state_dict` saves.
+    """
     if getattr(base.weight, "quant_state", None) is None:  # FSDP's unsharded parameter: restored from the module
         from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
         fix_4bit_weight_quant_state_from_module(base)
-    quant_state = base.weight.quant_state
-    cached = base.__dict__.get("_fastft_nf4_state")
-    if cached is None or cached[0] is not quant_state or getattr(quant_state, "packing_format_for_cpu", False):
-        _, state = nf4.NF4State.from_bnb_weight(base.weight)
-        cached = (base.weight.quant_state, state)
-        base.__dict__["_fastft_nf4_state"] = cached
-    return cached[1]
+    view = base.__dict__.get("_fastft_nf4_view")
+    if view is not None and view.matches(base.weight.quant_state):
+        return view.state
+    with _CONVERSION:
+        view = base.__dict__.get("_fastft_nf4_view")
+        if view is None or not view.matches(base.weight.quant_state):
+            _standard_layout(base.weight, view)
+            view = _StorageView(base.weight.quant_state)
+            base.__dict__["_fastft_nf4_view"] = view
+    return view.state
+
+
+def _standard_layout(weight, previous: _StorageView | None) -> None:
+    """Convert a bitsandbytes weight repacked for its CPU kernel back to the standard layout, in place (see
+    `nf4_state`); `previous`: fastft's view of it before, whose statistics are put back when they match."""
+    quant_state = weight.quant_state
+    repacked = getattr(quant_state, "packing_format_for_cpu", False) or (not quant_state.nested
+                                                                         and quant_state.absmax.dim() == 2)
+    repacked_absmax = quant_state.absmax
+    nf4.NF4State.from_bnb_weight(weight)  # bitsandbytes' inverse, in place
+    if repacked and previous is not None and previous.repacks_to(repacked_absmax):
+        previous.restore(weight.quant_state)
 
 
 def linear4bit_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +108,7 @@ def keep_standard_layout(base: nn.Module) -> None:
     """Convert a bitsandbytes Linear4bit's weight back to the standard layout if bitsandbytes repacked it for its
     CPU kernel, and keep its own forward (still run by unfused calls, e.g. with adapters disabled) from repacking
     it again: the fused path reads the standard layout, and converting back and forth would cost a pass over the
-    weight each time (and requantize double-quant statistics). `restore_layout_setting` gives bitsandbytes its
+    weight each time. `restore_layout_setting` gives bitsandbytes its
     setting back."""
     nf4_state(base)
     if "support_avx512bf16_for_cpu" in base.__dict__ and "_fastft_bnb_cpu_repack" not in base.__dict__:
@@ -75,7 +140,8 @@ def replace_linear4bit(model: nn.Module, report, wrapper_types: tuple = ()) -> N
     aside for `restore_linear4bit`), recording each in `report` (a PatchReport)."""
     for parent, child_name, full_name, layer in list(_plain_linear4bit_layers(model, wrapper_types)):
         try:
-            fused = NF4Linear.from_bnb(layer)
+            state = nf4_state(layer)  # first: it may convert the weight back to the standard layout
+            fused = NF4Linear.from_packed(nf4.packed_bytes(layer.weight.data), state, layer.bias, layer.compute_dtype)
         except (TypeError, ValueError) as error:
             report.unfused[full_name] = str(error)
             continue

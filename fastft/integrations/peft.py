@@ -15,9 +15,6 @@ A patched model pickles (torch.save, copy.deepcopy) into a patched model: see fa
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
-
 import torch
 from peft.tuners.lora import layer as peft_lora
 from torch import nn
@@ -25,31 +22,12 @@ from torch import nn
 from fastft.integrations import bnb
 from fastft.integrations.class_swap import original_class, restore_classes, swap_class
 from fastft.integrations.peft_nf4 import LoraNF4Linear
+from fastft.integrations.report import PatchReport
 from fastft.nn.lora import InputGroup, add_lora_terms, dora_output, lora_products
 from fastft.nn.lora import dora_weight_norm as _dora_weight_norm  # noqa: F401  (its former home)
 from fastft.ops import lora as lora_ops  # noqa: F401  (the ops the fused forward runs)
 
 _VARIANT_KWARGS = tuple(getattr(peft_lora, "VARIANT_KWARG_KEYS", ()))  # keyword arguments of LoRA variants (aLoRA)
-
-
-@dataclass
-class PatchReport:
-    """What `patch` fused (counts by kind) and which LoRA modules stay on peft's path, with the reason."""
-
-    fused: Counter = field(default_factory=Counter)
-    unfused: dict[str, str] = field(default_factory=dict)
-    input_groups: dict[str, str] = field(default_factory=dict)  # group -> "grouped", or why it stopped
-
-    def __str__(self) -> str:
-        lines = [f"fastft.patch: fused {sum(self.fused.values())} module(s)"]
-        lines += [f"  {kind}: {count}" for kind, count in sorted(self.fused.items())]
-        if self.input_groups:
-            lines.append(f"LoRA input groups (one call for the siblings' rank-r terms): {len(self.input_groups)}")
-            lines += [f"  {name}: {state}" for name, state in sorted(self.input_groups.items())]
-        if self.unfused:
-            lines.append(f"left on peft's forward: {len(self.unfused)}")
-            lines += [f"  {name}: {reason}" for name, reason in sorted(self.unfused.items())]
-        return "\n".join(lines)
 
 
 def _dropout_p(module: nn.Module, training: bool) -> float:
@@ -90,6 +68,8 @@ def _runs_fused(layer, kwargs) -> bool:
 
 def _single_dora_adapter(layer, kwargs) -> str | None:
     """The active adapter when it is the only one and uses DoRA (with the plain path's other conditions), else None."""
+    if not getattr(layer, "lora_variant", None):  # no variant at all (the common case): nothing more to look at
+        return None
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if (len(active) != 1 or not _is_dora(layer, active[0]) or layer.disable_adapters or layer.merged
             or kwargs.get("adapter_names") is not None or any(kwargs.get(k) is not None for k in _VARIANT_KWARGS)):
@@ -200,7 +180,16 @@ def _lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
 
 def _lora_linear4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.get_base_layer()
-    if not _runs_fused(self, kwargs) or args or kwargs or torch.is_autocast_enabled():
+    if args or kwargs or torch.is_autocast_enabled():
+        return original_class(self).forward(self, x, *args, **kwargs)
+    if self.disable_adapters or self.merged:
+        # peft runs the base layer alone here (adapters disabled: a DPO reference pass, GRPO's KL term, user code
+        # under disable_adapter; or merged into the weight): on the fused NF4 matmul too
+        self._check_forward_args(x)
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        return bnb.linear4bit_forward(base, x)
+    if not _runs_fused(self, kwargs):
         return original_class(self).forward(self, x, *args, **kwargs)
     self._check_forward_args(x)
     result = bnb.linear4bit_forward(base, x.reshape(-1, x.shape[-1]))  # bitsandbytes' forward; it runs no hooks

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fastft.formats.lora import dropout_threshold
-from fastft.ops.routing import dispatch
+from fastft.ops.routing import dispatch, runs_directly
 
 
 @torch.library.custom_op("fastft::lora_dropout", mutates_args=())
@@ -66,15 +66,33 @@ def _concatenated(lora_As: list[Tensor]) -> Tensor:
     return lora_As[0].contiguous() if len(lora_As) == 1 else torch.cat(lora_As)
 
 
-@torch.library.custom_op("fastft::lora_down", mutates_args=())
-def lora_down(x: Tensor, lora_As: list[Tensor], dropout_p: float, seeds: list[int]) -> Tensor:
-    """u = [dropout_g(x.to(A.dtype)) @ A_g^T]_g, (tokens, sum of ranks) in A's dtype."""
+_FEW_ROWS = 16  # decode-sized calls
+
+
+def _lora_down(x: Tensor, lora_As: list[Tensor], dropout_p: float, seeds: list[int]) -> Tensor:
     rows = x.reshape(-1, x.shape[-1])
+    if dropout_p == 0 and len(lora_As) > 1 and rows.shape[0] <= _FEW_ROWS and not torch.is_grad_enabled():
+        # a few rows (decoding): one small product per adapter costs less than copying every A into one matrix
+        return torch.cat([torch.mm(rows.to(A.dtype), A.t()) for A in lora_As], dim=1)
     return dispatch("lora_down", x.device.type, rows, _concatenated(lora_As), [A.shape[0] for A in lora_As],
                     dropout_p, seeds)
 
 
-@lora_down.register_fake
+@torch.library.custom_op("fastft::lora_down", mutates_args=())
+def lora_down_op(x: Tensor, lora_As: list[Tensor], dropout_p: float, seeds: list[int]) -> Tensor:
+    """u = [dropout_g(x.to(A.dtype)) @ A_g^T]_g, (tokens, sum of ranks) in A's dtype."""
+    return _lora_down(x, lora_As, dropout_p, seeds)
+
+
+def lora_down(x: Tensor, lora_As: list[Tensor], dropout_p: float, seeds: list[int]) -> Tensor:
+    """fastft::lora_down, or its implementation called directly where nothing would see the op
+    (`routing.runs_directly`: e.g. generation under no_grad)."""
+    if runs_directly(x, *lora_As):
+        return _lora_down(x, lora_As, dropout_p, seeds)
+    return lora_down_op(x, lora_As, dropout_p, seeds)
+
+
+@lora_down_op.register_fake
 def _(x, lora_As, dropout_p, seeds):
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return x.new_empty(rows, sum(A.shape[0] for A in lora_As), dtype=lora_As[0].dtype)
@@ -118,7 +136,7 @@ def _backward_down(ctx, du):
     return grad_x if want_x else None, list(grad_A.split(ranks)) if want_A else [None] * len(ranks), None, None
 
 
-lora_down.register_autograd(_backward_down, setup_context=_setup_down)
+lora_down_op.register_autograd(_backward_down, setup_context=_setup_down)
 
 
 def lora_up(u_g: Tensor, lora_B: Tensor, scale: float, lora_bias: Optional[Tensor] = None) -> Tensor:

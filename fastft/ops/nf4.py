@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastft.ops.routing import dispatch
+from fastft.ops.routing import dispatch, runs_directly
 
 
 @torch.library.custom_op("fastft::nf4_quantize", mutates_args=())
@@ -70,12 +70,28 @@ def _as_rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
+def nf4_linear(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int,
+               nested_absmax: Optional[Tensor], nested_code: Optional[Tensor], nested_blocksize: int,
+               nested_offset: float, out_features: int, bias: Optional[Tensor]) -> Tensor:
+    """fastft::nf4_linear, or its implementation called directly where nothing would see the op
+    (`routing.runs_directly`: e.g. generation under no_grad)."""
+    op = _nf4_linear if runs_directly(x, bias) else nf4_linear_op
+    return op(x, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset,
+              out_features, bias)
+
+
 @torch.library.custom_op("fastft::nf4_linear", mutates_args=())
-def nf4_linear(
+def nf4_linear_op(
     x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, nested_absmax: Optional[Tensor],
     nested_code: Optional[Tensor], nested_blocksize: int, nested_offset: float, out_features: int,
     bias: Optional[Tensor],
 ) -> Tensor:
+    return _nf4_linear(x, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize,
+                       nested_offset, out_features, bias)
+
+
+def _nf4_linear(x, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset,
+                out_features, bias):
     y = dispatch("nf4_linear", x.device.type, _as_rows(x), packed, absmax, code, blocksize, nested_absmax,
                  nested_code, nested_blocksize, nested_offset, out_features, bias)
     # Not a view of y (as matmul folds leading dims): callers may add into the output in place, which autograd
@@ -83,7 +99,7 @@ def nf4_linear(
     return torch.ops.aten._unsafe_view.default(y, [*x.shape[:-1], out_features])
 
 
-@nf4_linear.register_fake
+@nf4_linear_op.register_fake
 def _(x, packed, absmax, code, blocksize, nested_absmax, nested_code, nested_blocksize, nested_offset, out_features,
       bias):
     return x.new_empty(*x.shape[:-1], out_features)
@@ -133,5 +149,5 @@ def _grad_input_backward(ctx, grad_grad_x):
     return (grad,) + (None,) * 9
 
 
-nf4_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+nf4_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 nf4_linear_grad_input.register_autograd(_grad_input_backward, setup_context=_grad_input_setup_context)

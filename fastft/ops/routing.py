@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
+
 from fastft.ops.backend import BACKENDS, backend_for
 
 
@@ -68,6 +70,23 @@ def select(op: str, device_type: str, *args) -> Implementation:
 def dispatch(op: str, device_type: str, *args):
     """Run `op` on `args` with the implementation `select` picks."""
     return select(op, device_type, *args).fn(*args)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def runs_directly(*tensors) -> bool:
+    """Whether a call of an op on `tensors` may run its implementation directly instead of through the custom op:
+    nothing would see the op (autograd records nothing: grad mode off or no input requiring grad; no torch.compile
+    or FX tracing; no dispatch mode such as fake tensors or op counters; plain tensors, no subclass). The custom op
+    and its autograd wrapper cost ~30 us a call on CPU, as much as a decode step's whole GEMM of a small layer."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    grad = torch.is_grad_enabled()
+    for tensor in tensors:
+        if tensor is not None and (type(tensor) not in _PLAIN or (grad and tensor.requires_grad)):
+            return False
+    return True
 
 
 def routes() -> dict[str, dict[str, Implementation]]:

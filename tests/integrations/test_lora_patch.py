@@ -390,3 +390,24 @@ def test_patched_model_compiles(dropout):
     for name, param in patched.named_parameters():
         if param.grad is not None:
             assert torch.allclose(param.grad, eager[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_bf16_autocast_training_matches_peft_to_bf16_rounding():
+    """Under bf16 autocast (TRL's default precision) both libraries round the same fp32 quantities to bf16, but not
+    all in the same order, so their losses agree to bf16 rounding, not bit for bit: each step's loss within one
+    bf16 unit roundoff (2^-8 relative) of peft's, over AdamW steps whose updates (~lr per parameter) do not grow
+    a difference of rounding."""
+    reference, patched = peft_pair()
+    assert fastft.patch(patched).fused["lora.Linear"] == 14
+    optimizers = {m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+                  for m in (reference, patched)}
+    for step in range(5):
+        losses = []
+        for model in (reference, patched):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=batch(step), labels=batch(step)).loss
+            loss.backward()
+            optimizers[model].step()
+            optimizers[model].zero_grad()
+            losses.append(loss.item())
+        assert abs(losses[1] - losses[0]) <= 2.0 ** -8 * abs(losses[0]), (step, losses)

@@ -15,14 +15,14 @@ from conftest import bnb_standard_layout, rel_error, repack_for_bnb_cpu_kernel
 from test_lora_patch import VOCAB, batch, lora_config, losses_over_steps, outputs
 
 
-def four_bit_llama(tmp_path):
+def four_bit_llama(tmp_path, double_quant=True):
     """A 4-bit Llama loaded by transformers + bitsandbytes, kept on bitsandbytes' standard layout (an oracle)."""
     if not (tmp_path / "dense" / "config.json").exists():
         torch.manual_seed(0)  # intermediate_size a multiple of 64: bitsandbytes' AVX-512 dequantize is wrong otherwise
         config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
         LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
                                       bnb_4bit_compute_dtype=torch.float32)
     return bnb_standard_layout(AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=quantization,
                                                                     dtype=torch.float32))
