@@ -50,11 +50,11 @@ def main(argv=None) -> list[float]:
 
     model, tokenizer = load(args.tiny)
     fastft.quantize_model(model)  # the frozen base in 4-bit NF4
-    if args.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, config(args.method, args.virtual_tokens))
     model.print_trainable_parameters()
     print(fastft.patch(model, fused_loss=True))
+    if args.checkpointing:  # after get_peft_model, which refuses prefix tuning on a checkpointed model
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = tokenizer([TEXT] * args.batch, return_tensors="pt")["input_ids"][:, :96]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()

@@ -12,7 +12,7 @@ import torch
 
 from fastft.bench.harness import Machine, Row, compare_ms
 
-PROMPT, TRACE, K, STRUCTURE_RATIO, BATCH = 32, 256, 16, 0.1, 2
+PROMPT, TRACE, K, STRUCTURE_RATIO, BATCH = 32, 256, 16, 0.1, 8
 
 
 def run(machine: Machine, repeats: int = 2, progress=print) -> list[Row]:
@@ -51,4 +51,4 @@ if __name__ == "__main__":
     from fastft.bench.harness import markdown
 
     machine = Machine.measure()
-    print(markdown(machine, run(machine), "python -m fastft.bench.upft_step"))
+    print(markdown(machine, run(machine, repeats=1), "python -m fastft.bench.upft_step"))

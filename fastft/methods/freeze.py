@@ -13,6 +13,9 @@ need the gradient through every layer down to the embedding, the backward pass p
 
     report = freeze(model, top_k=4, quantize=True)   # train layers 26..29 + norm + lm_head of a 30-layer model
     print(report)                                    # what is trainable, quantized and run without grad
+
+The no-grad modules are class-swapped per instance (fastft/integrations/class_swap.py): `fastft.unpatch(model)` gives
+them their class back; parameter names and the state dict do not change.
 """
 
 from __future__ import annotations

@@ -58,8 +58,8 @@ def assert_close(a, b, rtol=1e-5):
     assert (a - b).norm() <= rtol * b.norm(), ((a - b).norm(), b.norm())
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
-@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("kind, quantized", [(kind, True) for kind in CONFIGS] + [("prefix+mlp", False)],
+                         ids=lambda v: v if isinstance(v, str) else ("nf4" if v else "fp32"))
 def test_same_loss_and_gradients_as_peft(kind, quantized):
     reference = peft_model(kind, quantized)
     ours = copy.deepcopy(reference)
