@@ -206,13 +206,15 @@ def _bnb_linear4bit_lora_class():
 
 
 def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True, qat: bool = True,
-          fused_loss: bool = False) -> PatchReport:
+          fused_loss: bool = False, prompt: bool = True) -> PatchReport:
     """Fuse the LoRA layers of `model` (a PeftModel, or a transformers model with adapters) in place, (nf4=True)
     run bitsandbytes 4-bit layers through fastft's fused NF4 matmul on their own storage, (qat=True) run the
     fake quantization of a torchao-prepared model's FakeQuantizedLinears on fastft's kernels, and (fused_loss=True)
     compute a causal LM's training loss from its hidden states without materializing the logits (outputs.logits is
     then None in training with labels: off by default, since scripts may read the logits; see
-    fastft/integrations/causal_lm.py).
+    fastft/integrations/causal_lm.py), and (prompt=True) run a prompt-learning PeftModelForCausalLM's virtual tokens
+    through fastft/integrations/peft_prompt.py (length checks; prefix tuning's prefix once per step, gradient
+    checkpointing).
 
     Per instance and reversible (`unpatch`): other models and torch.nn.functional are untouched.
     """
@@ -252,6 +254,10 @@ def patch(model: nn.Module, *, lora: bool = True, nf4: bool = True, qat: bool = 
         from fastft.integrations.causal_lm import patch_causal_lm_loss
 
         patch_causal_lm_loss(model, report)
+    if prompt:
+        from fastft.integrations.peft_prompt import patch_prompt_learning
+
+        patch_prompt_learning(model, report)
     return report
 
 

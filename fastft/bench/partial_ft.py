@@ -1,0 +1,124 @@
+"""Full and partial (top-4-layers) fine-tuning steps of SmolLM2-135M-Instruct (30 layers, vocab 49152; batch
+2 x 256 tokens, all labelled, AdamW), fastft vs plain transformers, each case in its own process:
+
+- full: every parameter trains. fastft: `fastft.patch(model, fused_loss=True)` (the loss from the hidden states,
+  no (tokens, 49152) logits). Plain transformers: the model as loaded.
+- top4: layers 26..29, the final norm and the (untied) head train. fastft: `freeze(model, top_k=4, quantize=True)`
+  (the frozen linear layers in 4-bit NF4, the bottom run under torch.no_grad) + the fused loss. Plain
+  transformers: the same parameters trainable (the head untied the same way), the rest fp32 with requires_grad off.
+
+The weights are copied out of the checkpoint's memory map after loading (file pages of weights that fastft
+replaced by 4-bit copies would otherwise stay resident while the map lives). Peak RSS is the process's high-water mark during the training steps (reset after loading the model, so the
+transient of loading and quantizing the fp32 checkpoint does not count); time is the median step after a warm-up.
+
+    python -m fastft.bench.partial_ft --case top4 --variant fastft   # one case, prints a JSON line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastft.bench.harness import Machine, Row
+
+CASES = ("full", "top4")
+VARIANTS = ("transformers", "fastft")
+
+
+def _vm_hwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM")
+
+
+def setup(case: str, variant: str):
+    """The model of one case, ready to train."""
+    import fastft
+    from fastft.bench.smollm2 import load_smollm2
+    from fastft.methods.freeze import freeze
+
+    model, _ = load_smollm2()
+    with torch.no_grad():  # private copies of the weights, which transformers leaves on the checkpoint's mmap
+        for param in model.parameters():
+            param.data = param.data.clone()
+    if case == "top4":
+        if variant == "fastft":
+            freeze(model, top_k=4, quantize=True)
+        else:
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+            top = {f"model.layers.{i}." for i in range(26, 30)} | {"model.norm.", "lm_head."}
+            for name, param in model.named_parameters():
+                param.requires_grad_(name.startswith(tuple(top)))
+    if variant == "fastft":
+        fastft.patch(model, fused_loss=True)
+    return model.train()
+
+
+def run_case(case: str, variant: str, steps: int, tokens: int = 256, batch: int = 2) -> dict:
+    model = setup(case, variant)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
+    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark from here on: the training steps
+    times = []
+    for step in range(steps + 1):  # the first step warms up (and allocates AdamW's state)
+        start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step:
+            times.append(time.perf_counter() - start)
+    return {"step_ms": sorted(times)[len(times) // 2] * 1e3, "peak_rss_mib": _vm_hwm_mib(),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def run(machine: Machine, steps: int = 2, rounds: int = 2, progress=print) -> list[Row]:
+    """Each case in its own process, the variants taking turns for `rounds` rounds; a case's time is its best
+    round, its peak RSS the largest."""
+    measured = {}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed large tensors leave the resident set at once
+    for case in CASES:
+        for round_ in range(rounds):
+            for variant in VARIANTS:
+                progress(f"SmolLM2-135M {case} fine-tuning step, {variant}, round {round_ + 1} (own process)")
+                command = [sys.executable, "-m", "fastft.bench.partial_ft", "--case", case, "--variant", variant,
+                           "--steps", str(steps)]
+                output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+                result = json.loads(output.strip().splitlines()[-1])
+                best = measured.setdefault((case, variant), result)
+                best["step_ms"] = min(best["step_ms"], result["step_ms"])
+                best["peak_rss_mib"] = max(best["peak_rss_mib"], result["peak_rss_mib"])
+    rows = []
+    for case in CASES:
+        ours, theirs = measured[case, "fastft"], measured[case, "transformers"]
+        what = "full fine-tuning" if case == "full" else "top-4-layers fine-tuning (fastft: 4-bit frozen part)"
+        row = Row(f"SmolLM2-135M {what} step, 2x256 tokens ({ours['trainable'] / 1e6:.1f}M trainable; peak RSS "
+                  f"{ours['peak_rss_mib']:.0f} vs {theirs['peak_rss_mib']:.0f} MiB = "
+                  f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x)", ours["step_ms"], "plain transformers",
+                  theirs["step_ms"], target="peak RSS <= 0.7x, time <= 1.0x")
+        row.met = ours["peak_rss_mib"] <= 0.7 * theirs["peak_rss_mib"] and row.speedup >= 1.0
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--case", choices=CASES, required=True)
+    parser.add_argument("--variant", choices=VARIANTS, required=True)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=256)
+    args = parser.parse_args(argv)
+    print(json.dumps(run_case(args.case, args.variant, args.steps, args.tokens)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
