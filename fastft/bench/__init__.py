@@ -16,6 +16,8 @@ SUITES = {
     "qat": "fake quantization (int4 g32 weights, int8 per-token activations) vs torchao; FakeQuantLinear vs "
            "nn.Linear and torchao; a mini Llama QAT step vs torchao",
     "adapters": "bottleneck adapters vs plain torch: one adapter, and a mini Llama training step with Houlsby adapters",
+    "methods": "fine-tuning methods on SmolLM2-135M: EWC penalty+gradient vs an Avalanche-style loop, EWC's "
+               "overhead in a full fine-tuning step, routed multi-task LoRA vs peft task by task",
     "cpu-paths": "each C++ kernel with an AVX-512 path on it vs on its AVX2 path (FASTFT_NO_AVX512=1), fresh "
                  "processes alternating (AVX-512 CPUs only)",
 }
@@ -25,7 +27,7 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
               command: str = "fastft bench") -> tuple[Machine, list[Row], list[Path]]:
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
-    from fastft.bench import adapters, cpu_paths, distillation, lora, lora_step, nf4, qat
+    from fastft.bench import adapters, cpu_paths, distillation, lora, lora_step, methods, nf4, qat
 
     print("measuring the machine's copy bandwidth and fp32 GEMM rate ...", flush=True)
     machine = Machine.measure()
@@ -45,6 +47,8 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
     elif suite == "adapters":
         rows = adapters.run_layer(machine, repeats=repeats, progress=progress)
         rows += adapters.run_step(machine, steps=repeats, progress=progress)
+    elif suite == "methods":
+        rows = methods.run(machine, repeats=repeats, progress=progress)
     elif suite == "cpu-paths":
         rows = cpu_paths.run(repeats=repeats, progress=progress)
     elif suite == "lora":
