@@ -83,6 +83,52 @@ def routed_lora(model: nn.Module, adapters: Sequence[str], task_ids) -> Iterator
             del layer.forward  # back to the class's forward
 
 
+def _routed_slot_run(slot, adapters: Sequence[str], route: Tensor, output: Tensor, source: Optional[Tensor]):
+    """The slot's adapters per batch row: rows grouped by task once (a stable sort), each task's block through its
+    adapter (fastft's fused bottleneck op), one scatter back; rows of task -1 pass unchanged."""
+    if output.shape[0] != route.shape[0]:
+        raise ValueError(f"routed adapters: output has {output.shape[0]} rows, task_ids {route.shape[0]}")
+    order = torch.argsort(route, stable=True)
+    sizes = torch.bincount(route + 1, minlength=len(adapters) + 1).tolist()
+    blocks = output.index_select(0, order).split(sizes)
+    sources = source.index_select(0, order).split(sizes) if source is not None else [None] * len(blocks)
+    parts = [blocks[0]]
+    for name, block, src in zip(adapters, blocks[1:], sources[1:]):
+        adapter = slot.adapters[name] if name in slot.adapters else None
+        if adapter is None or block.shape[0] == 0:
+            parts.append(block)
+        elif name in slot.parallel:
+            parts.append(adapter(src.to(block.dtype), residual=block))
+        else:
+            parts.append(adapter(block))
+    return torch.empty_like(output).index_copy_(0, order, torch.cat(parts))
+
+
+@contextlib.contextmanager
+def routed_adapters(model: nn.Module, adapters: Sequence[str], task_ids) -> Iterator[None]:
+    """Per-sample routing of fastft's bottleneck adapters (fastft.adapters): inside the block, batch row i runs
+    through adapter adapters[task_ids[i]] alone (task id -1: none), whatever adapters are active."""
+    from fastft.methods.adapters import AdapterSlot
+
+    adapters = list(adapters)
+    route = torch.as_tensor(task_ids, dtype=torch.int64)
+    if route.dim() != 1 or (route.numel() and (int(route.min()) < -1 or int(route.max()) >= len(adapters))):
+        raise ValueError(f"task_ids must be 1-D with values in [-1, {len(adapters)}), got {route.tolist()}")
+    slots = [m for m in model.modules() if isinstance(m, AdapterSlot)]
+    known = set().union(*(slot.adapters.keys() for slot in slots)) if slots else set()
+    unknown = [a for a in adapters if a not in known]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {sorted(known)}")
+    for slot in slots:
+        slot.run = lambda output, source, _slot=slot: _routed_slot_run(_slot, adapters, route.to(output.device),
+                                                                        output, source)
+    try:
+        yield
+    finally:
+        for slot in slots:
+            del slot.run
+
+
 class TaskHeads(nn.Module):
     """One classification head per task on the mean-pooled last hidden states: heads[task](pooled) -> logits."""
 

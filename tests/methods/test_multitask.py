@@ -7,8 +7,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import rel_error
-from fastft.methods.multitask import (GradNorm, TaskHeads, TaskSampler, UncertaintyWeighting, routed_lora,
-                                      static_weighting)
+from fastft.methods import adapters
+from fastft.methods.multitask import (GradNorm, TaskHeads, TaskSampler, UncertaintyWeighting, routed_adapters,
+                                      routed_lora, static_weighting)
 from fastft.ops.routed_lora import routed_lora as routed_lora_op
 
 VOCAB = 128
@@ -58,6 +59,38 @@ def test_routed_batch_matches_per_task_runs_with_gradients():
     assert rel_error(routed, expected) < 1e-5
     for n, g, e in zip(params, routed_grads, expected_grads):
         assert rel_error(g, e if e is not None else torch.zeros_like(g)) < 1e-5, n
+
+
+@pytest.mark.parametrize("placement", ("houlsby", "parallel"))
+def test_routed_bottleneck_adapters_match_per_task_runs(placement):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    for name in ("p", "q"):
+        adapters.add_adapters(model, adapters.AdapterConfig(placement=placement, bottleneck_size=8, init="default"),
+                              name=name, activate=False)
+    params = {n: p for n, p in model.named_parameters() if "fastft_adapters" in n}
+    with torch.no_grad():
+        for p in params.values():
+            p.normal_(0, 0.2)
+    ids = torch.randint(0, VOCAB, (5, 7), generator=torch.Generator().manual_seed(4))
+    task_ids = torch.tensor([1, 0, -1, 1, 0])
+    with routed_adapters(model, ["p", "q"], task_ids):
+        routed = model(input_ids=ids).logits
+    routed_grads = torch.autograd.grad(routed.square().sum(), list(params.values()))
+    expected, total = torch.empty_like(routed), 0
+    for t, name in ((0, "p"), (1, "q"), (-1, None)):
+        rows = (task_ids == t).nonzero().flatten()
+        adapters.set_active(model, name)
+        expected[rows] = out = model(input_ids=ids[rows]).logits
+        total = total + out.square().sum()
+    expected_grads = torch.autograd.grad(total, list(params.values()))
+    assert rel_error(routed, expected) < 1e-5
+    for n, g, e in zip(params, routed_grads, expected_grads):
+        assert rel_error(g, e) < 1e-5, n
+    with pytest.raises(ValueError, match="unknown adapter"):
+        with routed_adapters(model, ["p", "zz"], [0]):
+            pass
 
 
 def test_layers_get_their_forward_back():
