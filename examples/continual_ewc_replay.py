@@ -84,10 +84,10 @@ def train(model, encode, data: list[str], steps: int, batch: int, lr: float, ewc
 
 
 def run(model, encode, *, steps: int = 30, batch: int = 8, lr: float = 1e-4, lam: float = 5e4, ratio: float = 0.25,
-        fisher_batches: int = 8) -> dict[str, float]:
+        fisher_batches: int = 8, n_test: int = 64) -> dict[str, float]:
     """Trains A, then B twice (plain; EWC + replay) from the same A-trained model; returns the held-out losses."""
-    a_train, a_test = texts(arithmetic, 400, 0), texts(arithmetic, 64, 1)
-    b_train, b_test = texts(capitals, 400, 2), texts(capitals, 64, 3)
+    a_train, a_test = texts(arithmetic, 400, 0), texts(arithmetic, n_test, 1)
+    b_train, b_test = texts(capitals, 400, 2), texts(capitals, n_test, 3)
     figures = {"A before": held_out_loss(model, encode, a_test)}
     train(model, encode, a_train, steps, batch, lr)
     figures["A after A"] = held_out_loss(model, encode, a_test)
@@ -130,7 +130,8 @@ def main(argv=None) -> dict[str, float]:
     torch.manual_seed(0)
     if args.tiny:
         model, encode = tiny_model(), Bytes()
-        figures = run(model, encode, steps=args.steps or 4, batch=4, lr=1e-3, fisher_batches=2)
+        figures = run(model, encode, steps=args.steps or 4, batch=4, lr=1e-3, fisher_batches=2,
+                      n_test=8)
     else:
         from fastft.bench.smollm2 import load_smollm2
 

@@ -52,11 +52,11 @@ def train(model, encode, source, target, steps, batch, lr, dann: bool, hidden_si
     return accuracy if dann else 0.0
 
 
-def run(model, encode, *, steps: int = 30, batch: int = 8, lr: float = 1e-3) -> dict[str, float]:
+def run(model, encode, *, steps: int = 30, batch: int = 8, lr: float = 1e-3, n_test: int = 64) -> dict[str, float]:
     hidden = model.config.hidden_size
     adapters.add_adapters(model, adapters.AdapterConfig(reduction_factor=8), name="task")  # base frozen
     source, target = texts(arithmetic, 400, 30), texts(symbols, 400, 31)
-    target_test = texts(symbols, 64, 32)
+    target_test = texts(symbols, n_test, 32)
     figures = {"target before": held_out_loss(model, encode, target_test)}
     source_only = copy.deepcopy(model)
     train(source_only, encode, source, target, steps, batch, lr, dann=False, hidden_size=hidden)
@@ -75,7 +75,7 @@ def main(argv=None) -> dict[str, float]:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.tiny:
-        figures = run(tiny_model(), Bytes(), steps=args.steps or 4, batch=4)
+        figures = run(tiny_model(), Bytes(), steps=args.steps or 4, batch=4, n_test=8)
     else:
         from fastft.bench.smollm2 import load_smollm2
 

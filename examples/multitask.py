@@ -42,7 +42,8 @@ def held_out(model, encode, data, task_index, names):
                           batch["labels"]).mean().item()
 
 
-def run(base, encode, *, steps: int = 30, batch: int = 8, lr: float = 2e-3, rank: int = 8) -> dict[str, float]:
+def run(base, encode, *, steps: int = 30, batch: int = 8, lr: float = 2e-3, rank: int = 8,
+        n_test: int = 32) -> dict[str, float]:
     from peft import LoraConfig, get_peft_model
 
     names = list(TASKS)
@@ -54,7 +55,7 @@ def run(base, encode, *, steps: int = 30, batch: int = 8, lr: float = 2e-3, rank
     for p in lora:
         p.requires_grad_(True)  # every task's adapter trains, each on its own rows
     train = {t: texts(fn, 400, 10 + i) for i, (t, fn) in enumerate(TASKS.items())}
-    test = {t: texts(fn, 32, 20 + i) for i, (t, fn) in enumerate(TASKS.items())}
+    test = {t: texts(fn, n_test, 20 + i) for i, (t, fn) in enumerate(TASKS.items())}
     figures = {f"{t} before": held_out(model, encode, test[t], i, names) for i, t in enumerate(names)}
     weighting = UncertaintyWeighting(names)
     optimizer = torch.optim.AdamW(lora + list(weighting.parameters()), lr=lr)
@@ -98,7 +99,7 @@ def main(argv=None) -> dict[str, float]:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.tiny:
-        figures = run(tiny_model(), Bytes(), steps=args.steps or 4, batch=4, rank=4)
+        figures = run(tiny_model(), Bytes(), steps=args.steps or 4, batch=4, rank=4, n_test=8)
     else:
         from fastft.bench.smollm2 import load_smollm2
 

@@ -176,16 +176,17 @@ class EWC:
 
     def apply_(self, scale: float = 1.0) -> Tensor:
         """After backward: add scale * lam * F * (theta - theta*) of every term into the parameters' .grad (created
-        as zeros where None) and return scale * the penalty (0-d fp32; 0 before the first consolidation)."""
-        total = torch.zeros(())
+        as zeros where None) and return scale * the penalty (0-d, fp32 or fp64 for fp64 parameters, on their
+        device; 0 before the first consolidation)."""
+        total = None
         lam = self.config.lam * scale
         for term in self.terms:
             for p in term.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            total = total + ewc_penalty_(term.params, [p.grad for p in term.params], term.fisher, term.anchor,
-                                         lam).cpu()
-        return total
+            value = ewc_penalty_(term.params, [p.grad for p in term.params], term.fisher, term.anchor, lam)
+            total = value if total is None else total + value  # on the parameters' device: no sync
+        return total if total is not None else torch.zeros(())
 
     def state_dict(self) -> dict:
         """The terms (names, Fisher, anchors) for a checkpoint."""
