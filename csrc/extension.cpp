@@ -3,6 +3,7 @@
 
 #include "bottleneck_cpu.h"
 #include "distillation_cpu.h"
+#include "ewc_cpu.h"
 #include "lora_cpu.h"
 #include "nf4_cpu.h"
 #include "qat_cpu.h"
@@ -59,4 +60,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(dx, dscale, dzero_point) of fake_quantize_with_scale");
   m.def("distill_soft_rows", &fastft::distill_soft_rows_cpu,
         "per-row generalized JSD and its scaled gradient, written over the student logits tile (fp32)");
+  m.def("ewc_penalty", &fastft::ewc_penalty_cpu,
+        "grads += lambda * F * (theta - theta*) over lists of tensors in one pass; returns lambda / 2 * sum F d^2");
 }

@@ -19,8 +19,10 @@ SUITES = {
     "adapters": "bottleneck adapters vs plain torch: one adapter, and a mini Llama training step with Houlsby adapters",
     "distributed": "LoRA and QLoRA training steps of a mini Llama under FSDP2 on 2 CPU processes vs peft "
                    "(+ bitsandbytes): step time, peak RSS per rank, all-gather bytes of a 4-bit vs a bf16 base",
-    "methods-ft": "SmolLM2-135M full and top-4-layers fine-tuning steps vs plain transformers (peak RSS, time; one "
-                  "process per case; minutes); UPFT vs full-trace fine-tuning step time per example",
+    "methods": "fine-tuning methods on SmolLM2-135M: EWC penalty+gradient vs an Avalanche-style loop, EWC's "
+               "overhead in a full fine-tuning step, routed multi-task LoRA vs peft task by task; full and "
+               "top-4-layers fine-tuning steps vs plain transformers (peak RSS, time; one process per case); UPFT vs "
+               "full-trace fine-tuning step time per example (tens of minutes)",
     "cpu-paths": "each C++ kernel with an AVX-512 path on it vs on its AVX2 path (FASTFT_NO_AVX512=1), fresh "
                  "processes alternating (AVX-512 CPUs only)",
 }
@@ -30,7 +32,7 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
               command: str = "fastft bench") -> tuple[Machine, list[Row], list[Path]]:
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
-    from fastft.bench import adapters, cpu_paths, distillation, distributed, generate, lora, lora_step, nf4, qat
+    from fastft.bench import adapters, cpu_paths, distillation, distributed, generate, lora, lora_step, methods, nf4, qat
 
     print("measuring the machine's copy bandwidth and fp32 GEMM rate ...", flush=True)
     machine = Machine.measure()
@@ -53,13 +55,14 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
         rows += adapters.run_step(machine, steps=repeats, progress=progress)
     elif suite == "distributed":
         rows = distributed.run(machine, steps=repeats, progress=progress)
-    elif suite == "cpu-paths":
-        rows = cpu_paths.run(repeats=repeats, progress=progress)
-    elif suite == "methods-ft":
+    elif suite == "methods":
         from fastft.bench import partial_ft, upft_step
 
-        rows = partial_ft.run(machine, steps=max(1, repeats // 2), rounds=1, progress=progress)
+        rows = methods.run(machine, repeats=repeats, progress=progress)
+        rows += partial_ft.run(machine, steps=max(1, repeats // 2), rounds=1, progress=progress)
         rows += upft_step.run(machine, repeats=max(1, repeats // 2), progress=progress)
+    elif suite == "cpu-paths":
+        rows = cpu_paths.run(repeats=repeats, progress=progress)
     elif suite == "lora":
         rows = lora.run_group(machine, repeats=max(repeats, 3), progress=progress)
         rows += lora.run_dora(machine, repeats=max(repeats, 3), progress=progress)

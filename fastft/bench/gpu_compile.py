@@ -173,7 +173,19 @@ def _qat_cases(full: bool):
             yield f"fake_quant_linear x={quantize_x} w={quantize_w}", SHORT[dtype], fused
 
 
-CASES = (_nf4_cases, _lora_cases, _bottleneck_cases, _distillation_cases, _qat_cases)
+def _ewc_cases(full: bool):
+    from fastft.kernels import ewc
+
+    shapes = ((INTERMEDIATE, HIDDEN), (HIDDEN,), (VOCAB, HIDDEN))
+    for param_dtype, storage_dtype in ((F32, F32), (BF16, BF16), (F32, BF16)) if full else ((F32, F32), (BF16, BF16)):
+        def run(p=param_dtype, s=storage_dtype):
+            ewc.ewc_penalty([meta(*shape, dtype=p) for shape in shapes], [meta(*shape, dtype=p) for shape in shapes],
+                            [meta(*shape, dtype=s) for shape in shapes], [meta(*shape, dtype=s) for shape in shapes],
+                            1.0)
+        yield f"ewc_penalty storage={SHORT[storage_dtype]}", SHORT[param_dtype], run
+
+
+CASES = (_nf4_cases, _lora_cases, _bottleneck_cases, _distillation_cases, _qat_cases, _ewc_cases)
 
 
 def collect(full: bool, only: tuple[str, ...] = ()) -> list[Launch]:

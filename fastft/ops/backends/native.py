@@ -131,3 +131,9 @@ def _full_vocabulary_fp32(zs, zt, beta, temperature, want_grad, topk, grad_scale
 def distill_soft_rows(zs, zt, beta, temperature, want_grad, topk, grad_scale):
     soft = native_extension().distill_soft_rows(zs, zt, temperature, beta, grad_scale)
     return soft, (zs if want_grad else None)
+
+
+# EWC penalty pass (csrc/ewc.cpp) --------------------------------------------------------------------------------------
+@register_kernel("ewc_penalty", NATIVE)
+def ewc_penalty(params, grads, fisher, anchor, lam):
+    return native_extension().ewc_penalty(params, grads, fisher, anchor, lam)

@@ -13,9 +13,12 @@ from fastft.ops import qat as qat_ops
 from fastft.ops.routing import register_kernel
 from fastft.reference import bottleneck as bottleneck_ref
 from fastft.reference import distillation as distillation_ref
+from fastft.reference import ewc as ewc_ref
+from fastft.reference import grad_reverse as grad_reverse_ref
 from fastft.reference import lora as lora_ref
 from fastft.reference import nf4 as nf4_ref
 from fastft.reference import qat as qat_ref
+from fastft.reference import routed_lora as routed_lora_ref
 
 REFERENCE = "reference"
 
@@ -207,3 +210,31 @@ def fake_quant_linear_backward(dy, x, weight, weight_bits, group, activation_bit
 @register_kernel("distill_soft_rows", REFERENCE)
 def distill_soft_rows(zs, zt, beta, temperature, want_grad, topk, grad_scale):
     return distillation_ref.soft_rows_ref(zs, zt, beta, temperature, want_grad, topk, grad_scale)
+
+
+# EWC penalty pass -----------------------------------------------------------------------------------------------
+@register_kernel("ewc_penalty", REFERENCE)
+def ewc_penalty(params, grads, fisher, anchor, lam):
+    return ewc_ref.ewc_penalty_ref(params, grads, fisher, anchor, lam)
+
+
+# Gradient reversal (plain torch on every device: a copy and a scaled copy) ---------------------------------------
+@register_kernel("grad_reverse", REFERENCE)
+def grad_reverse(x):
+    return grad_reverse_ref.grad_reverse_ref(x)
+
+
+@register_kernel("grad_reverse_backward", REFERENCE)
+def grad_reverse_backward(grad, lam):
+    return grad_reverse_ref.grad_reverse_backward_ref(grad, lam)
+
+
+# Per-sample routed LoRA (plain torch: rows grouped by adapter, ATen GEMMs per group) ----------------------------
+@register_kernel("routed_lora", REFERENCE)
+def routed_lora(x, lora_As, lora_Bs, scales, route):
+    return routed_lora_ref.routed_lora_ref(x, lora_As, lora_Bs, scales, route)
+
+
+@register_kernel("routed_lora_backward", REFERENCE)
+def routed_lora_backward(dy, x, lora_As, lora_Bs, scales, route, want_x):
+    return routed_lora_ref.routed_lora_backward_ref(dy, x, lora_As, lora_Bs, scales, route, want_x)

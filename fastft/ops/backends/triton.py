@@ -163,3 +163,13 @@ def _full_vocabulary_fp32(zs, zt, beta, temperature, want_grad, topk, grad_scale
 def distill_soft_rows(zs, zt, beta, temperature, want_grad, topk, grad_scale):
     soft = _kernels("distillation").distill_soft_rows(zs, zt, temperature, beta, grad_scale, want_grad)
     return soft, (zs if want_grad else None)
+
+
+# EWC penalty pass (kernels/ewc.py) --------------------------------------------------------------------------------
+def _no_fp64(params, grads, fisher, anchor, lam) -> bool:
+    return all(p.dtype != torch.float64 and f.dtype != torch.float64 for p, f in zip(params, fisher))
+
+
+@register_kernel("ewc_penalty", TRITON, supports=_no_fp64, declines="fp64 parameters or storage")
+def ewc_penalty(params, grads, fisher, anchor, lam):
+    return _kernels("ewc").ewc_penalty(params, grads, fisher, anchor, lam)
