@@ -131,3 +131,14 @@ def _full_vocabulary_fp32(zs, zt, beta, temperature, want_grad, topk, grad_scale
 def distill_soft_rows(zs, zt, beta, temperature, want_grad, topk, grad_scale):
     soft = native_extension().distill_soft_rows(zs, zt, temperature, beta, grad_scale)
     return soft, (zs if want_grad else None)
+
+
+# Log-probability rows (csrc/logprobs.cpp) -----------------------------------------------------------------------------
+def _fp32_tile(z, labels, want_entropy, grad_logprob, grad_entropy) -> bool:
+    return z.dtype == torch.float32
+
+
+@register_kernel("logprob_rows", NATIVE, supports=_fp32_tile, declines="fp64")
+def logprob_rows(z, labels, want_entropy, grad_logprob, grad_entropy):
+    logprob, entropy, top = native_extension().logprob_rows(z, labels, want_entropy, grad_logprob, grad_entropy)
+    return logprob, (entropy if want_entropy else None), top

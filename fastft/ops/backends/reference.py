@@ -13,6 +13,7 @@ from fastft.ops import qat as qat_ops
 from fastft.ops.routing import register_kernel
 from fastft.reference import bottleneck as bottleneck_ref
 from fastft.reference import distillation as distillation_ref
+from fastft.reference import logprobs as logprobs_ref
 from fastft.reference import lora as lora_ref
 from fastft.reference import nf4 as nf4_ref
 from fastft.reference import qat as qat_ref
@@ -202,3 +203,9 @@ def fake_quant_linear_backward(dy, x, weight, weight_bits, group, activation_bit
 @register_kernel("distill_soft_rows", REFERENCE)
 def distill_soft_rows(zs, zt, beta, temperature, want_grad, topk, grad_scale):
     return distillation_ref.soft_rows_ref(zs, zt, beta, temperature, want_grad, topk, grad_scale)
+
+
+# Log-probability rows -------------------------------------------------------------------------------------------
+@register_kernel("logprob_rows", REFERENCE)
+def logprob_rows(z, labels, want_entropy, grad_logprob, grad_entropy):
+    return logprobs_ref.logprob_rows_ref(z, labels, want_entropy, grad_logprob, grad_entropy)

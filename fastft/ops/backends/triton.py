@@ -156,3 +156,13 @@ def _full_vocabulary_fp32(zs, zt, beta, temperature, want_grad, topk, grad_scale
 def distill_soft_rows(zs, zt, beta, temperature, want_grad, topk, grad_scale):
     soft = _kernels("distillation").distill_soft_rows(zs, zt, temperature, beta, grad_scale, want_grad)
     return soft, (zs if want_grad else None)
+
+
+# Log-probability rows (kernels/logprobs.py) ---------------------------------------------------------------------------
+def _fp32_tile(z, labels, want_entropy, grad_logprob, grad_entropy) -> bool:
+    return z.dtype == torch.float32
+
+
+@register_kernel("logprob_rows", TRITON, supports=_fp32_tile, declines="fp64")
+def logprob_rows(z, labels, want_entropy, grad_logprob, grad_entropy):
+    return _kernels("logprobs").logprob_rows(z, labels, want_entropy, grad_logprob, grad_entropy)
