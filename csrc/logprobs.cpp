@@ -171,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_rows_cpu(at::Tensor& z, c
       const float lse = static_cast<float>(st.m + log_s);
       const float h = entropy ? static_cast<float>(log_s - st.t / st.s) : 0.f;
       lp_out[r] = row[label] - lse;
-      top_out[r] = static_cast<float>(-log_s);  // max_j z_j - lse
+      top_out[r] = static_cast<float>(st.m) - lse;  // rounded as logprob is: equal when the label is the argmax
       if (want_entropy) ent_out[r] = h;
       if (!with_grad) continue;
       const float g = gp[r], e = grad_ent ? ep[r] : 0.f;

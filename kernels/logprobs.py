@@ -47,7 +47,7 @@ def _logprob_rows_kernel(z_ptr, labels_ptr, logprob_ptr, entropy_ptr, top_ptr, g
     lse = row_max + log_s
     label = tl.load(labels_ptr + row)
     tl.store(logprob_ptr + row, tl.load(z_row + label) - lse)
-    tl.store(top_ptr + row, -log_s)  # max_j z_j - lse
+    tl.store(top_ptr + row, row_max - lse)  # rounded as logprob is: equal when the label is the argmax
     h = 0.0
     if WANT_ENTROPY or GRAD_ENTROPY:
         h = log_s - tl.sum(c * (t + s * (m - row_max)), axis=0) / total

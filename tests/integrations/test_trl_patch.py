@@ -149,6 +149,7 @@ def grpo_trainer():
                       entropy_coef=0.01, top_entropy_quantile=0.5)
     trainer = GRPOTrainer(model=lora_model(), reward_funcs=lambda completions, **_: [0.0] * len(completions),
                           args=args, train_dataset=text_dataset(), processing_class=tokenizer())
+    trainer.current_gradient_accumulation_steps = 2  # what Trainer.training_step sets under accumulation
     return trainer, grpo_inputs(trainer, torch.Generator().manual_seed(0))
 
 

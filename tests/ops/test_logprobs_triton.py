@@ -36,7 +36,7 @@ def test_kernel_matches_reference(vocab):
         ours_ce = torch.autograd.grad(loss, [h, w, b])
     leaves = [t.detach().double().requires_grad_() for t in (h, w, b)]
     lp, ent, top = fused_linear_logprobs_ref(*leaves[:2], leaves[2], labels)
-    theirs = torch.autograd.grad((lp * glp.double()).sum() + (ent * gent.double()).sum(), leaves)
+    theirs = torch.autograd.grad((lp * glp.double()).sum() + (ent * gent.double()).sum(), leaves, retain_graph=True)
     assert rel_error(out.logprob, lp) < 1e-5 and rel_error(out.entropy, ent) < 1e-5 and rel_error(out.top, top) < 1e-5
     for a, e in zip(ours, theirs):
         assert rel_error(a, e) < 1e-5
