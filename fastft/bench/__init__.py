@@ -16,6 +16,9 @@ SUITES = {
     "qat": "fake quantization (int4 g32 weights, int8 per-token activations) vs torchao; FakeQuantLinear vs "
            "nn.Linear and torchao; a mini Llama QAT step vs torchao",
     "adapters": "bottleneck adapters vs plain torch: one adapter, and a mini Llama training step with Houlsby adapters",
+    "preference": "DPO and GRPO losses from hidden states vs TRL's logits path and Liger (time, peak memory); the "
+                  "cross-entropy with 256 of 2048 rows labelled vs all; DPO and SFT steps of SmolLM2-135M with LoRA "
+                  "through TRL, fastft vs TRL alone (vs TRL + Liger for DPO), one process per case",
     "cpu-paths": "each C++ kernel with an AVX-512 path on it vs on its AVX2 path (FASTFT_NO_AVX512=1), fresh "
                  "processes alternating (AVX-512 CPUs only)",
 }
@@ -25,7 +28,7 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
               command: str = "fastft bench") -> tuple[Machine, list[Row], list[Path]]:
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
-    from fastft.bench import adapters, cpu_paths, distillation, lora, lora_step, nf4, qat
+    from fastft.bench import adapters, cpu_paths, distillation, lora, lora_step, nf4, preference, qat
 
     print("measuring the machine's copy bandwidth and fp32 GEMM rate ...", flush=True)
     machine = Machine.measure()
@@ -45,6 +48,12 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
     elif suite == "adapters":
         rows = adapters.run_layer(machine, repeats=repeats, progress=progress)
         rows += adapters.run_step(machine, steps=repeats, progress=progress)
+    elif suite == "preference":
+        from fastft.bench import trl_step
+
+        rows = preference.run_ignored_rows(machine, repeats=repeats, progress=progress)
+        rows += preference.run_losses(machine, repeats=max(1, repeats // 3), progress=progress)
+        rows += trl_step.run(steps=repeats, progress=progress)
     elif suite == "cpu-paths":
         rows = cpu_paths.run(repeats=repeats, progress=progress)
     elif suite == "lora":
