@@ -5,6 +5,7 @@ trains, built only from fastft.nn, fastft.losses and the public functions (fastf
 - qat.py: quantization-aware fine-tuning, `prepare` (nn.Linear -> FakeQuantLinear) and `convert` (-> QuantizedLinear).
 - quantize.py: `quantize_model`, a model's linear layers to 4-bit NF4Linear.
 - distillation.py: the distillation loss of a causal LM against a teacher and its Trainer.
+- preference.py: DPO's losses (every TRL loss_type) on per-token log-probabilities.
 
 The submodules load on first use (the distillation Trainer imports transformers); the public paths fastft.adapters,
 fastft.qat, fastft.quantize_model and fastft.integrations.distillation re-export them.
