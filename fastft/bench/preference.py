@@ -133,7 +133,10 @@ def run_losses(machine: Machine, repeats: int = 2, progress=print) -> list[Row]:
                ("grpo", "liger"): (0.5, 0.9)}
     for kind, (b, t) in SHAPES.items():
         progress(f"{kind} loss fwd+bwd, {b} x {t} tokens, H={H}, V={V} (one process per implementation)")
-        results = {impl: measure(kind, impl, repeats) for impl in IMPLS}
+        results = {}
+        for impl in IMPLS:
+            results[impl] = measure(kind, impl, repeats)
+            progress(f"  -> {impl}: {results[impl]}")
         ours = results["fastft"]
         for peer in ("trl", "liger"):
             mem_target, time_target = targets[(kind, peer)]
@@ -168,6 +171,7 @@ def run_ignored_rows(machine: Machine, repeats: int = 3, tokens: int = 2048, lab
               "fastft, all rows labelled", ms["all"], machine.gemm_ms(3 * 2 * labelled * hidden_size * vocab),
               target="<= 0.25x")
     row.met = ms["some"] <= 0.25 * ms["all"]
+    progress(f"  -> {ms}")
     return [row]
 
 

@@ -1,7 +1,7 @@
 """Whole training steps of SmolLM2-135M-Instruct (fp32, LoRA r=16 on q/k/v/o) through TRL 1.16, CPU, one process
 per case: DPO (2 pairs a step, ~120-token prompts, ~40-token completions) with fastft (fastft.patch(trainer): fused
 LoRA layers and fastft's fused head in place of TRL's), TRL alone (its own fused head) and TRL with
-use_liger_kernel=True; SFT (4 sequences a step, same lengths, loss on the completion) with fastft and TRL alone.
+use_liger_kernel=True (GPU only: Liger's model kernels are Triton); SFT (4 sequences a step, same lengths, loss on the completion) with fastft and TRL alone.
 Reported: median step time after the first step, and the process's peak RSS.
 
     python -m fastft.bench.trl_step --trainer dpo --impl fastft --steps 4
@@ -19,6 +19,8 @@ import time
 
 from fastft.bench.harness import Row
 
+# TRL's use_liger_kernel=True swaps the model's RMSNorm / SwiGLU / RoPE for Liger's Triton kernels, which need a GPU
+# driver: on a CPU it fails ("0 active drivers"), so that case runs only where CUDA is available.
 CASES = {"dpo": ("fastft", "trl", "trl+liger"), "sft": ("fastft", "trl")}
 
 
@@ -91,11 +93,15 @@ def measure(trainer_kind: str, impl: str, steps: int) -> dict:
 
 def run(steps: int = 4, progress=print) -> list[Row]:
     rows = []
+    import torch
+
     for kind, impls in CASES.items():
+        impls = tuple(i for i in impls if i != "trl+liger" or torch.cuda.is_available())
         results = {}
         for impl in impls:
             progress(f"{kind} step of SmolLM2-135M with LoRA through TRL: {impl} (own process)")
             results[impl] = measure(kind, impl, steps)
+            progress(f"  -> {results[impl]}")
         ours = results["fastft"]
         for peer in impls[1:]:
             name = "TRL alone (its fused head)" if peer == "trl" else "TRL + use_liger_kernel"
