@@ -4,6 +4,7 @@
 #include "bottleneck_cpu.h"
 #include "distillation_cpu.h"
 #include "ewc_cpu.h"
+#include "logprobs_cpu.h"
 #include "lora_cpu.h"
 #include "nf4_cpu.h"
 #include "qat_cpu.h"
@@ -62,4 +63,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "per-row generalized JSD and its scaled gradient, written over the student logits tile (fp32)");
   m.def("ewc_penalty", &fastft::ewc_penalty_cpu,
         "grads += lambda * F * (theta - theta*) over lists of tensors in one pass; returns lambda / 2 * sum F d^2");
+  m.def("logprob_rows", &fastft::logprob_rows_cpu, py::arg("z"), py::arg("labels"), py::arg("want_entropy"),
+        py::arg("grad_logprob") = py::none(), py::arg("grad_entropy") = py::none(),
+        "per-row log-probability of the label (and entropy, and the row's largest log-probability) of a logits tile; with grad_logprob, the gradient "
+        "with respect to the logits written over the tile (fp32)");
 }

@@ -22,7 +22,8 @@ def _info(_args) -> int:
     from fastft import ops
     from fastft.ops.routing import describe_routes
 
-    names = sorted(op._qualname for module in (ops.nf4, ops.lora, ops.distillation, ops.bottleneck, ops.qat)
+    names = sorted(op._qualname for module in (ops.nf4, ops.lora, ops.distillation, ops.logprobs, ops.bottleneck,
+                                               ops.qat)
                    for op in vars(module).values() if isinstance(op, CustomOpDef))
     print("  implementations per op (routing table, fastft/ops/backends/) and which runs here:")
     devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)

@@ -3,6 +3,7 @@
     loss = fastft.losses.fused_linear_distillation(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                                    labels, beta=0.5, temperature=2.0)
     loss = fastft.losses.fused_linear_cross_entropy(hidden, lm_head_weight, labels)  # F.cross_entropy's value
+    logprob = fastft.losses.fused_linear_logprobs(hidden, lm_head_weight, labels)  # log softmax(logits)[label]
 
 Semantics are TRL's generalized JSD and Hinton's KD (fastft/reference/distillation.py): soft term JSD(beta)
 between teacher and student at temperature T (beta=0 forward KL(P||Q), beta=1 reverse KL(Q||P)), times T^2 when
@@ -35,11 +36,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from fastft.ops import distillation as ops
+from fastft.ops import logprobs as logprob_ops
 
 REDUCTIONS = ("mean", "sum", "none")
 TEMPERATURE_MIN, TEMPERATURE_MAX = 0.01, 100.0
@@ -184,16 +187,69 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
     return loss.reshape(leading) if reduction == "none" else loss
 
 
+def _check_head(hidden, weight, labels, bias, ignore_index) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"weight must be (vocab, {hidden.shape[-1]}) for hidden of last dim {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    _check_labels_meta(labels, hidden.shape[:-1])
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],)):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(getattr(bias, 'shape', ()))}")
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    devices = {t.device for t in (hidden, weight, labels, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+class LogProbs(NamedTuple):
+    """fused_linear_logprobs' outputs, each shaped like labels: logprob, entropy (None unless asked), top (the
+    token's largest log-probability, not differentiable; logprob >= top says the label is a most likely token)."""
+
+    logprob: Tensor
+    entropy: Tensor | None
+    top: Tensor
+
+
+def fused_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                          ignore_index: int = -100, entropy: bool = False, details: bool = False):
+    """log softmax(hidden @ weight^T + bias)[label] per token for hidden (..., H), weight (V, H), integer labels
+    (...), without the (tokens, V) logits (fastft::fused_linear_logprobs); with entropy=True also each token's
+    entropy -sum p log p. Returns a tensor shaped like labels, or (entropy=True) the pair (logprob, entropy), or
+    (details=True) a LogProbs. fp32 (fp64 for fp64 inputs); tokens
+    labelled ignore_index get 0 and cost no matmul. Differentiable in hidden, weight and bias (and through the
+    entropy); under torch.no_grad nothing is kept for backward. labels are used as given: for a causal LM's next
+    token, shift them first (labels[..., 1:] against hidden[..., :-1, :]). labels must lie in [0, V) or equal
+    ignore_index."""
+    _check_head(hidden, weight, labels, bias, ignore_index)
+    for name, value in (("entropy", entropy), ("details", details)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    logprob, ent, top = logprob_ops.fused_linear_logprobs(rows, weight, bias, labels.reshape(-1).long(),
+                                                          int(ignore_index), entropy)
+    if details:
+        return LogProbs(logprob.reshape(labels.shape), ent.reshape(labels.shape) if entropy else None,
+                        top.reshape(labels.shape))
+    if entropy:
+        return logprob.reshape(labels.shape), ent.reshape(labels.shape)
+    return logprob.reshape(labels.shape)
+
+
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                                ignore_index: int = -100, reduction: str = "mean",
                                num_items_in_batch: int | Tensor | None = None) -> Tensor:
     """F.cross_entropy(hidden @ weight^T + bias, labels) for hidden (..., H), weight (V, H), integer labels (...),
-    without the (tokens, V) logits: token chunks of ~32 MiB fp32 logits, gradients for hidden (and for weight and
-    bias when they require grad) computed in the forward pass. "mean" divides by the tokens not labelled
-    ignore_index, or by num_items_in_batch (transformers' sum / num_items_in_batch); "sum"; "none" (per token,
-    shaped like labels). The loss is fp32 (fp64 for fp64 inputs); bf16/fp16 logits are accumulated in fp32.
-    labels must lie in [0, V) or equal ignore_index; num_items_in_batch must be None, a finite number > 0 or a
-    one-element tensor holding one (the values of both are checked as the module doc says).
+    without the (tokens, V) logits: -fused_linear_logprobs, reduced. Rows labelled ignore_index are dropped before
+    the head matmul (they cost nothing); the others go in token chunks of ~32 MiB fp32 logits. With "mean" or "sum"
+    the gradients for hidden (and for weight and bias when they require grad) are computed in the forward pass
+    (fastft::fused_linear_nll); "none" (per token, shaped like labels) differentiates through
+    fastft::fused_linear_logprobs. "mean" divides by the tokens not labelled ignore_index, or by num_items_in_batch
+    (transformers' sum / num_items_in_batch). The loss is fp32 (fp64 for fp64 inputs); bf16/fp16 logits are
+    accumulated in fp32. labels must lie in [0, V) or equal ignore_index; num_items_in_batch must be None, a finite
+    number > 0 or a one-element tensor holding one (the values of both are checked as the module doc says).
 
     Row i of hidden is scored against labels[i] as given: no shift. A causal LM's loss (what its forward returns
     for labels=input_ids) predicts token t+1 from position t, so the caller shifts, as transformers does:
@@ -202,27 +258,16 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *
         loss = fused_linear_cross_entropy(hidden[:, :-1], model.lm_head.weight, input_ids[:, 1:])
         # equal to model(input_ids, labels=input_ids).loss (fastft.patch(model, fused_loss=True) does this)
     """
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"weight must be (vocab, {hidden.shape[-1]}) for hidden of last dim {hidden.shape[-1]}, "
-                         f"got {tuple(weight.shape)}")
-    _check_labels_meta(labels, hidden.shape[:-1])
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    _check_head(hidden, weight, labels, bias, ignore_index)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     _check_num_items_in_batch(num_items_in_batch, reduction)
-    devices = {t.device for t in (hidden, weight, labels, bias) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if reduction == "none":
+        return -fused_linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index)
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).long()
     denominator = _denominator(reduction, num_items_in_batch, flat_labels, ignore_index, rows.shape[0], rows.device)
-    loss, *_ = ops.fused_linear_distillation(
-        rows, weight, None, None, flat_labels, bias, None, 0.0, 1.0, 0.0, False, int(ignore_index), 0, denominator,
-        reduction == "none", hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    return loss.reshape(labels.shape) if reduction == "none" else loss
+    loss, *_ = logprob_ops.fused_linear_nll(
+        rows, weight, bias, flat_labels, int(ignore_index), denominator, hidden.requires_grad, weight.requires_grad,
+        bias is not None and bias.requires_grad)
+    return loss

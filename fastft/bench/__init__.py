@@ -23,6 +23,9 @@ SUITES = {
                "overhead in a full fine-tuning step, routed multi-task LoRA vs peft task by task; full and "
                "top-4-layers fine-tuning steps vs plain transformers (peak RSS, time; one process per case); UPFT vs "
                "full-trace fine-tuning step time per example (tens of minutes)",
+    "preference": "DPO and GRPO losses from hidden states vs TRL's logits path and Liger (time, peak memory); the "
+                  "cross-entropy with 256 of 2048 rows labelled vs all; DPO and SFT steps of SmolLM2-135M with LoRA "
+                  "through TRL, fastft vs TRL alone (vs TRL + Liger for DPO), one process per case",
     "cpu-paths": "each C++ kernel with an AVX-512 path on it vs on its AVX2 path (FASTFT_NO_AVX512=1), fresh "
                  "processes alternating (AVX-512 CPUs only)",
 }
@@ -32,7 +35,8 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
               command: str = "fastft bench") -> tuple[Machine, list[Row], list[Path]]:
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
-    from fastft.bench import adapters, cpu_paths, distillation, distributed, generate, lora, lora_step, methods, nf4, qat
+    from fastft.bench import (adapters, cpu_paths, distillation, distributed, generate, lora, lora_step, methods, nf4,
+                              preference, qat)
 
     print("measuring the machine's copy bandwidth and fp32 GEMM rate ...", flush=True)
     machine = Machine.measure()
@@ -61,6 +65,12 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
         rows = methods.run(machine, repeats=repeats, progress=progress)
         rows += partial_ft.run(machine, steps=max(1, repeats // 2), rounds=1, progress=progress)
         rows += upft_step.run(machine, repeats=max(1, repeats // 2), progress=progress)
+    elif suite == "preference":
+        from fastft.bench import trl_step
+
+        rows = preference.run_ignored_rows(machine, repeats=repeats, progress=progress)
+        rows += preference.run_losses(machine, repeats=max(1, repeats // 3), progress=progress)
+        rows += trl_step.run(steps=repeats, progress=progress)
     elif suite == "cpu-paths":
         rows = cpu_paths.run(repeats=repeats, progress=progress)
     elif suite == "lora":

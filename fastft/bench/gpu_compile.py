@@ -147,6 +147,16 @@ def _distillation_cases(full: bool):
             meta(rows, VOCAB), meta(rows, VOCAB), 2.0, beta, 1.0 / TOKENS, True))
 
 
+def _logprobs_cases(full: bool):
+    from fastft.kernels import logprobs
+
+    rows = 256
+    labels = meta(rows, dtype=torch.int64)
+    for entropy, grad in ((False, False), (True, False), (False, True), (True, True)):
+        yield (f"logprob_rows entropy={entropy} grad={grad}", "fp32", lambda e=entropy, g=grad: logprobs.logprob_rows(
+            meta(rows, VOCAB), labels, e, meta(rows) if g else None, meta(rows) if g and e else None))
+
+
 def _qat_cases(full: bool):
     from fastft.kernels import qat
 
@@ -185,7 +195,7 @@ def _ewc_cases(full: bool):
         yield f"ewc_penalty storage={SHORT[storage_dtype]}", SHORT[param_dtype], run
 
 
-CASES = (_nf4_cases, _lora_cases, _bottleneck_cases, _distillation_cases, _qat_cases, _ewc_cases)
+CASES = (_nf4_cases, _lora_cases, _bottleneck_cases, _distillation_cases, _logprobs_cases, _qat_cases, _ewc_cases)
 
 
 def collect(full: bool, only: tuple[str, ...] = ()) -> list[Launch]:

@@ -71,4 +71,9 @@ def patch_causal_lm_loss(model: nn.Module, report) -> None:
             continue
         swap_class(module, _fused_loss_forward, "fastft's fused linear cross-entropy as its training loss")
         report.fused["causal LM loss (fused linear cross-entropy)"] += 1
+        if "forward" in module.__dict__ and "_fastft_trl_head" not in module.__dict__:
+            report.unfused[name or type(module).__name__] = (
+                "loss: an instance forward (TRL's fused LM head, add_fused_lm_head) overrides the class's: the "
+                "trainer's fused_lm_head=True calls run TRL's head, not fastft's loss; fastft.patch(trainer) puts "
+                "fastft's head in its place")
 

@@ -7,6 +7,7 @@ trains, built only from fastft.nn, fastft.losses and the public functions (fastf
 - distillation.py: the distillation loss of a causal LM against a teacher and its Trainer.
 - freeze.py: full / partial fine-tuning, `freeze` (top k layers or name patterns + the head trainable; the frozen
   part optionally 4-bit and run without autograd below the lowest trainable layer).
+- preference.py: DPO's losses (every TRL loss_type) on per-token log-probabilities.
 
 The submodules load on first use (the distillation Trainer imports transformers); the public paths fastft.adapters,
 fastft.qat, fastft.quantize_model and fastft.integrations.distillation re-export them.

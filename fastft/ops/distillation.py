@@ -14,8 +14,6 @@ four passes over a cached row, AVX2 exp/log) instead of ~20 torch ops; on CUDA i
 cases (teacher top-k, fp64) use torch ops.
 
 - teacher_topk > 0: the soft term over the teacher's top-k tokens + a rest bucket; 0: the full vocabulary.
-- No teacher (teacher_hidden and teacher_weight None, alpha = 0): the fused linear cross-entropy of the student
-  alone, per token -log softmax(z)[label] with gradient softmax(z) - onehot(label) (a causal LM's loss).
 - fastft::fused_linear_distillation(...) -> (loss, grad_hidden, grad_weight, grad_bias): with a scalar reduction
   (per_token=False) the gradients are computed in the forward pass (scaled by the incoming gradient in
   backward); with per_token=True only the per-token losses, and backward reruns the chunks with per-token weights
@@ -44,8 +42,6 @@ from fastft.ops.routing import dispatch
 _TILE_BYTES = 48 << 20
 # The torch path (teacher top-k, fp64) holds about six tiles of temporaries per chunk: smaller chunks.
 _TORCH_PATH_TILE_BYTES = 8 << 20
-# Cross-entropy alone: chunks of 256 tokens at V = 32000.
-_CROSS_ENTROPY_TILE_BYTES = 32 << 20
 _VOCAB_TILE = 8192
 
 
@@ -85,23 +81,8 @@ def _times_weight(dz: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
-def _cross_entropy_rows(zs, labels, ignore_index, want_grad):
-    """Per-row cross-entropy of the logits zs and (want_grad) its gradient softmax - onehot; 0 for ignored rows."""
-    log_probs = F.log_softmax(zs, dim=-1)
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
-    loss = torch.where(valid, -log_probs.gather(1, safe).squeeze(1), 0.0)
-    if not want_grad:
-        return loss, None
-    grad = log_probs.exp_()
-    grad.scatter_add_(1, safe, torch.full_like(loss, -1.0).unsqueeze(1))
-    return loss, grad.mul_(valid.unsqueeze(1))
-
-
 def _rows(zs, zt, labels, beta, temperature, alpha, scale_by_t2, ignore_index, want_grad, topk):
     """Per-row loss and (want_grad) its gradient with respect to the student logits zs (zs, zt: scratch)."""
-    if zt is None:
-        return _cross_entropy_rows(zs, labels, ignore_index, want_grad)
     factor = alpha * (temperature**2 if scale_by_t2 else 1.0)
     with_ce = labels is not None and alpha != 1.0
     ce_log_probs = F.log_softmax(zs, dim=-1) if with_ce else None  # before zs becomes scratch
@@ -135,20 +116,16 @@ def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
     grad_weight = torch.zeros(student_weight.shape, dtype=dtype, device=student_weight.device) \
         if want_grad and want_weight else None
     grad_bias = torch.zeros(vocab, dtype=dtype, device=student_weight.device) if want_grad and want_bias else None
-    if teacher_hidden is None:
-        tile_bytes = _CROSS_ENTROPY_TILE_BYTES
-    else:  # the fused row kernels keep no temporaries; the torch path (top-k, fp64) about six tiles
-        tile_bytes = _TILE_BYTES if dtype == torch.float32 and not teacher_topk else _TORCH_PATH_TILE_BYTES
+    # the fused row kernels keep no temporaries; the torch path (top-k, fp64) about six tiles
+    tile_bytes = _TILE_BYTES if dtype == torch.float32 and not teacher_topk else _TORCH_PATH_TILE_BYTES
     step = max(1, min(n, chunk_rows(vocab, tile_bytes, torch.finfo(dtype).bits // 8)))
     student_tile = torch.empty(step, vocab, dtype=dtype, device=student_hidden.device)
-    teacher_tile = None if teacher_hidden is None else torch.empty_like(student_tile)
+    teacher_tile = torch.empty_like(student_tile)
     for r0 in range(0, n, step):
         r1 = min(r0 + step, n)
         hidden = student_hidden[r0:r1]
         zs = _logits(hidden, student_weight, student_bias, dtype, student_tile[:r1 - r0])
-        zt = None
-        if teacher_hidden is not None:
-            zt = _logits(teacher_hidden[r0:r1], teacher_weight, teacher_bias, dtype, teacher_tile[:r1 - r0])
+        zt = _logits(teacher_hidden[r0:r1], teacher_weight, teacher_bias, dtype, teacher_tile[:r1 - r0])
         chunk_labels = None if labels is None else labels[r0:r1]
         loss, dz = _rows(zs, zt, chunk_labels, beta, temperature, alpha, scale_by_t2, ignore_index, want_grad,
                          teacher_topk)
@@ -197,7 +174,7 @@ def check_values(labels: Optional[Tensor], vocab: int, ignore_index: int, denomi
 
 @torch.library.custom_op("fastft::fused_linear_distillation", mutates_args=())
 def fused_linear_distillation(
-    student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor],
+    student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
     labels: Optional[Tensor], student_bias: Optional[Tensor], teacher_bias: Optional[Tensor], beta: float,
     temperature: float, alpha: float, scale_by_t2: bool, ignore_index: int, teacher_topk: int, denominator: Tensor,
     per_token: bool, want_hidden: bool, want_weight: bool, want_bias: bool,
@@ -227,8 +204,8 @@ def _(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, st
 
 @torch.library.custom_op("fastft::fused_linear_distillation_backward", mutates_args=())
 def fused_linear_distillation_backward(
-    grad_losses: Tensor, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor],
-    teacher_weight: Optional[Tensor], labels: Optional[Tensor], student_bias: Optional[Tensor],
+    grad_losses: Tensor, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+    teacher_weight: Tensor, labels: Optional[Tensor], student_bias: Optional[Tensor],
     teacher_bias: Optional[Tensor], beta: float, temperature: float, alpha: float, scale_by_t2: bool,
     ignore_index: int, teacher_topk: int, want_hidden: bool, want_weight: bool, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -14,7 +14,7 @@ import fastft
 from conftest import causal_lm_losses, rel_error
 from fastft.bench.harness import saved_for_backward_bytes
 from fastft.losses import fused_linear_cross_entropy
-from fastft.ops import distillation as ops
+from fastft.ops import logprobs as ops
 
 VOCAB = 300
 
@@ -54,7 +54,7 @@ def test_matches_cross_entropy_fp64(reduction, bias):
 
 @pytest.mark.parametrize("dtype, tolerance", ((torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)))
 def test_lower_precision_and_many_chunks(dtype, tolerance, monkeypatch):
-    monkeypatch.setattr(ops, "_CROSS_ENTROPY_TILE_BYTES", 40 * VOCAB * 4)  # 40-token chunks: the 123 tokens take four
+    monkeypatch.setattr(ops, "_TILE_BYTES", 40 * VOCAB * 4)  # 40-token chunks: the 123 tokens take four
     hidden, weight, b, labels = cross_entropy_inputs(dtype)
     ours = fused_linear_cross_entropy(hidden, weight, labels, bias=b)
     expected = reference(hidden, weight, b, labels)

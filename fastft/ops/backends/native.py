@@ -137,3 +137,14 @@ def distill_soft_rows(zs, zt, beta, temperature, want_grad, topk, grad_scale):
 @register_kernel("ewc_penalty", NATIVE)
 def ewc_penalty(params, grads, fisher, anchor, lam):
     return native_extension().ewc_penalty(params, grads, fisher, anchor, lam)
+
+
+# Log-probability rows (csrc/logprobs.cpp) -----------------------------------------------------------------------------
+def _fp32_tile(z, labels, want_entropy, grad_logprob, grad_entropy) -> bool:
+    return z.dtype == torch.float32
+
+
+@register_kernel("logprob_rows", NATIVE, supports=_fp32_tile, declines="fp64")
+def logprob_rows(z, labels, want_entropy, grad_logprob, grad_entropy):
+    logprob, entropy, top = native_extension().logprob_rows(z, labels, want_entropy, grad_logprob, grad_entropy)
+    return logprob, (entropy if want_entropy else None), top

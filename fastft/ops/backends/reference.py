@@ -15,6 +15,7 @@ from fastft.reference import bottleneck as bottleneck_ref
 from fastft.reference import distillation as distillation_ref
 from fastft.reference import ewc as ewc_ref
 from fastft.reference import grad_reverse as grad_reverse_ref
+from fastft.reference import logprobs as logprobs_ref
 from fastft.reference import lora as lora_ref
 from fastft.reference import nf4 as nf4_ref
 from fastft.reference import qat as qat_ref
@@ -238,3 +239,9 @@ def routed_lora(x, lora_As, lora_Bs, scales, route):
 @register_kernel("routed_lora_backward", REFERENCE)
 def routed_lora_backward(dy, x, lora_As, lora_Bs, scales, route, want_x):
     return routed_lora_ref.routed_lora_backward_ref(dy, x, lora_As, lora_Bs, scales, route, want_x)
+
+
+# Log-probability rows -------------------------------------------------------------------------------------------
+@register_kernel("logprob_rows", REFERENCE)
+def logprob_rows(z, labels, want_entropy, grad_logprob, grad_entropy):
+    return logprobs_ref.logprob_rows_ref(z, labels, want_entropy, grad_logprob, grad_entropy)

@@ -173,3 +173,13 @@ def _no_fp64(params, grads, fisher, anchor, lam) -> bool:
 @register_kernel("ewc_penalty", TRITON, supports=_no_fp64, declines="fp64 parameters or storage")
 def ewc_penalty(params, grads, fisher, anchor, lam):
     return _kernels("ewc").ewc_penalty(params, grads, fisher, anchor, lam)
+
+
+# Log-probability rows (kernels/logprobs.py) ---------------------------------------------------------------------------
+def _fp32_tile(z, labels, want_entropy, grad_logprob, grad_entropy) -> bool:
+    return z.dtype == torch.float32
+
+
+@register_kernel("logprob_rows", TRITON, supports=_fp32_tile, declines="fp64")
+def logprob_rows(z, labels, want_entropy, grad_logprob, grad_entropy):
+    return _kernels("logprobs").logprob_rows(z, labels, want_entropy, grad_logprob, grad_entropy)

@@ -1,0 +1,155 @@
+"""Preference losses as plain torch on per-token log-probabilities (batch, tokens), e.g. from
+`fastft.losses.fused_linear_logprobs` (0 on ignored tokens): DPO with every `loss_type` of TRL 1.16's DPOConfig,
+several at once with `loss_weights`, `ld_alpha` and the f-divergence options, with TRL's formulas (checked against
+DPOTrainer.compute_loss in tests/methods/test_preference.py).
+
+Batch layout as TRL's: the first half of the rows are the chosen completions, the second half the rejected ones of
+the same prompts. Reference log-probabilities come in three ways, all as tensors here: a separate reference model's
+(under torch.no_grad), the same peft model's with its adapters disabled (`with model.disable_adapter():`), or
+precomputed ones (per sequence, (batch,)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+@dataclass
+class DPOLossConfig:
+    """TRL's DPOConfig fields the loss reads (same names and defaults)."""
+
+    beta: float = 0.1
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = None
+    label_smoothing: float = 0.0
+    ld_alpha: float | None = None
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 1.0
+    discopop_tau: float = 0.05
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        bad = [t for t in self.loss_type if t not in DPO_LOSS_TYPES]
+        if bad or not self.loss_type:
+            raise ValueError(f"loss_type must be a non-empty list of {DPO_LOSS_TYPES}, got {self.loss_type}")
+        if self.loss_weights is None:
+            self.loss_weights = [1.0] * len(self.loss_type)
+        if len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"loss_weights must have one weight per loss_type ({len(self.loss_type)}), got "
+                             f"{len(self.loss_weights)}")
+        if not (isinstance(self.beta, (int, float)) and self.beta > 0 and math.isfinite(self.beta)):
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {self.f_divergence_type!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
+            raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (log(label_smoothing) enters the loss)")
+
+
+def sequence_logps(token_logps: Tensor, mask: Tensor, ld_alpha: float | None = None) -> Tensor:
+    """Per-sequence sums of (batch, tokens) log-probabilities over `mask`; with ld_alpha (LD-DPO), the tokens past
+    the shorter completion of each pair count ld_alpha times."""
+    if ld_alpha is None:
+        return (token_logps * mask).sum(1)
+    position = mask.cumsum(1)
+    chosen_len, rejected_len = mask.sum(1).long().chunk(2)
+    shared = torch.minimum(chosen_len, rejected_len).repeat(2).unsqueeze(1)
+    shared_mask = (position > 0) & (position <= shared) & mask.bool()
+    tail_mask = (position > shared) & mask.bool()
+    return (token_logps * shared_mask).sum(1) + ld_alpha * (token_logps * tail_mask).sum(1)
+
+
+def _scores(logratios: Tensor, config: DPOLossConfig) -> Tensor:
+    kind = config.f_divergence_type
+    if kind == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if kind == "alpha_divergence" and abs(config.f_alpha_divergence_coef - 1.0) >= 1e-6:
+        a = config.f_alpha_divergence_coef
+        return (torch.exp(torch.clamp((a - 1.0) * logratios.float(), max=80.0)) - 1.0).to(logratios.dtype) / (a - 1.0)
+    return logratios
+
+
+def dpo_loss(policy_token_logps: Tensor, ref_logps: Tensor, mask: Tensor, config: DPOLossConfig
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+    """(loss, metrics) for policy log-probabilities (2B, T) and reference ones, per token (2B, T) or per sequence
+    (2B,), over the completion mask (2B, T). Metrics: rewards/chosen, rewards/rejected, rewards/margins,
+    rewards/accuracies, logps/chosen, logps/rejected (means, as TRL logs them)."""
+    if policy_token_logps.dim() != 2 or policy_token_logps.shape[0] % 2:
+        raise ValueError(f"policy_token_logps must be (2 * pairs, tokens) with chosen rows first, got "
+                         f"{tuple(policy_token_logps.shape)}")
+    if mask.shape != policy_token_logps.shape:
+        raise ValueError(f"mask must have the shape of policy_token_logps {tuple(policy_token_logps.shape)}, got "
+                         f"{tuple(mask.shape)}")
+    if ref_logps.shape not in (policy_token_logps.shape, policy_token_logps.shape[:1]):
+        raise ValueError(f"ref_logps must be per token {tuple(policy_token_logps.shape)} or per sequence "
+                         f"({policy_token_logps.shape[0]},), got {tuple(ref_logps.shape)}")
+    mask = mask.to(policy_token_logps.dtype)
+    logps = sequence_logps(policy_token_logps, mask, config.ld_alpha)
+    ref = ref_logps if ref_logps.dim() == 1 else sequence_logps(ref_logps, mask, config.ld_alpha)
+    chosen, rejected = logps.chunk(2)
+    ref_chosen, ref_rejected = ref.chunk(2)
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    chosen_score, rejected_score = _scores(chosen_ratio, config), _scores(rejected_ratio, config)
+    delta = chosen_score - rejected_score
+    beta, eps = config.beta, config.label_smoothing
+    chosen_len, rejected_len = mask.sum(1).clamp(min=1.0).chunk(2)
+    loss = 0.0
+    for loss_type, weight in zip(config.loss_type, config.loss_weights):
+        if loss_type == "sigmoid":
+            per = -F.logsigmoid(beta * delta)
+        elif loss_type == "hinge":
+            per = torch.relu(1 - beta * delta)
+        elif loss_type == "ipo":
+            per = (chosen_score / chosen_len - rejected_score / rejected_len - 1 / (2 * beta)) ** 2
+        elif loss_type == "exo_pair":
+            z = beta * delta
+            per = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+                F.logsigmoid(-z) - math.log(eps))
+        elif loss_type == "nca_pair":
+            per = (-F.logsigmoid(beta * chosen_ratio) - 0.5 * F.logsigmoid(-beta * chosen_ratio)
+                   - 0.5 * F.logsigmoid(-beta * rejected_ratio))
+        elif loss_type == "robust":
+            per = (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
+        elif loss_type == "bco_pair":
+            per = -F.logsigmoid(beta * chosen_ratio) - F.logsigmoid(-beta * rejected_ratio)
+        elif loss_type == "sppo_hard":
+            per = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+        elif loss_type in ("aot", "aot_unpaired"):
+            if loss_type == "aot":
+                d = torch.sort(chosen - rejected).values - torch.sort(ref_chosen - ref_rejected).values
+            else:
+                d = torch.sort(chosen_ratio).values - torch.sort(rejected_ratio).values
+            per = -F.logsigmoid(beta * d) * (1 - eps) - F.logsigmoid(-beta * d) * eps
+        elif loss_type == "apo_zero":
+            per = 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
+        elif loss_type == "apo_down":
+            per = torch.sigmoid(beta * chosen_ratio) + 1 - torch.sigmoid(beta * (chosen_ratio - rejected_ratio))
+        elif loss_type == "discopop":
+            z = beta * delta
+            gate = torch.sigmoid(z / config.discopop_tau)
+            per = -F.logsigmoid(z) * (1 - gate) + torch.exp(-z) * gate
+        elif loss_type == "sft":
+            chosen_mask = mask.chunk(2)[0].bool()
+            per = -policy_token_logps.chunk(2)[0][chosen_mask].mean().expand(chosen.shape[0])
+        else:  # sigmoid_norm
+            per = -F.logsigmoid(beta * (chosen_score / chosen_len - rejected_score / rejected_len))
+        loss = loss + per.mean() * weight
+    chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    metrics = {"rewards/chosen": chosen_reward.mean(), "rewards/rejected": rejected_reward.mean(),
+               "rewards/margins": (chosen_reward - rejected_reward).mean(),
+               "rewards/accuracies": (chosen_reward > rejected_reward).float().mean(),
+               "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
+    return loss, metrics

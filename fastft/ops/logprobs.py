@@ -1,0 +1,210 @@
+"""torch.library ops of the fused linear log-probabilities (formulas: fastft/reference/logprobs.py).
+
+From hidden states (N, H), a head (V, H) (+ bias (V,)) and labels (N,): the log-probability of each label under
+softmax(h W^T + b) and, when asked, each row's entropy, without the (N, V) logits. Rows labelled ignore_index are
+dropped before anything else (gathered out of hidden and labels, forward and backward), so they cost no GEMM; they
+come back as logprob 0, entropy 0 and a zero gradient row. The valid rows go through the head in chunks whose fp32
+logits tile is about _TILE_BYTES (one tile allocated per call and reused); per chunk a row kernel (routing entry
+"logprob_rows": C++ on CPU, Triton on CUDA) takes an online log-sum-exp over the vocabulary and, in backward, writes
+d(logits) over the tile, which goes straight into grad_hidden (dz @ W) and, only when asked, grad_weight (dz^T h,
+fp32 accumulator) and grad_bias. A bf16/fp16 head is upcast one vocabulary tile at a time.
+
+- fastft::fused_linear_logprobs(hidden, weight, bias, labels, ignore_index, want_entropy) -> (logprob (N,),
+  entropy (N,) or (0,), top (N,): each row's largest log-probability, not differentiable; logprob >= top says the
+  label is a most likely token), fp32 (fp64 for fp64 inputs). Saved for backward: the inputs only (no per-token tensor);
+  backward (fastft::fused_linear_logprobs_backward) recomputes each chunk's logits. Under torch.no_grad, or when
+  no input requires grad (a reference or old-policy pass), nothing is saved.
+- fastft::fused_linear_nll(hidden, weight, bias, labels, ignore_index, denominator, want_*) -> (loss, grad_hidden,
+  grad_weight, grad_bias): the same chunks reduced to sum(-logprob) / denominator (the causal-LM cross-entropy),
+  with the gradients computed in the forward pass (one logits GEMM per chunk instead of two) and scaled by the
+  incoming gradient in backward. Gradients not asked for are empty tensors.
+Peak extra memory: one (chunk, V) fp32 tile, the gathered valid rows (when some rows are ignored), the fp32
+grad_weight accumulator when the head is trainable.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastft.ops.distillation import _compute_dtype, _logits, _times_weight, check_values, chunk_rows
+from fastft.ops.routing import dispatch
+
+# Chunks of 256 rows at V = 32000 (see fastft/ops/distillation.py for the chunk-size measurements).
+_TILE_BYTES = 32 << 20
+
+
+def _empty(like: Tensor) -> Tensor:  # a distinct tensor each: op outputs may not alias one another
+    return like.new_empty(0)
+
+
+def _valid_rows(hidden: Tensor, labels: Tensor, ignore_index: int):
+    """(index of the rows not labelled ignore_index or None when all are, their hidden states, their labels)."""
+    valid = labels != ignore_index
+    if bool(valid.all()):
+        return None, hidden, labels
+    index = valid.nonzero().squeeze(1)
+    return index, hidden.index_select(0, index), labels.index_select(0, index)
+
+
+def _run(hidden, weight, bias, labels, ignore_index, want_entropy, grad_logprob, grad_entropy, want_hidden,
+         want_weight, want_bias):
+    """Chunked pass over the valid rows: (logprob, entropy or None, top) over all N rows and, when grad_logprob (N,) is
+    given (with grad_entropy (N,) or None), the gradients asked for (grad_hidden over all N rows)."""
+    dtype = _compute_dtype(hidden, weight)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    index, rows, row_labels = _valid_rows(hidden, labels, ignore_index)
+    if index is not None and grad_logprob is not None:
+        grad_logprob = grad_logprob.index_select(0, index)
+        grad_entropy = None if grad_entropy is None else grad_entropy.index_select(0, index)
+    m = rows.shape[0]
+    logprob = torch.empty(m, dtype=dtype, device=hidden.device)
+    entropy = torch.empty(m, dtype=dtype, device=hidden.device) if want_entropy else None
+    top = torch.empty(m, dtype=dtype, device=hidden.device)
+    want_grad = grad_logprob is not None
+    grad_rows = torch.empty(m, hidden.shape[1], dtype=hidden.dtype, device=hidden.device) \
+        if want_grad and want_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_grad and want_weight else None
+    grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if want_grad and want_bias else None
+    step = max(1, min(m, chunk_rows(vocab, _TILE_BYTES, torch.finfo(dtype).bits // 8)))
+    tile = torch.empty(step if m else 0, vocab, dtype=dtype, device=hidden.device)
+    for r0 in range(0, m, step):
+        r1 = min(r0 + step, m)
+        h = rows[r0:r1]
+        z = _logits(h, weight, bias, dtype, tile[:r1 - r0])
+        g = None if not want_grad else grad_logprob[r0:r1].to(dtype)
+        e = None if grad_entropy is None else grad_entropy[r0:r1].to(dtype)
+        lp, ent, best = dispatch("logprob_rows", z.device.type, z, row_labels[r0:r1], want_entropy, g, e)
+        logprob[r0:r1] = lp
+        top[r0:r1] = best
+        if want_entropy:
+            entropy[r0:r1] = ent
+        if not want_grad:
+            continue
+        if grad_rows is not None:
+            grad_rows[r0:r1] = _times_weight(z, weight)
+        if grad_weight is not None:
+            grad_weight.addmm_(z.t(), h.to(dtype))
+        if grad_bias is not None:
+            grad_bias.add_(z.sum(0))
+    grad_hidden = grad_rows
+    if index is not None:  # back to all N rows: ignored rows get logprob 0, entropy 0, no gradient
+        logprob = logprob.new_zeros(n).index_copy_(0, index, logprob)
+        top = top.new_zeros(n).index_copy_(0, index, top)
+        entropy = None if entropy is None else entropy.new_zeros(n).index_copy_(0, index, entropy)
+        if grad_rows is not None:
+            grad_hidden = grad_rows.new_zeros(hidden.shape).index_copy_(0, index, grad_rows)
+    return logprob, entropy, top, grad_hidden, grad_weight, grad_bias
+
+
+def _check_labels(labels: Tensor, vocab: int, ignore_index: int) -> None:
+    check_values(labels, vocab, ignore_index, torch.ones((), dtype=torch.float64, device=labels.device))
+
+
+@torch.library.custom_op("fastft::fused_linear_logprobs", mutates_args=())
+def fused_linear_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
+                          want_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    _check_labels(labels, weight.shape[0], ignore_index)
+    logprob, entropy, top, *_ = _run(hidden, weight, bias, labels, ignore_index, want_entropy, None, None, False,
+                                     False, False)
+    return logprob, _empty(logprob) if entropy is None else entropy, top
+
+
+@fused_linear_logprobs.register_fake
+def _(hidden, weight, bias, labels, ignore_index, want_entropy):
+    dtype = _compute_dtype(hidden, weight)
+    n = hidden.shape[0]
+    return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n if want_entropy else 0, dtype=dtype),
+            hidden.new_empty(n, dtype=dtype))
+
+
+@torch.library.custom_op("fastft::fused_linear_logprobs_backward", mutates_args=())
+def fused_linear_logprobs_backward(grad_logprob: Tensor, grad_entropy: Optional[Tensor], hidden: Tensor,
+                                   weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
+                                   want_hidden: bool, want_weight: bool, want_bias: bool
+                                   ) -> tuple[Tensor, Tensor, Tensor]:
+    *_, grad_hidden, grad_weight, grad_bias = _run(hidden, weight, bias, labels, ignore_index, False,
+                                                     grad_logprob, grad_entropy, want_hidden, want_weight, want_bias)
+    return (_empty(hidden) if grad_hidden is None else grad_hidden,
+            _empty(weight) if grad_weight is None else grad_weight.to(weight.dtype),
+            _empty(hidden) if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+@fused_linear_logprobs_backward.register_fake
+def _(grad_logprob, grad_entropy, hidden, weight, bias, labels, ignore_index, want_hidden, want_weight, want_bias):
+    return (hidden.new_empty(hidden.shape if want_hidden else 0),
+            weight.new_empty(weight.shape if want_weight else 0),
+            hidden.new_empty(bias.shape if want_bias else 0))
+
+
+def _logprobs_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, _ = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels)
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _logprobs_backward(ctx, grad_logprob, grad_entropy, _):
+    hidden, weight, bias, labels = ctx.saved_tensors
+    wants = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+    if grad_logprob is None and grad_entropy is None:
+        return None, None, None, None, None, None
+    if grad_logprob is None:
+        grad_logprob = torch.zeros(hidden.shape[0], dtype=grad_entropy.dtype, device=hidden.device)
+    if grad_entropy is not None and not grad_entropy.numel():
+        grad_entropy = None
+    grads = fused_linear_logprobs_backward(grad_logprob, grad_entropy, hidden, weight, bias, labels,
+                                           ctx.ignore_index, *wants)
+    grad_hidden, grad_weight, grad_bias = (g if want else None for g, want in zip(grads, wants))
+    return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+fused_linear_logprobs.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)
+
+
+@torch.library.custom_op("fastft::fused_linear_nll", mutates_args=())
+def fused_linear_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
+                     denominator: Tensor, want_hidden: bool, want_weight: bool, want_bias: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_values(labels, weight.shape[0], ignore_index, denominator)
+    any_grad = want_hidden or want_weight or want_bias
+    scale = None
+    if any_grad:  # d loss / d logprob of every row: -1 / denominator
+        scale = (-1.0 / denominator.to(torch.float64)).to(_compute_dtype(hidden, weight)).expand(hidden.shape[0])
+    logprob, _, _, grad_hidden, grad_weight, grad_bias = _run(hidden, weight, bias, labels, ignore_index, False,
+                                                              scale, None, want_hidden, want_weight, want_bias)
+    loss = (-logprob.sum() / denominator).to(logprob.dtype)
+    return (loss, _empty(hidden) if grad_hidden is None else grad_hidden,
+            _empty(weight) if grad_weight is None else grad_weight.to(weight.dtype),
+            _empty(hidden) if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+@fused_linear_nll.register_fake
+def _(hidden, weight, bias, labels, ignore_index, denominator, want_hidden, want_weight, want_bias):
+    return (hidden.new_empty((), dtype=_compute_dtype(hidden, weight)),
+            hidden.new_empty(hidden.shape if want_hidden else 0),
+            weight.new_empty(weight.shape if want_weight else 0),
+            hidden.new_empty(bias.shape if want_bias else 0))
+
+
+def _nll_setup(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _nll_backward(ctx, grad_loss, *_):
+    if grad_loss is None:
+        return (None,) * 9
+    wants = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+    # An incoming gradient of exactly 1 (a loss's usual one) hands the precomputed gradients over without a copy.
+    unit = type(grad_loss) is torch.Tensor and bool(grad_loss == 1)
+    grads = tuple(g if unit or not g.numel() else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+    grad_hidden, grad_weight, grad_bias = (g if want else None for g, want in zip(grads, wants))
+    return (grad_hidden, grad_weight, grad_bias) + (None,) * 6
+
+
+fused_linear_nll.register_autograd(_nll_backward, setup_context=_nll_setup)

@@ -1,0 +1,72 @@
+"""Under DDP (gloo, 2 processes on 127.0.0.1), the gradients of a DPO loss on fastft's fused head (TRL's fused-head
+contract, fastft::fused_linear_logprobs underneath) reach DDP's all-reduce: every rank ends with the mean of the
+ranks' single-process gradients (Liger's fused DPO loss skips the sync: trl#7245)."""
+
+import socket
+
+import pytest
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch.nn.parallel import DistributedDataParallel
+from trl.trainer.utils import add_fused_lm_head
+
+import fastft
+from conftest import rel_error
+from fastft.integrations.trl import patch_trl_head
+from trl_fixtures import tiny_llama
+
+WORLD, PAIRS, TOKENS, PROMPT = 2, 2, 12, 5
+pytestmark = pytest.mark.slow
+
+
+def model():
+    peft_model = get_peft_model(tiny_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                          init_lora_weights=False))
+    add_fused_lm_head(peft_model.get_base_model(), outputs=("log_probs",))
+    assert patch_trl_head(peft_model.get_base_model()) == "fastft::fused_linear_logprobs"
+    fastft.patch(peft_model)
+    return peft_model
+
+
+def batch(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randint(3, 200, (2 * PAIRS, TOKENS), generator=g)
+    labels = ids.clone()
+    labels[:, :PROMPT] = -100
+    return ids, labels, torch.randn(2 * PAIRS, generator=g)  # [chosen; rejected], reference log-probs
+
+
+def dpo_grads(net, ids, labels, ref, beta=0.1):
+    logps = net(input_ids=ids, labels=labels, fused_lm_head=True).log_probs.sum(-1)
+    chosen, rejected = (logps - ref).chunk(2)
+    (-F.logsigmoid(beta * (chosen - rejected)).mean()).backward()
+    module = net.module if isinstance(net, DistributedDataParallel) else net
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _worker(rank, port, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        torch.save(dpo_grads(DistributedDataParallel(model()), *batch(rank)), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fused_dpo_gradients_are_all_reduced(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    local = [dpo_grads(model(), *batch(rank)) for rank in range(WORLD)]
+    for rank in range(WORLD):
+        synced = torch.load(tmp_path / f"rank{rank}.pt")
+        assert synced.keys() == local[0].keys() and len(synced) == 8
+        for name, grad in synced.items():
+            mean = (local[0][name] + local[1][name]) / 2
+            assert rel_error(grad, mean) < 1e-5, name
+            assert rel_error(grad, local[rank][name]) > 1e-3  # not the rank's own gradient
