@@ -29,7 +29,8 @@ def _dataset(tokenizer, n: int, seed: int = 0):
     from datasets import Dataset
 
     g = torch.Generator().manual_seed(seed)
-    words = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 3][:4000]
+    # sorted: the tokenizer's vocabulary dict comes in a different order in every process
+    words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 3)[:4000]
 
     def text(count):
         return " ".join(words[int(i)] for i in torch.randint(0, len(words), (count,), generator=g))
