@@ -8,6 +8,11 @@ trains, built only from fastft.nn, fastft.losses and the public functions (fastf
 - freeze.py: full / partial fine-tuning, `freeze` (top k layers or name patterns + the head trainable; the frozen
   part optionally 4-bit and run without autograd below the lowest trainable layer).
 - preference.py: DPO's losses (every TRL loss_type) on per-token log-probabilities.
+- upft.py: unsupervised prefix fine-tuning, self-sampled prefixes (cached) + collator.
+- continual.py: EWC (Fisher estimation, online / per-task, the fused penalty pass, EWCTrainer); replay.py: a
+  reservoir replay buffer and collator; expansion.py: an adapter per task over a frozen base.
+- multitask.py: per-sample routed LoRA / bottleneck adapters, task heads, loss weighting, task sampling.
+- domain_adaptation.py: DANN (gradient reversal, schedule, domain classifier, training step), domain adapters.
 
 The submodules load on first use (the distillation Trainer imports transformers); the public paths fastft.adapters,
 fastft.qat, fastft.quantize_model and fastft.integrations.distillation re-export them.
