@@ -2,8 +2,8 @@
 (32 prompt tokens; a 256-token self-generated trace, of which UPFT keeps k = 16), both on fastft's fused loss
 (`fastft.patch(model, fused_loss=True)`), full fine-tuning with AdamW. UPFT's cost per example averages its prefix
 examples and, at the structure ratio (0.1), its whole-trace examples (batched apart, as group_by_length does).
-Batch 8 per step. The fused loss runs the head on every row of the batch, labelled or not, until it skips rows
-labelled -100: at 48 tokens of which 16 labelled, that head is a large share of the UPFT step.
+Batch 8 per step. The fused loss skips rows labelled -100 before the head matmul: at 48 tokens of which 16
+labelled, UPFT pays the head for the 16 only.
 
     python -m fastft.bench.upft_step        # prints the row
 """
