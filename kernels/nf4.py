@@ -110,18 +110,19 @@ def _weight_rows(packed_ptr, absmax_ptr, code, code_ptr, nested_absmax_ptr, nest
 def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset,
                            out_ptr, numel, nested_blocksize, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
                            BLOCK: tl.constexpr):
-    """BLOCK consecutive elements per program: BLOCK / 2 bytes in one vectorized load, BLOCK / blocksize scales."""
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    byte_index = start // 2 + tl.arange(0, BLOCK // 2)
+    """BLOCK consecutive elements per program as a (SCALES, ROW) tile, one quantization block per row (or the whole
+    BLOCK in one row when a block is longer): ROW / 2 bytes per row in one vectorized load, one scale per row."""
+    SCALES: tl.constexpr = BLOCK // BLOCKSIZE if BLOCK > BLOCKSIZE else 1
+    ROW: tl.constexpr = BLOCK // SCALES
+    j = tl.arange(0, SCALES)
+    row_start = tl.program_id(0).to(tl.int64) * BLOCK + j * ROW
+    byte_index = row_start[:, None] // 2 + tl.arange(0, ROW // 2)[None, :]
     byte = tl.load(packed_ptr + byte_index, mask=byte_index * 2 < numel, other=0).to(tl.int32)
     code = tl.load(code_ptr + tl.arange(0, 16))
-    values = _decode_bytes(byte[None, :], code)
-    SCALES: tl.constexpr = BLOCK // BLOCKSIZE if BLOCK > BLOCKSIZE else 1
-    j = tl.arange(0, SCALES)
-    scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset, start // BLOCKSIZE + j,
-                          start + j * BLOCKSIZE < numel, nested_blocksize, NESTED)
-    values = tl.reshape(tl.reshape(values, (SCALES, BLOCK // SCALES)) * scale[:, None], (BLOCK,))
-    elem = start + tl.arange(0, BLOCK)
+    scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset, row_start // BLOCKSIZE,
+                          row_start < numel, nested_blocksize, NESTED)
+    values = _decode_bytes(byte, code) * scale[:, None]
+    elem = row_start[:, None] + tl.arange(0, ROW)[None, :]
     mask = elem < numel
     if out_ptr.dtype.element_ty == tl.bfloat16:
         tl.store(out_ptr + elem, _to_bf16_rtne(values), mask=mask)

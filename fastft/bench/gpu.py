@@ -4,8 +4,10 @@ bf16 torch.matmul and a device-to-device copy, measured first in the same run) a
 (torch.cuda.max_memory_allocated). Writes gpu.json and gpu.md like the CPU suites. Never run without a GPU: it
 refuses, so no figure here is ever a CPU figure.
 
-Shapes: Llama-8B's MLP projection (4096 tokens x 4096 -> 14336) for NF4 / QAT / LoRA, and a bottleneck adapter
-(r = 64) on 4096 x 4096 activations. A peer that is not installed (or fails) is reported as such.
+Shapes: Llama-8B's MLP projection (4096 tokens x 4096 -> 14336) for NF4 / fake quantization / LoRA (the op and a
+whole peft layer), its causal-LM loss (hidden 4096, V = 128256) and the distillation JSD over 512 rows of that
+vocabulary. Peers: bitsandbytes, torchao, peft, Liger and plain torch; one that is not installed (or fails) is
+reported as such.
 """
 
 from __future__ import annotations
@@ -72,6 +74,14 @@ def _cases():
         peers["bitsandbytes matmul_4bit"] = lambda: bnb.matmul_4bit(x, qweight.t(), quant_state=qstate)
     except Exception as error:  # noqa: BLE001 - a missing peer is reported, not fatal
         peers[f"bitsandbytes ({type(error).__name__})"] = None
+    try:
+        from torchao.quantization import to_nf4
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+
+        ao_weight = to_nf4(weight, 64, 256)
+        peers["torchao linear_nf4"] = lambda: linear_nf4(x, ao_weight)
+    except Exception as error:  # noqa: BLE001
+        peers[f"torchao ({type(error).__name__})"] = None
     yield "nf4 linear fwd 4096x4096->14336", flops, nbytes, lambda: nf4.matmul(x, packed, state), peers
 
     xg = x.detach().requires_grad_()
@@ -90,6 +100,8 @@ def _cases():
 
     yield ("lora r=16 fp32 adapters fwd+bwd (bf16 x)", 6 * T * H * R + 6 * T * I * R, T * H * 2 * 3 + T * I * 4 * 2,
            fused, {"peft-style torch": plain})
+    yield from _peft_lora_case(x, weight, dy.to(bf16))
+    yield from _cross_entropy_case()
 
     from fastft.kernels import qat
 
@@ -108,6 +120,63 @@ def _cases():
            {"torch log_softmax JSD": lambda: _torch_jsd(zs, zt)})
 
 
+def _peft_lora_case(x, weight, dy):
+    """A whole peft LoRA layer (bf16 base, fp32 adapters as peft makes them, dropout 0.1), fwd+bwd: fastft.patch of
+    the peft model vs the peft model itself."""
+    import copy
+
+    import fastft
+
+    try:
+        from peft import LoraConfig, get_peft_model
+    except Exception as error:  # noqa: BLE001
+        yield "peft lora layer r=16 fwd+bwd", 0, 0, None, {f"peft ({type(error).__name__})": None}
+        return
+    base = torch.nn.Sequential()
+    base.add_module("proj", torch.nn.Linear(H, I, bias=False, device="cuda", dtype=torch.bfloat16))
+    with torch.no_grad():
+        base.proj.weight.copy_(weight)
+    model = get_peft_model(base, LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=0.1, target_modules=["proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.01)
+    patched = copy.deepcopy(model)
+    fastft.patch(patched)
+    xg = x.detach().requires_grad_()
+
+    def step(m):
+        return lambda: torch.autograd.backward(m(xg), dy)
+
+    yield (f"peft lora layer r={R} fwd+bwd (bf16 base, fp32 adapters)", 6 * T * H * I + 6 * T * (H + I) * R,
+           T * H * 2 * 3 + T * I * 2 * 2 + I * H * 2, step(patched), {"peft": step(model)})
+
+
+def _cross_entropy_case():
+    """Causal-LM loss over Llama-3's vocabulary, fwd+bwd (hidden and head weight get gradients), bf16: fastft's
+    fused loss vs Liger's fused linear cross-entropy vs logits + F.cross_entropy."""
+    from fastft.losses import fused_linear_cross_entropy
+
+    V = 128256
+    hidden = (torch.randn(T, H, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+    head = (torch.randn(V, H, device="cuda", dtype=torch.bfloat16) / 64).requires_grad_()
+    labels = torch.randint(0, V, (T,), device="cuda")
+
+    def backward_of(loss_fn):
+        return lambda: torch.autograd.grad(loss_fn(), [hidden, head])
+
+    peers = {"torch logits + cross_entropy": backward_of(
+        lambda: torch.nn.functional.cross_entropy((hidden @ head.t()).float(), labels))}
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        peers["liger fused linear CE"] = backward_of(lambda: liger(head, hidden, labels))
+    except Exception as error:  # noqa: BLE001
+        peers[f"liger ({type(error).__name__})"] = None
+    yield (f"causal-LM loss fwd+bwd T={T} H={H} V={V} bf16", 6 * T * H * V, T * H * 2 * 2 + V * H * 2 * 2,
+           backward_of(lambda: fused_linear_cross_entropy(hidden, head, labels)), peers)
+
+
 def _torch_jsd(zs, zt, beta=0.5, t=2.0):
     s, q = torch.log_softmax(zs / t, -1), torch.log_softmax(zt / t, -1)
     m = torch.logaddexp(s + torch.log(torch.tensor(1 - beta)), q + torch.log(torch.tensor(beta)))
@@ -124,6 +193,8 @@ def run(out_dir: Path) -> list[dict]:
     for name, flops, nbytes, ours, peers in _cases():
         row = {"case": name}
         try:
+            if ours is None:
+                raise RuntimeError("not run: a library it needs is missing")
             ms = _ms(ours)
             row.update(ms=ms, tflops=flops / ms / 1e9 if flops else None, gbps=nbytes / ms / 1e6,
                        of_peak=(flops / ms / 1e9) / device["bf16_tflops"] if flops else nbytes / ms / 1e6
