@@ -12,7 +12,7 @@ from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTr
 import fastft
 from conftest import rel_error
 from fastft.integrations.trl import TrainerPatchReport
-from trl_fixtures import preference_dataset, text_dataset, tiny_llama, tokenizer
+from trl_fixtures import grpo_inputs, preference_dataset, text_dataset, tiny_llama, tokenizer
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -123,24 +123,6 @@ def test_dpo_reference_model_and_report(dpo_trainer):
     assert "1 of 2" in str(report)
     fastft.unpatch(trainer)
     assert "_fastft_trl_head" not in trainer.ref_model.__dict__
-
-
-def grpo_inputs(trainer, g):
-    batch, prompt, completion = 4, 5, 7
-    prompt_ids = torch.randint(3, 200, (batch, prompt), generator=g)
-    completion_ids = torch.randint(3, 200, (batch, completion), generator=g)
-    completion_mask = torch.ones(batch, completion, dtype=torch.long)
-    completion_mask[1, 4:] = 0
-    completion_mask[3, 2:] = 0
-    with torch.no_grad():
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, torch.cat([prompt_ids, completion_ids], 1),
-            torch.cat([torch.ones_like(prompt_ids), completion_mask], 1), completion)
-    return {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
-            "completion_mask": completion_mask, "advantages": torch.randn(batch, generator=g),
-            "old_per_token_logps": logps + 0.05 * torch.randn(logps.shape, generator=g),
-            "ref_per_token_logps": logps + 0.1 * torch.randn(logps.shape, generator=g),
-            "num_items_in_batch": completion_mask.sum().float()}
 
 
 @pytest.fixture(scope="module")
