@@ -29,7 +29,7 @@ def _pairs(policy_token_logps: Tensor, mask: Tensor) -> Tensor:
 def _chosen_nll(policy_token_logps: Tensor, nll_mask: Tensor) -> Tensor:
     """The mean negative log-likelihood of the chosen rows over nll_mask (pairs or 2 * pairs rows, tokens)."""
     chosen = policy_token_logps[: policy_token_logps.shape[0] // 2]
-    if nll_mask.shape[0] != chosen.shape[0]:
+    if nll_mask.shape == policy_token_logps.shape:
         nll_mask = nll_mask[: chosen.shape[0]]
     if nll_mask.shape != chosen.shape:
         raise ValueError(f"nll_mask must be (pairs or 2 * pairs, {chosen.shape[1]}), got {tuple(nll_mask.shape)}")
