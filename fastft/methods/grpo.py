@@ -62,6 +62,8 @@ class GRPOLossConfig:
             check_number("delta", self.delta)
         for name in ("sapo_temperature_neg", "sapo_temperature_pos"):
             check_number(name, getattr(self, name))
+        if not (isinstance(self.entropy_coef, (int, float)) and math.isfinite(self.entropy_coef)):
+            raise ValueError(f"entropy_coef must be a finite number, got {self.entropy_coef!r}")
         if not 0.0 < self.top_entropy_quantile <= 1.0:
             raise ValueError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile!r}")
         if self.max_completion_length is not None:
@@ -94,7 +96,7 @@ def gamma_weights(advantages: Tensor, log_ratio: Tensor, mask: Tensor, config: G
     return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _check(per_token_logps, mask, advantages, old, ref, entropies, config):
+def _check(per_token_logps, mask, advantages, old, ref, entropies, config, ratios, num_items, accumulation_steps):
     if per_token_logps.dim() != 2:
         raise ValueError(f"per_token_logps must be (completions, tokens), got {tuple(per_token_logps.shape)}")
     shape = per_token_logps.shape
@@ -106,6 +108,13 @@ def _check(per_token_logps, mask, advantages, old, ref, entropies, config):
     if advantages.shape not in (shape[:1], shape):
         raise ValueError(f"advantages must be per completion ({shape[0]},) or per token {tuple(shape)}, got "
                          f"{tuple(advantages.shape)}")
+    if ratios is not None and ratios.shape not in (shape, (shape[0], 1)):
+        raise ValueError(f"importance_sampling_ratio must be per token {tuple(shape)} or per completion "
+                         f"({shape[0]}, 1), got {tuple(ratios.shape)}")
+    if not isinstance(accumulation_steps, int) or isinstance(accumulation_steps, bool) or accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+    if num_items is not None:
+        check_number("num_items_in_batch", float(num_items))
     if not bool(mask.bool().any()):
         raise ValueError("mask selects no token: every completion is empty")
     if config.beta != 0.0 and ref is None:
@@ -132,7 +141,8 @@ def grpo_loss(per_token_logps: Tensor, mask: Tensor, advantages: Tensor, config:
     off-policy mask compares with (None: old_per_token_logps).
     Metrics (detached, TRL's names): kl, entropy, clip_ratio/{low,high,region}_mean, clip_ratio/low_min,
     clip_ratio/high_max, cispo_clip_ratio, vespo/phi_seq_mean, policy_loss, as the loss type has them."""
-    _check(per_token_logps, mask, advantages, old_per_token_logps, ref_per_token_logps, entropies, config)
+    _check(per_token_logps, mask, advantages, old_per_token_logps, ref_per_token_logps, entropies, config,
+           importance_sampling_ratio, num_items_in_batch, accumulation_steps)
     mask = mask.to(per_token_logps.dtype)
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)

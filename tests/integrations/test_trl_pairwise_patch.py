@@ -1,6 +1,7 @@
 """fastft.patch(trainer) on TRL 1.16's ORPOTrainer and CPOTrainer (trl.experimental, full logits in
 concatenated_forward) with a peft LoRA tiny Llama: compute_loss gives the same loss, gradients and logged metrics
-(logits means included) as TRL alone (fp32, 1e-5 relative), for ORPO and every CPO loss type; unpatch restores
+(logits means included) as TRL alone (fp32, 1e-5 relative), for ORPO and CPO (summed and averaged log-probabilities,
+with and without the NLL, AlphaPO rewards); unpatch restores
 TRL's path; what the patch leaves to TRL is reported."""
 
 import pytest
@@ -62,8 +63,10 @@ def cpo_setup():
     return build(CPOTrainer, CPOConfig(**COMMON, beta=0.3, label_smoothing=0.1, simpo_gamma=0.4))
 
 
-@pytest.mark.parametrize("loss_type, cpo_alpha, alpha", [("sigmoid", 1.0, 0.0), ("hinge", 0.5, 0.0),
-                                                         ("ipo", 1.0, 0.0), ("simpo", 0.0, 0.0),
+# the patch changes what concatenated_forward returns: summed (sigmoid, hinge) or averaged (ipo, simpo) log-probs,
+# with or without the NLL (cpo_alpha); TRL's loss formulas then run unchanged (each is checked standalone in
+# tests/methods/test_reference_free.py)
+@pytest.mark.parametrize("loss_type, cpo_alpha, alpha", [("sigmoid", 0.5, 0.0), ("ipo", 1.0, 0.0),
                                                          ("simpo", 0.0, 0.2)])
 def test_cpo_matches_trl(cpo_setup, loss_type, cpo_alpha, alpha):
     trainer, batch = cpo_setup

@@ -164,6 +164,12 @@ def test_bad_input():
         grpo_loss(logps, mask, adv, GRPOLossConfig(beta=0.1))
     with pytest.raises(ValueError, match="entropies are required"):
         grpo_loss(logps, mask, adv, GRPOLossConfig(entropy_coef=0.01))
+    with pytest.raises(ValueError, match="importance_sampling_ratio must be"):
+        grpo_loss(logps, mask, adv, GRPOLossConfig(), importance_sampling_ratio=torch.ones(2))
+    with pytest.raises(ValueError, match="accumulation_steps must be"):
+        grpo_loss(logps, mask, adv, GRPOLossConfig(), accumulation_steps=0)
+    with pytest.raises(ValueError, match="num_items_in_batch must be"):
+        grpo_loss(logps, mask, adv, GRPOLossConfig(), num_items_in_batch=torch.tensor(0.0))
     one_empty = mask.clone()
     one_empty[1] = 0  # an empty completion contributes nothing, as in TRL: finite loss, no NaN metric
     for loss_type in GRPO_LOSS_TYPES:

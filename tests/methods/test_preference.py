@@ -1,8 +1,8 @@
 """fastft.methods.preference.dpo_loss on per-token log-probabilities vs TRL 1.16's DPOTrainer.compute_loss on the
-same model and batch (tiny Llama + LoRA, reference = TRL's copy of the initial adapter): every loss_type, several weighted at once,
-ld_alpha, the f-divergences, per-sequence precomputed reference log-probabilities; kto_loss vs KTOTrainer's
-compute_loss (both loss types, desirable / undesirable weights, the KL estimate; loss, gradients, metrics); bad
-input."""
+same model and batch (tiny Llama + LoRA, reference = TRL's copy of the initial adapter): every loss_type, several
+weighted at once, ld_alpha, the f-divergences, per-sequence precomputed reference log-probabilities; kto_loss vs
+KTOTrainer's compute_loss (both loss types, desirable / undesirable weights, the KL estimate; loss, gradients,
+metrics); bad input."""
 
 import copy
 
@@ -172,9 +172,10 @@ def test_kto_bad_input():
         kto_loss(logps, logps, desirable.long(), config, mask=mask)
     with pytest.raises(ValueError, match="kl_logps and ref_kl_logps"):
         kto_loss(logps, logps, desirable, config, mask=mask)
+    kl = dict(kl_logps=torch.zeros(3), ref_kl_logps=torch.zeros(3))
     with pytest.raises(ValueError, match="ref_logps must be"):
-        kto_loss(logps, logps[:, :2], desirable, config, mask=mask, kl_logps=torch.zeros(3), ref_kl_logps=torch.zeros(3))
+        kto_loss(logps, logps[:, :2], desirable, config, mask=mask, **kl)
     empty = mask.clone()
     empty[2] = 0
     with pytest.raises(ValueError, match=r"rows \[2\]"):
-        kto_loss(logps, logps, desirable, config, mask=empty, kl_logps=torch.zeros(3), ref_kl_logps=torch.zeros(3))
+        kto_loss(logps, logps, desirable, config, mask=empty, **kl)
