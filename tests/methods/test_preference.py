@@ -15,7 +15,8 @@ from trl.trainer.utils import use_adapter
 
 from conftest import rel_error
 from fastft.methods.preference import (DPO_LOSS_TYPES, KTO_LOSS_TYPES, DPOLossConfig, KTOLossConfig, dpo_loss,
-                                       kto_loss, sequence_logps)
+                                       dpo_loss_from_hidden, head_logps, kto_loss, kto_loss_from_hidden,
+                                       sequence_logps)
 from integrations.trl_fixtures import preference_dataset, sentence, tiny_llama, tokenizer
 
 
@@ -179,3 +180,39 @@ def test_kto_bad_input():
     empty[2] = 0
     with pytest.raises(ValueError, match=r"rows \[2\]"):
         kto_loss(logps, logps, desirable, config, mask=empty, **kl)
+
+
+def test_from_hidden_matches_logits_path_fp64():
+    """dpo_loss_from_hidden, kto_loss_from_hidden and head_logps (temperature, entropies) vs log_softmax of the
+    logits: values and gradients in fp64."""
+    g = torch.Generator().manual_seed(0)
+    b, t, h, v = 4, 6, 8, 37
+    hidden = torch.randn(b, t, h, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(v, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.ones(b, t)
+    mask[1, 4:] = 0
+    mask[2, :2] = 0
+    ref = torch.randn(b, generator=g, dtype=torch.float64) - 10
+    desirable = torch.tensor([True, False, False, True])
+    kl = dict(kl_logps=torch.randn(b, generator=g, dtype=torch.float64),
+              ref_kl_logps=torch.zeros(b, dtype=torch.float64))
+
+    def logits_path(temperature=1.0):
+        logp = torch.log_softmax((hidden @ weight.t() + bias) / temperature, -1)
+        return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask, -(logp.exp() * logp).sum(-1) * mask
+
+    cases = [(lambda: dpo_loss_from_hidden(hidden, weight, ids, mask, ref, DPOLossConfig(), bias=bias)[0],
+              lambda: dpo_loss(logits_path()[0], ref, mask, DPOLossConfig())[0]),
+             (lambda: kto_loss_from_hidden(hidden, weight, ids, mask, ref, desirable, KTOLossConfig(), bias=bias,
+                                           **kl)[0],
+              lambda: kto_loss(logits_path()[0], ref, desirable, KTOLossConfig(), mask=mask, **kl)[0]),
+             (lambda: sum(x.sum() for x in head_logps(hidden, weight, ids, mask, bias=bias, temperature=0.6,
+                                                        entropy=True)),
+              lambda: sum(x.sum() for x in logits_path(0.6)))]
+    for ours, theirs in cases:
+        value, expected = ours(), theirs()
+        assert rel_error(value, expected) < 1e-12
+        for a, e in zip(torch.autograd.grad(value, (hidden, weight)), torch.autograd.grad(expected, (hidden, weight))):
+            assert rel_error(a, e) < 1e-10
