@@ -42,12 +42,13 @@ def _chosen_nll(policy_token_logps: Tensor, nll_mask: Tensor) -> Tensor:
 
 @dataclass
 class ORPOLossConfig:
-    """TRL's ORPOConfig field the loss reads (same name and default): beta, the odds-ratio term's weight."""
+    """TRL's ORPOConfig field the loss reads (same name and default): beta, the odds-ratio term's weight (0: the
+    chosen NLL alone)."""
 
     beta: float = 0.1
 
     def __post_init__(self):
-        check_number("beta", self.beta)
+        check_number("beta", self.beta, allow_zero=True)
 
 
 def orpo_loss(policy_token_logps: Tensor, mask: Tensor, config: ORPOLossConfig, *, nll_mask: Tensor | None = None
