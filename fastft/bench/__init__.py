@@ -23,7 +23,7 @@ SUITES = {
                "overhead in a full fine-tuning step, routed multi-task LoRA vs peft task by task; full and "
                "top-4-layers fine-tuning steps vs plain transformers (peak RSS, time; one process per case); UPFT vs "
                "full-trace fine-tuning step time per example (tens of minutes)",
-    "preference": "DPO and GRPO losses from hidden states vs TRL's logits path and Liger (time, peak memory); the "
+    "preference": "DPO, GRPO, KTO and ORPO losses from hidden states vs TRL's logits path and Liger (time, peak memory); the "
                   "cross-entropy with 256 of 2048 rows labelled vs all; DPO and SFT steps of SmolLM2-135M with LoRA "
                   "through TRL, fastft vs TRL alone (vs TRL + Liger for DPO), one process per case",
     "cpu-paths": "each C++ kernel with an AVX-512 path on it vs on its AVX2 path (FASTFT_NO_AVX512=1), fresh "

@@ -11,20 +11,23 @@ __all__ = ["LoraNF4Linear", "PatchReport", "lora_config_for_nf4", "patch", "quan
 
 def patch(target, **options):
     """`fastft.patch(model, ...)` (fastft/integrations/peft.py) on a model; on a transformers / TRL Trainer, the
-    trainer's models and TRL's fused LM head (fastft/integrations/trl.py), returning a TrainerPatchReport."""
+    trainer's models and TRL's fused LM head (fastft/integrations/trl.py; ORPOTrainer / CPOTrainer's log-probabilities:
+    trl_pairwise.py), returning a TrainerPatchReport."""
     from fastft.integrations.trl import is_trainer, patch_trainer
+    from fastft.integrations.trl_pairwise import pairwise_kind, patch_pairwise_trainer
 
     if is_trainer(target):
-        return patch_trainer(target, **options)
+        return (patch_pairwise_trainer if pairwise_kind(target) else patch_trainer)(target, **options)
     return _patch_model(target, **options)
 
 
 def unpatch(target) -> int:
     """Undo `patch` on a model or a trainer; returns how many modules came back."""
     from fastft.integrations.trl import is_trainer, unpatch_trainer
+    from fastft.integrations.trl_pairwise import pairwise_kind, unpatch_pairwise_trainer
 
     if is_trainer(target):
-        return unpatch_trainer(target)
+        return (unpatch_pairwise_trainer if pairwise_kind(target) else unpatch_trainer)(target)
     return _unpatch_model(target)
 
 

@@ -1,5 +1,6 @@
 """`fastft.patch(trainer)` for TRL trainers (SFTTrainer, DPOTrainer, GRPOTrainer, KTOTrainer, RLOOTrainer, and any
-trainer that gives its models TRL's fused LM head).
+trainer that gives its models TRL's fused LM head; ORPOTrainer and CPOTrainer, which have none, through
+fastft/integrations/trl_pairwise.py).
 
 TRL 1.16 installs a chunked log-probability head on the models it trains (`trl.trainer.utils.add_fused_lm_head`,
 an instance attribute `forward`): calls with `fused_lm_head=True` return per-token log-probabilities, entropies and
@@ -97,8 +98,9 @@ def _decline_reason(model: nn.Module, options: dict) -> str | None:
 
 
 def _fastft_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
-                    **kwargs):
-    """TRL's fused-head contract (trl.trainer.utils.add_fused_lm_head) on fastft::fused_linear_logprobs."""
+                    _fastft_all_mean_logits=False, **kwargs):
+    """TRL's fused-head contract (trl.trainer.utils.add_fused_lm_head) on fastft::fused_linear_logprobs;
+    _fastft_all_mean_logits (fastft/integrations/trl_pairwise.py) keeps mean_logits on rows labelled -100 too."""
     options = self._fastft_trl_head
     if not fused_lm_head:
         for name, value in (("labels", labels), ("shift_labels", shift_labels),
@@ -138,7 +140,8 @@ def _fastft_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=
             mean_logits = hidden.detach().float() @ weight.detach().float().mean(0)
             if bias is not None:
                 mean_logits = mean_logits + bias.detach().float().mean()
-            mean_logits = mean_logits.masked_fill(~mask, 0)
+            if not _fastft_all_mean_logits:
+                mean_logits = mean_logits.masked_fill(~mask, 0)
     if "is_top1" in outputs:
         is_top1 = (out.logprob >= out.top) & mask
     loss = -out.logprob.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
@@ -168,9 +171,15 @@ def patch_trl_head(model: nn.Module) -> str:
     reason = _decline_reason(model, head_options)
     if reason is not None:
         return f"TRL's fused head runs ({reason})"
-    model._fastft_trl_head = {**head_options, "trl_forward": model.__dict__["forward"]}
-    model.forward = types.MethodType(_fastft_forward, model)
+    install_head(model, head_options)
     return "fastft::fused_linear_logprobs"
+
+
+def install_head(model: nn.Module, options: dict) -> None:
+    """fastft's fused head as `model`'s instance forward, with TRL's head options (temperature, logit_scale,
+    outputs, backbone_attr); the forward it shadows (TRL's head, or none) comes back with unpatch_trl_head."""
+    model._fastft_trl_head = {**options, "trl_forward": model.__dict__.get("forward")}
+    model.forward = types.MethodType(_fastft_forward, model)
 
 
 def unpatch_trl_head(model: nn.Module) -> bool:
@@ -178,7 +187,10 @@ def unpatch_trl_head(model: nn.Module) -> bool:
     options = model.__dict__.pop("_fastft_trl_head", None)
     if options is None:
         return False
-    model.forward = options["trl_forward"]
+    if options["trl_forward"] is None:
+        del model.forward  # the class's forward again
+    else:
+        model.forward = options["trl_forward"]
     return True
 
 

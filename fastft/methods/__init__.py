@@ -7,7 +7,9 @@ trains, built only from fastft.nn, fastft.losses and the public functions (fastf
 - distillation.py: the distillation loss of a causal LM against a teacher and its Trainer.
 - freeze.py: full / partial fine-tuning, `freeze` (top k layers or name patterns + the head trainable; the frozen
   part optionally 4-bit and run without autograd below the lowest trainable layer).
-- preference.py: DPO's losses (every TRL loss_type) on per-token log-probabilities.
+- preference.py: DPO's losses (every TRL loss_type) and KTO's on per-token log-probabilities; reference_free.py:
+  ORPO and CPO / SimPO / AlphaPO; grpo.py: GRPO's policy loss (every TRL loss_type); each also from hidden states
+  + head weight through fastft::fused_linear_logprobs (no logits).
 - upft.py: unsupervised prefix fine-tuning, self-sampled prefixes (cached) + collator.
 - continual.py: EWC (Fisher estimation, online / per-task, the fused penalty pass, EWCTrainer); replay.py: a
   reservoir replay buffer and collator; expansion.py: an adapter per task over a frozen base.

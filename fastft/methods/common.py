@@ -1,6 +1,9 @@
-"""Helpers the recipes share: which modules a name list selects, and replacing a submodule by name."""
+"""Helpers the recipes share: which modules a name list selects, replacing a submodule by name, checking a number
+option."""
 
 from __future__ import annotations
+
+import math
 
 from torch import nn
 
@@ -20,3 +23,10 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put `module` where `model`'s submodule `name` is."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def check_number(name: str, value, allow_zero: bool = False) -> None:
+    """A ValueError naming `name` unless `value` is a finite real number > 0 (>= 0 with allow_zero)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")

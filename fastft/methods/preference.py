@@ -1,7 +1,9 @@
 """Preference losses as plain torch on per-token log-probabilities (batch, tokens), e.g. from
-`fastft.losses.fused_linear_logprobs` (0 on ignored tokens): DPO with every `loss_type` of TRL 1.16's DPOConfig,
-several at once with `loss_weights`, `ld_alpha` and the f-divergence options, with TRL's formulas (checked against
-DPOTrainer.compute_loss in tests/methods/test_preference.py).
+`fastft.losses.fused_linear_logprobs` (0 on ignored tokens; `head_logps` runs it from hidden states): DPO with every
+`loss_type` of TRL 1.16's DPOConfig, several at once with `loss_weights`, `ld_alpha` and the f-divergence options,
+and KTO (both loss types of KTOConfig, its KL estimate, desirable / undesirable weights), with TRL's formulas
+(checked against DPOTrainer's / KTOTrainer's compute_loss in tests/methods/test_preference.py). ORPO and CPO / SimPO
+(no reference model): fastft/methods/reference_free.py; GRPO: fastft/methods/grpo.py.
 
 Batch layout as TRL's: the first half of the rows are the chosen completions, the second half the rejected ones of
 the same prompts. Reference log-probabilities come in three ways, all as tensors here: a separate reference model's
@@ -18,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastft.methods.common import check_number
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -47,14 +52,44 @@ class DPOLossConfig:
         if len(self.loss_weights) != len(self.loss_type):
             raise ValueError(f"loss_weights must have one weight per loss_type ({len(self.loss_type)}), got "
                              f"{len(self.loss_weights)}")
-        if not (isinstance(self.beta, (int, float)) and self.beta > 0 and math.isfinite(self.beta)):
-            raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
+        check_number("beta", self.beta)
         if self.f_divergence_type not in F_DIVERGENCES:
             raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {self.f_divergence_type!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
             raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (log(label_smoothing) enters the loss)")
+
+
+def head_logps(hidden: Tensor, weight: Tensor, ids: Tensor, mask: Tensor, *, bias: Tensor | None = None,
+               temperature: float = 1.0, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(log-probabilities, entropies or None), both (batch, tokens) fp32, of `ids` (batch, tokens) under
+    softmax((hidden @ weight^T + bias) / temperature) for hidden (batch, tokens, H) already aligned with ids (a causal
+    LM's hidden[:, :-1] for ids[:, 1:]), from fastft::fused_linear_logprobs: tokens outside `mask` get 0 and cost
+    no matmul, and no (tokens, vocab) logits exist."""
+    from fastft.losses import fused_linear_logprobs
+
+    if mask.shape != ids.shape:
+        raise ValueError(f"mask must have the shape of ids {tuple(ids.shape)}, got {tuple(mask.shape)}")
+    check_number("temperature", temperature)
+    if temperature != 1.0:
+        hidden = hidden / temperature
+        bias = None if bias is None else bias / temperature
+    labels = ids.masked_fill(~mask.bool(), -100)
+    out = fused_linear_logprobs(hidden, weight, labels, bias=bias, entropy=entropy)
+    return out if entropy else (out, None)
+
+
+def check_completions(token_logps: Tensor, mask: Tensor, name: str = "policy_token_logps") -> Tensor:
+    """mask as token_logps' dtype, after checking that both are (batch, tokens) alike and no sequence is empty."""
+    if token_logps.dim() != 2:
+        raise ValueError(f"{name} must be (batch, tokens), got {tuple(token_logps.shape)}")
+    if mask.shape != token_logps.shape:
+        raise ValueError(f"mask must have the shape of {name} {tuple(token_logps.shape)}, got {tuple(mask.shape)}")
+    empty = (mask.sum(1) == 0).nonzero().flatten()
+    if len(empty):
+        raise ValueError(f"mask selects no completion token in rows {empty.tolist()}: every sequence needs one")
+    return mask.to(token_logps.dtype)
 
 
 def sequence_logps(token_logps: Tensor, mask: Tensor, ld_alpha: float | None = None) -> Tensor:
@@ -90,13 +125,10 @@ def dpo_loss(policy_token_logps: Tensor, ref_logps: Tensor, mask: Tensor, config
     if policy_token_logps.dim() != 2 or policy_token_logps.shape[0] % 2:
         raise ValueError(f"policy_token_logps must be (2 * pairs, tokens) with chosen rows first, got "
                          f"{tuple(policy_token_logps.shape)}")
-    if mask.shape != policy_token_logps.shape:
-        raise ValueError(f"mask must have the shape of policy_token_logps {tuple(policy_token_logps.shape)}, got "
-                         f"{tuple(mask.shape)}")
+    mask = check_completions(policy_token_logps, mask)
     if ref_logps.shape not in (policy_token_logps.shape, policy_token_logps.shape[:1]):
         raise ValueError(f"ref_logps must be per token {tuple(policy_token_logps.shape)} or per sequence "
                          f"({policy_token_logps.shape[0]},), got {tuple(ref_logps.shape)}")
-    mask = mask.to(policy_token_logps.dtype)
     logps = sequence_logps(policy_token_logps, mask, config.ld_alpha)
     ref = ref_logps if ref_logps.dim() == 1 else sequence_logps(ref_logps, mask, config.ld_alpha)
     chosen, rejected = logps.chunk(2)
@@ -153,3 +185,91 @@ def dpo_loss(policy_token_logps: Tensor, ref_logps: Tensor, mask: Tensor, config
                "rewards/accuracies": (chosen_reward > rejected_reward).float().mean(),
                "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
     return loss, metrics
+
+
+@dataclass
+class KTOLossConfig:
+    """TRL's KTOConfig fields the loss reads (same names and defaults)."""
+
+    beta: float = 0.1
+    loss_type: str = "kto"
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.loss_type not in KTO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {self.loss_type!r}")
+        for name in ("beta", "desirable_weight", "undesirable_weight"):
+            check_number(name, getattr(self, name))
+
+
+def _per_sequence(name: str, logps: Tensor, mask: Tensor | None, rows: int) -> Tensor:
+    if logps.dim() == 1 and logps.shape[0] == rows:
+        return logps
+    if logps.dim() == 2 and mask is not None and logps.shape == mask.shape:
+        return (logps * mask).sum(1)
+    raise ValueError(f"{name} must be per sequence ({rows},) or per token shaped like mask "
+                     f"{None if mask is None else tuple(mask.shape)}, got {tuple(logps.shape)}")
+
+
+def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, config: KTOLossConfig, *,
+             mask: Tensor | None = None, kl_logps: Tensor | None = None, ref_kl_logps: Tensor | None = None
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+    """(loss, metrics) of KTO for unpaired completions: policy and reference log-probabilities per token (batch,
+    tokens) over `mask`, or per sequence (batch,); desirable (batch,) bool, True for a desirable completion.
+    "kto" needs the KL estimate's inputs: kl_logps and ref_kl_logps (batch,), the policy's (no gradient) and the
+    reference's sequence log-probabilities of mismatched completions (TRL pairs each prompt with its neighbour's
+    completion); the estimate is their mean difference, detached and clamped at 0. Metrics (TRL's names): kl,
+    rewards/chosen, rewards/rejected, rewards/margins, logps/chosen, logps/rejected (means over the desirable /
+    undesirable rows present)."""
+    if desirable.dim() != 1 or desirable.dtype != torch.bool:
+        raise ValueError(f"desirable must be a 1-D bool tensor, got {desirable.dtype} {tuple(desirable.shape)}")
+    rows = desirable.shape[0]
+    if rows == 0:
+        raise ValueError("desirable is empty: the batch has no completion")
+    if mask is not None:
+        mask = check_completions(policy_logps, mask, "policy_logps")
+    logps = _per_sequence("policy_logps", policy_logps, mask, rows)
+    ref = _per_sequence("ref_logps", ref_logps, mask, rows)
+    if config.loss_type == "kto":
+        if kl_logps is None or ref_kl_logps is None:
+            raise ValueError("loss_type 'kto' needs kl_logps and ref_kl_logps (the KL estimate's completions)")
+        if kl_logps.shape != ref_kl_logps.shape or kl_logps.dim() != 1:
+            raise ValueError(f"kl_logps and ref_kl_logps must be (batch,) alike, got {tuple(kl_logps.shape)} and "
+                             f"{tuple(ref_kl_logps.shape)}")
+        kl = (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+    else:
+        kl = torch.zeros((), dtype=logps.dtype, device=logps.device)
+    ratio = logps - ref
+    chosen, rejected = ratio[desirable], ratio[~desirable]
+    beta = config.beta
+    if config.loss_type == "kto":
+        chosen_losses = 1 - torch.sigmoid(beta * (chosen - kl))
+        rejected_losses = 1 - torch.sigmoid(beta * (kl - rejected))
+    else:  # apo_zero_unpaired
+        chosen_losses = 1 - torch.sigmoid(beta * chosen)
+        rejected_losses = torch.sigmoid(beta * rejected)
+    loss = torch.cat([config.desirable_weight * chosen_losses, config.undesirable_weight * rejected_losses]).mean()
+    metrics = {"kl": kl}
+    for side, part, seq in (("chosen", chosen, logps[desirable]), ("rejected", rejected, logps[~desirable])):
+        if part.numel():
+            metrics[f"rewards/{side}"] = beta * part.detach().mean()
+            metrics[f"logps/{side}"] = seq.detach().mean()
+    if chosen.numel() and rejected.numel():
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return loss, metrics
+
+
+def dpo_loss_from_hidden(hidden: Tensor, weight: Tensor, ids: Tensor, mask: Tensor, ref_logps: Tensor,
+                         config: DPOLossConfig, *, bias: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """dpo_loss on head_logps(hidden, weight, ids, mask) (chosen rows first): no (tokens, vocab) logits."""
+    return dpo_loss(head_logps(hidden, weight, ids, mask, bias=bias)[0], ref_logps, mask, config)
+
+
+def kto_loss_from_hidden(hidden: Tensor, weight: Tensor, ids: Tensor, mask: Tensor, ref_logps: Tensor,
+                         desirable: Tensor, config: KTOLossConfig, *, bias: Tensor | None = None,
+                         **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
+    """kto_loss on head_logps(hidden, weight, ids, mask): no (tokens, vocab) logits. Other keywords (kl_logps,
+    ref_kl_logps) go to kto_loss."""
+    logps = head_logps(hidden, weight, ids, mask, bias=bias)[0]
+    return kto_loss(logps, ref_logps, desirable, config, mask=mask, **kwargs)

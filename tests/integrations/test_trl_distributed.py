@@ -1,6 +1,7 @@
 """Under DDP (gloo, 2 processes on 127.0.0.1), the gradients of a DPO loss on fastft's fused head (TRL's fused-head
 contract, fastft::fused_linear_logprobs underneath) reach DDP's all-reduce: every rank ends with the mean of the
-ranks' single-process gradients (Liger's fused DPO loss skips the sync: trl#7245)."""
+ranks' single-process gradients (Liger's fused DPO loss skips the sync: trl#7245). Both ways the head is installed:
+in place of TRL's (DPO, GRPO, KTO, ...) and on a model without one (ORPO / CPO, fastft/integrations/trl_pairwise.py)."""
 
 import socket
 
@@ -16,18 +17,23 @@ from trl.trainer.utils import add_fused_lm_head
 
 import fastft
 from conftest import rel_error
-from fastft.integrations.trl import patch_trl_head
+from fastft.integrations.trl import install_head, patch_trl_head
 from trl_fixtures import tiny_llama
 
 WORLD, PAIRS, TOKENS, PROMPT = 2, 2, 12, 5
 pytestmark = pytest.mark.slow
 
 
-def model():
+def model(head="trl"):
     peft_model = get_peft_model(tiny_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                           init_lora_weights=False))
-    add_fused_lm_head(peft_model.get_base_model(), outputs=("log_probs",))
-    assert patch_trl_head(peft_model.get_base_model()) == "fastft::fused_linear_logprobs"
+    base = peft_model.get_base_model()
+    if head == "trl":
+        add_fused_lm_head(base, outputs=("log_probs",))
+        assert patch_trl_head(base) == "fastft::fused_linear_logprobs"
+    else:  # what patch(trainer) installs for ORPOTrainer / CPOTrainer
+        install_head(base, {"temperature": 1.0, "logit_scale": 1.0, "outputs": {"log_probs", "mean_logits"},
+                            "backbone_attr": base.base_model_prefix})
     fastft.patch(peft_model)
     return peft_model
 
@@ -48,11 +54,15 @@ def dpo_grads(net, ids, labels, ref, beta=0.1):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
+HEADS = ("trl", "pairwise")
+
+
 def _worker(rank, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        torch.save(dpo_grads(DistributedDataParallel(model()), *batch(rank)), f"{out}/rank{rank}.pt")
+        for head in HEADS:
+            torch.save(dpo_grads(DistributedDataParallel(model(head)), *batch(rank)), f"{out}/{head}{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -62,11 +72,12 @@ def test_fused_dpo_gradients_are_all_reduced(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
-    local = [dpo_grads(model(), *batch(rank)) for rank in range(WORLD)]
-    for rank in range(WORLD):
-        synced = torch.load(tmp_path / f"rank{rank}.pt")
-        assert synced.keys() == local[0].keys() and len(synced) == 8
-        for name, grad in synced.items():
-            mean = (local[0][name] + local[1][name]) / 2
-            assert rel_error(grad, mean) < 1e-5, name
-            assert rel_error(grad, local[rank][name]) > 1e-3  # not the rank's own gradient
+    for head in HEADS:
+        local = [dpo_grads(model(head), *batch(rank)) for rank in range(WORLD)]
+        for rank in range(WORLD):
+            synced = torch.load(tmp_path / f"{head}{rank}.pt")
+            assert synced.keys() == local[0].keys() and len(synced) == 8
+            for name, grad in synced.items():
+                mean = (local[0][name] + local[1][name]) / 2
+                assert rel_error(grad, mean) < 1e-5, (head, name)
+                assert rel_error(grad, local[rank][name]) > 1e-3  # not the rank's own gradient

@@ -1,18 +1,21 @@
-"""fastft.patch(trainer) on TRL 1.16's SFTTrainer, DPOTrainer and GRPOTrainer with a peft LoRA model (tiny Llama):
-TRL's fused LM head is replaced by fastft's (fastft::fused_linear_logprobs), and the trainer's compute_loss gives
-the same loss, gradients and logged metrics as TRL alone (fp32, 1e-5 relative), for every DPO and GRPO loss type."""
+"""fastft.patch(trainer) on TRL 1.16's SFTTrainer, DPOTrainer, GRPOTrainer, KTOTrainer and RLOOTrainer with a peft
+LoRA model (tiny Llama): TRL's fused LM head is replaced by fastft's (fastft::fused_linear_logprobs), and the
+trainer's compute_loss gives the same loss, gradients and logged metrics as TRL alone (fp32, 1e-5 relative), for
+every DPO, GRPO and KTO loss type."""
 
 import copy
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+from datasets import Dataset
+from trl import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, RLOOConfig, RLOOTrainer,
+                 SFTConfig, SFTTrainer)
 
 import fastft
 from conftest import rel_error
 from fastft.integrations.trl import TrainerPatchReport
-from trl_fixtures import preference_dataset, text_dataset, tiny_llama, tokenizer
+from trl_fixtures import grpo_inputs, preference_dataset, sentence, text_dataset, tiny_llama, tokenizer
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -40,12 +43,35 @@ def last_metrics(trainer):
     return metrics
 
 
-def assert_same(trl_run, fastft_run, metrics=()):
+def assert_same(trl_run, fastft_run):
     (loss, grads), (ours, our_grads) = trl_run, fastft_run
     assert torch.isfinite(ours) and rel_error(ours, loss) < 1e-5
     assert grads.keys() == our_grads.keys()
     for name in grads:
         assert rel_error(our_grads[name], grads[name]) < 1e-5, name
+
+
+def assert_same_metrics(theirs, ours, skip=("num_tokens",)):
+    assert theirs.keys() == ours.keys()
+    for key, value in theirs.items():
+        if key not in skip:
+            assert abs(ours[key] - value) <= 1e-5 * max(1.0, abs(value)), key
+
+
+def compare_patched(trainer, inputs, compute=None):
+    """(TRL alone, patched) loss and gradients and the metrics each logged."""
+    trainer.model.train()
+    theirs = loss_and_grads(trainer, inputs, compute)
+    their_metrics = last_metrics(trainer)
+    report = fastft.patch(trainer)
+    try:
+        assert isinstance(report, TrainerPatchReport) and report.fused_heads == 1, str(report)
+        ours = loss_and_grads(trainer, inputs, compute)
+        our_metrics = last_metrics(trainer)
+    finally:
+        fastft.unpatch(trainer)
+    assert_same(theirs, ours)
+    return their_metrics, our_metrics
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +87,7 @@ def dpo_trainer():
 def test_dpo_loss_types_match_trl(dpo_trainer, loss_type):
     trainer, inputs = dpo_trainer
     trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
-    trainer.model.train()
-    theirs = loss_and_grads(trainer, inputs)
-    their_metrics = last_metrics(trainer)
-    report = fastft.patch(trainer)
-    try:
-        assert isinstance(report, TrainerPatchReport) and report.fused_heads == 1, str(report)
-        ours = loss_and_grads(trainer, inputs)
-        our_metrics = last_metrics(trainer)
-    finally:
-        fastft.unpatch(trainer)
-    assert_same(theirs, ours)
-    assert their_metrics.keys() == our_metrics.keys()
-    for key, value in their_metrics.items():
-        if key != "num_tokens":
-            assert abs(our_metrics[key] - value) <= 1e-5 * max(1.0, abs(value)), key
+    assert_same_metrics(*compare_patched(trainer, inputs))
 
 
 def test_dpo_several_loss_types_weighted_and_ld_alpha(dpo_trainer):
@@ -123,24 +135,6 @@ def test_dpo_reference_model_and_report(dpo_trainer):
     assert "1 of 2" in str(report)
     fastft.unpatch(trainer)
     assert "_fastft_trl_head" not in trainer.ref_model.__dict__
-
-
-def grpo_inputs(trainer, g):
-    batch, prompt, completion = 4, 5, 7
-    prompt_ids = torch.randint(3, 200, (batch, prompt), generator=g)
-    completion_ids = torch.randint(3, 200, (batch, completion), generator=g)
-    completion_mask = torch.ones(batch, completion, dtype=torch.long)
-    completion_mask[1, 4:] = 0
-    completion_mask[3, 2:] = 0
-    with torch.no_grad():
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, torch.cat([prompt_ids, completion_ids], 1),
-            torch.cat([torch.ones_like(prompt_ids), completion_mask], 1), completion)
-    return {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
-            "completion_mask": completion_mask, "advantages": torch.randn(batch, generator=g),
-            "old_per_token_logps": logps + 0.05 * torch.randn(logps.shape, generator=g),
-            "ref_per_token_logps": logps + 0.1 * torch.randn(logps.shape, generator=g),
-            "num_items_in_batch": completion_mask.sum().float()}
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +189,38 @@ def test_sft_matches_trl_and_accumulates():
     assert_same(theirs, ours)
     for key in ("entropy", "mean_token_accuracy"):
         assert abs(our_metrics[key] - their_metrics[key]) <= 1e-5 * max(1.0, abs(their_metrics[key])), key
+
+
+@pytest.fixture(scope="module")
+def kto_trainer():
+    g = torch.Generator().manual_seed(1)
+    rows = [{"prompt": sentence(g, 3, 9) + " ", "completion": sentence(g, 2, 7), "label": bool(i % 3)}
+            for i in range(8)]
+    args = KTOConfig(**{**COMMON, "per_device_train_batch_size": 4}, max_length=32, beta=0.2, desirable_weight=1.3)
+    trainer = KTOTrainer(model=lora_model(), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer())
+    return trainer, next(iter(trainer.get_train_dataloader()))
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_matches_trl(kto_trainer, loss_type):
+    """KTO's reference pass (the "ref" adapter) and KL-estimate passes run on fastft's head too; the logged
+    logits/chosen and logits/rejected (mean logits) and entropy keep their values."""
+    trainer, inputs = kto_trainer
+    trainer.loss_type, trainer.calculate_KL = loss_type, loss_type == "kto"
+    their_metrics, our_metrics = compare_patched(trainer, inputs)
+    assert {"logits/chosen", "logits/rejected", "entropy", "kl"} <= their_metrics.keys()
+    assert_same_metrics(their_metrics, our_metrics)
+
+
+def test_rloo_matches_trl():
+    args = RLOOConfig(**COMMON, num_generations=2, max_completion_length=8, temperature=0.7, epsilon_high=0.28)
+    trainer = RLOOTrainer(model=lora_model(), reward_funcs=lambda completions, **_: [0.0] * len(completions),
+                          args=args, train_dataset=text_dataset(), processing_class=tokenizer())
+    g = torch.Generator().manual_seed(2)
+    inputs = grpo_inputs(trainer, g)
+    mask = inputs["completion_mask"]
+    inputs["old_logps"] = (inputs.pop("old_per_token_logps") * mask).sum(1) + 0.2 * torch.randn(4, generator=g)
+    del inputs["ref_per_token_logps"]
+    their_metrics, our_metrics = compare_patched(trainer, inputs, trainer._compute_loss)
+    assert_same_metrics(their_metrics, our_metrics)
