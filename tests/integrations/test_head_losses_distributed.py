@@ -1,6 +1,6 @@
-"""fastft's fused preference and head-reading losses on a model sharded by FSDP2 (gloo, 2 processes on 127.0.0.1):
-`fully_shard` per decoder layer and on the root, with the head in the root's group ("root") or sharded on its own
-("head": its forward never runs, so only fastft's gather gives the loss the whole head, trl#3368's case). TRL's
+"""fastft's fused preference and head-reading losses under DDP ("ddp") and FSDP2 (gloo, 2 processes on 127.0.0.1):
+`fully_shard` per decoder layer and on the root, with the head in the root's group ("fsdp2-root") or sharded on its
+own ("fsdp2-head": its forward never runs, so only fastft's gather gives the loss the whole head, trl#3368's case). TRL's
 DPO and GRPO losses on fastft's head (`fastft.patch(trainer)`), fastft's fused causal-LM and distillation losses,
 and fastft::fused_linear_logprobs called directly train a LoRA on lm_head (or, for the op, the whole model): 5 SGD
 steps give the losses and trained weights of one process accumulating the same per-rank batches (fp32, 1e-5)."""
@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from peft import LoraConfig, get_peft_model
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
@@ -24,7 +25,7 @@ from test_distributed import decoder_layers, free_port, trained_weights
 from trl_fixtures import preference_dataset, text_dataset, tiny_llama, tokenizer
 
 WORLD, STEPS = 2, 5
-LAYOUTS = ("root", "head")
+LAYOUTS = ("ddp", "fsdp2-root", "fsdp2-head")
 CASES = ("dpo-trainer", "grpo-trainer", "fused-loss", "distillation", "logprobs-op")
 COMMON = dict(output_dir="/tmp/fastft-fsdp2-test", report_to=[], use_cpu=True, per_device_train_batch_size=2,
               logging_steps=1, save_strategy="no", bf16=False, dataloader_num_workers=0)
@@ -122,7 +123,7 @@ def logprobs_op_loss(model, inputs):
     head's unshard(); its gradient is then reduce-scattered by the root's post-backward)."""
     labels = inputs["labels"]
     hidden = model(input_ids=inputs["input_ids"], output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    head = model.get_output_embeddings()
+    head = (model.module if isinstance(model, DistributedDataParallel) else model).get_output_embeddings()
     if hasattr(head, "unshard"):
         head.unshard()
     logps = fused_linear_logprobs(hidden[:, :-1], head.weight, labels[:, 1:]).sum(-1)
@@ -146,6 +147,17 @@ def train(model, loss_fn, case, ranks):
     return torch.stack(losses)
 
 
+def sharded_weight_refusal(model):
+    """The error fused_linear_logprobs raises when handed a head shard (a DTensor) instead of the gathered weight."""
+    head = model.get_output_embeddings()
+    head.reshard()
+    try:
+        fused_linear_logprobs(torch.randn(3, 64), head.weight, torch.zeros(3, dtype=torch.long))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def _worker(rank, port, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -156,22 +168,26 @@ def _worker(rank, port, out):
         for layout in LAYOUTS:
             for case in CASES:
                 model, loss_fn = model_for(case)
-                for layer in decoder_layers(model):
-                    fully_shard(layer)
-                if layout == "head":
-                    fully_shard(model.get_output_embeddings())
-                fully_shard(model)
+                if layout == "ddp":
+                    model = DistributedDataParallel(model)
+                else:
+                    for layer in decoder_layers(model):
+                        fully_shard(layer)
+                    if layout == "fsdp2-head":
+                        fully_shard(model.get_output_embeddings())
+                    fully_shard(model)
                 losses = train(model, loss_fn, case, [rank])
                 dist.all_reduce(losses)
                 results[layout, case] = {"losses": losses / WORLD, "weights": trained_weights(model)}
+        results["refusal"] = sharded_weight_refusal(model)
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("fsdp2") / "result")
+def distributed_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("head-losses") / "result")
     mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
     return [torch.load(f"{out}.{rank}") for rank in range(WORLD)]
 
@@ -184,12 +200,17 @@ def single_process_run(case):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES)
-def test_fused_head_losses_under_fsdp2_match_one_process(fsdp2_run, case, layout):
+def test_fused_head_losses_under_ddp_and_fsdp2_match_one_process(distributed_run, case, layout):
     losses, expected = single_process_run(case)
     assert any("lm_head" in name for name in expected)  # the head trains
-    for results in fsdp2_run:
+    for results in distributed_run:
         result = results[layout, case]
         assert torch.allclose(result["losses"], losses, rtol=1e-5, atol=0), (result["losses"], losses)
         assert result["weights"].keys() == expected.keys()
         for name, weight in result["weights"].items():
             assert (weight - expected[name]).norm() <= 1e-5 * expected[name].norm(), name
+
+
+def test_a_head_shard_is_refused_with_a_clear_error(distributed_run):
+    for results in distributed_run:
+        assert results["refusal"] is not None and "sharded DTensor" in results["refusal"], results["refusal"]
