@@ -24,7 +24,8 @@ import fastft
 from conftest import bnb_standard_layout
 
 VOCAB, WORLD, STEPS = 128, 2, 5
-PATHS = ("lora", "lora-fused-loss", "lora-checkpointed", "lora-checkpoint-wrapper", "dora", "qlora-nf4", "qlora-bnb", "adapters", "qat",
+PATHS = ("lora", "lora-fused-loss", "lora-checkpointed", "lora-checkpoint-wrapper", "dora", "qlora-nf4", "qlora-bnb",
+         "qlora-bnb-bf16-storage", "adapters", "qat",
          "distillation", "lora-bf16-params")
 SAVED = ("lora", "dora")  # paths whose FSDP2 checkpoint is loaded back in one process with plain peft
 # FSDP2's MixedPrecisionPolicy: bf16 parameters in forward and backward, gradients reduced and kept in fp32. Its
@@ -42,9 +43,10 @@ def small_llama(intermediate_size=96):
                                         max_position_embeddings=64))
 
 
-def bitsandbytes_llama():
+def bitsandbytes_llama(storage=torch.float32):
     """small_llama loaded in 4 bits by transformers + bitsandbytes as FSDP-QLoRA recipes load it: the 4-bit codes
-    held in the model's dtype (`bnb_4bit_quant_storage`), so that FSDP shards them with the other parameters."""
+    held in a float dtype (`bnb_4bit_quant_storage`: the model's, or bf16 as most recipes), so that FSDP shards them
+    with the other parameters."""
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,7 +55,7 @@ def bitsandbytes_llama():
         dense.config.save_pretrained(tmp)
         save_file(dense.state_dict(), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+                                          bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=storage)
         model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization, dtype=torch.float32)
     torch.manual_seed(0)
     return bnb_standard_layout(model)
@@ -89,8 +91,9 @@ def model_for(path):
         model = fastft.quantize_model(model, blocksize=32)
         model = get_peft_model(model, fastft.lora_config_for_nf4(lora, model))
         fastft.patch(model, fused_loss=True)
-    elif path == "qlora-bnb":
-        model = get_peft_model(bitsandbytes_llama(), lora)
+    elif path in ("qlora-bnb", "qlora-bnb-bf16-storage"):
+        storage = torch.bfloat16 if path == "qlora-bnb-bf16-storage" else torch.float32
+        model = get_peft_model(bitsandbytes_llama(storage), lora)
         assert fastft.patch(model, fused_loss=True).fused["lora.Linear4bit"] == 14
     elif path == "adapters":
         from fastft.adapters import AdapterConfig, add_adapters
