@@ -26,12 +26,12 @@ from conftest import bnb_standard_layout
 VOCAB, WORLD, STEPS = 128, 2, 5
 PATHS = ("lora", "lora-fused-loss", "lora-checkpointed", "lora-checkpoint-wrapper", "dora", "qlora-nf4", "qlora-bnb",
          "qlora-bnb-bf16-storage", "adapters", "qat",
-         "distillation", "lora-bf16-params")
+         "distillation", "lora-bf16-params", "qlora-nf4-bf16-params")
 SAVED = ("lora", "dora")  # paths whose FSDP2 checkpoint is loaded back in one process with plain peft
-# FSDP2's MixedPrecisionPolicy: bf16 parameters in forward and backward, gradients reduced and kept in fp32. Its
-# single-process counterpart is the fp32 "lora" run: bf16 rounding (2^-9 relative per operation, a few hundred
-# accumulated over the steps' matmuls) bounds the difference.
-MIXED_PRECISION = {"lora-bf16-params": "lora"}
+# FSDP2's MixedPrecisionPolicy: bf16 parameters in forward and backward, gradients reduced and kept in fp32 (the
+# 4-bit codes stay uint8). Its single-process counterpart is the path's fp32 run: bf16 rounding (2^-9 relative per
+# operation, a few hundred accumulated over the steps' matmuls) bounds the difference.
+MIXED_PRECISION = {"lora-bf16-params": "lora", "qlora-nf4-bf16-params": "qlora-nf4"}
 BF16_TOLERANCE = 3e-2
 pytestmark = pytest.mark.slow
 
