@@ -1,7 +1,7 @@
 """fastft's fused preference and head-reading losses under DDP ("ddp") and FSDP2 (gloo, 2 processes on 127.0.0.1):
 `fully_shard` per decoder layer and on the root, with the head in the root's group ("fsdp2-root") or sharded on its
-own ("fsdp2-head": its forward never runs, so only fastft's gather gives the loss the whole head, trl#3368's case). TRL's
-DPO and GRPO losses on fastft's head (`fastft.patch(trainer)`), fastft's fused causal-LM and distillation losses,
+own ("fsdp2-head": its forward never runs, so only fastft's gather gives the loss the whole head, trl#3368's case).
+TRL's DPO and GRPO losses on fastft's head (`fastft.patch(trainer)`), fastft's fused causal-LM and distillation losses,
 and fastft::fused_linear_logprobs called directly train a LoRA on lm_head (or, for the op, the whole model): 5 SGD
 steps give the losses and trained weights of one process accumulating the same per-rank batches (fp32, 1e-5)."""
 
@@ -42,9 +42,10 @@ def lora_model(modules=("q_proj", "v_proj", "lm_head")):
 def trainers():
     """A DPOTrainer and a GRPOTrainer (TRL 1.16), built once per process; each case gives them a fresh model with
     a LoRA on lm_head (which TRL's own head cannot train, so its constructor refuses it; fastft's head applies it)."""
-    dpo = DPOTrainer(model=lora_model(modules=("q_proj", "v_proj")), args=DPOConfig(**COMMON, max_length=32, beta=0.2),
+    without_head = ("q_proj", "v_proj")
+    dpo = DPOTrainer(model=lora_model(without_head), args=DPOConfig(**COMMON, max_length=32, beta=0.2),
                      train_dataset=preference_dataset(), processing_class=tokenizer())
-    grpo = GRPOTrainer(model=lora_model(modules=("q_proj", "v_proj")), reward_funcs=lambda completions, **_: [0.0] * len(completions),
+    grpo = GRPOTrainer(model=lora_model(without_head), reward_funcs=lambda completions, **_: [0.0] * len(completions),
                        args=GRPOConfig(**COMMON, num_generations=2, max_completion_length=8, beta=0.04,
                                        temperature=0.7), train_dataset=text_dataset(), processing_class=tokenizer())
     grpo.current_gradient_accumulation_steps = 1  # what Trainer.training_step sets
