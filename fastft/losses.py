@@ -109,6 +109,8 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, label
            temperature, alpha, scale_by_t2, ignore_index, reduction, num_items_in_batch, teacher_topk):
     check_options(beta=beta, temperature=temperature, alpha=alpha, scale_by_t2=scale_by_t2,
                   ignore_index=ignore_index, reduction=reduction, teacher_topk=teacher_topk)
+    _check_gathered(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
+                    teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias)
     for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
@@ -187,7 +189,20 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
     return loss.reshape(leading) if reduction == "none" else loss
 
 
+def _check_gathered(**tensors) -> None:
+    """A DTensor here is an FSDP2 shard read outside its module's forward: refuse it rather than compute on it."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    for name, t in tensors.items():
+        if isinstance(t, DTensor):
+            raise ValueError(f"{name} is a sharded DTensor (an FSDP2 parameter read outside its module's forward): "
+                             "gather it first (FSDP2: the owning module's unshard())")
+
+
 def _check_head(hidden, weight, labels, bias, ignore_index) -> None:
+    _check_gathered(hidden=hidden, weight=weight, bias=bias)
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")

@@ -121,9 +121,6 @@ def _fastft_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=
         labels = shift_labels
     head = self.get_output_embeddings()
     weight, bias = head_weight(head)
-    if isinstance(weight, torch.distributed.tensor.DTensor):  # FSDP2: the head gathered once per call, as TRL
-        weight = weight.full_tensor()
-        bias = None if bias is None else bias.full_tensor()
     hidden = hidden.to(weight.device)
     labels = labels.to(weight.device)
     scale = float(options["logit_scale"]) / float(options["temperature"])

@@ -14,21 +14,24 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import fastft
 from conftest import bnb_standard_layout
 
 VOCAB, WORLD, STEPS = 128, 2, 5
-PATHS = ("lora", "lora-fused-loss", "lora-checkpointed", "dora", "qlora-nf4", "qlora-bnb", "adapters", "qat",
-         "distillation", "lora-bf16-params")
+PATHS = ("lora", "lora-fused-loss", "lora-checkpointed", "lora-checkpoint-wrapper", "dora", "qlora-nf4", "qlora-bnb",
+         "qlora-bnb-bf16-storage", "adapters", "qat",
+         "distillation", "lora-bf16-params", "qlora-nf4-bf16-params")
 SAVED = ("lora", "dora")  # paths whose FSDP2 checkpoint is loaded back in one process with plain peft
-# FSDP2's MixedPrecisionPolicy: bf16 parameters in forward and backward, gradients reduced and kept in fp32. Its
-# single-process counterpart is the fp32 "lora" run: bf16 rounding (2^-9 relative per operation, a few hundred
-# accumulated over the steps' matmuls) bounds the difference.
-MIXED_PRECISION = {"lora-bf16-params": "lora"}
+# FSDP2's MixedPrecisionPolicy: bf16 parameters in forward and backward, gradients reduced and kept in fp32 (the
+# 4-bit codes stay uint8). Its single-process counterpart is the path's fp32 run: bf16 rounding (2^-9 relative per
+# operation, a few hundred accumulated over the steps' matmuls) bounds the difference.
+MIXED_PRECISION = {"lora-bf16-params": "lora", "qlora-nf4-bf16-params": "qlora-nf4"}
 BF16_TOLERANCE = 3e-2
 pytestmark = pytest.mark.slow
 
@@ -40,9 +43,10 @@ def small_llama(intermediate_size=96):
                                         max_position_embeddings=64))
 
 
-def bitsandbytes_llama():
+def bitsandbytes_llama(storage=torch.float32):
     """small_llama loaded in 4 bits by transformers + bitsandbytes as FSDP-QLoRA recipes load it: the 4-bit codes
-    held in the model's dtype (`bnb_4bit_quant_storage`), so that FSDP shards them with the other parameters."""
+    held in a float dtype (`bnb_4bit_quant_storage`: the model's, or bf16 as most recipes), so that FSDP shards them
+    with the other parameters."""
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,7 +55,7 @@ def bitsandbytes_llama():
         dense.config.save_pretrained(tmp)
         save_file(dense.state_dict(), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+                                          bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=storage)
         model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization, dtype=torch.float32)
     torch.manual_seed(0)
     return bnb_standard_layout(model)
@@ -64,23 +68,32 @@ def teacher_llama():
     return LlamaForCausalLM(small_llama().config).eval().requires_grad_(False)
 
 
+def lora_config(path):
+    return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
+                      use_dora=path == "dora")
+
+
 def model_for(path):
     """The model of one fastft path, identically initialised in every process."""
     path = MIXED_PRECISION.get(path, path)
     model = small_llama()
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
-                      use_dora=path == "dora")
-    if path in ("lora", "lora-fused-loss", "lora-checkpointed", "dora", "distillation"):
+    lora = lora_config(path)
+    if path in ("lora", "lora-fused-loss", "lora-checkpointed", "lora-checkpoint-wrapper", "dora", "distillation"):
         if path == "lora-checkpointed":  # activation checkpointing of every decoder layer (HF's)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, lora)
-        fastft.patch(model, fused_loss=path in ("lora-fused-loss", "lora-checkpointed"))
+        fastft.patch(model, fused_loss=path in ("lora-fused-loss", "lora-checkpointed", "lora-checkpoint-wrapper"))
+        if path == "lora-checkpoint-wrapper":  # torch's checkpoint_wrapper around every decoder layer (FSDP2 recipes')
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model, check_fn=lambda module: type(module).__name__ == "LlamaDecoderLayer")
     elif path == "qlora-nf4":
         model = fastft.quantize_model(model, blocksize=32)
         model = get_peft_model(model, fastft.lora_config_for_nf4(lora, model))
         fastft.patch(model, fused_loss=True)
-    elif path == "qlora-bnb":
-        model = get_peft_model(bitsandbytes_llama(), lora)
+    elif path in ("qlora-bnb", "qlora-bnb-bf16-storage"):
+        storage = torch.bfloat16 if path == "qlora-bnb-bf16-storage" else torch.float32
+        model = get_peft_model(bitsandbytes_llama(storage), lora)
         assert fastft.patch(model, fused_loss=True).fused["lora.Linear4bit"] == 14
     elif path == "adapters":
         from fastft.adapters import AdapterConfig, add_adapters
@@ -153,6 +166,12 @@ def trained_weights(model):
     return full
 
 
+def input_groups(model):
+    """Whether each fastft input group (q/k/v, gate/up siblings sharing one fastft::lora_down) still groups."""
+    groups = (module.__dict__.get("_fastft_input_group") for module in model.modules())
+    return {group.name: group.active for group in groups if group is not None}
+
+
 def fastft_ops_run(fn):
     """fn() under the profiler; the names of the fastft ops it ran."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
@@ -184,13 +203,17 @@ def _worker(rank, port, wrapper, out):
                 losses=train(model, path, [rank], lambda params: grads.append([p.grad.clone() for p in params]))))
             losses = results[path]["losses"]
             dist.all_reduce(losses)
-            results[path].update(losses=losses / WORLD, weights=trained_weights(model), grads=grads, ops=ops)
+            results[path].update(losses=losses / WORLD, weights=trained_weights(model), grads=grads, ops=ops,
+                                 groups=input_groups(model))
             if wrapper == "fsdp2" and path in SAVED:  # the adapter as peft saves it, from the gathered state dict
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+                from torch.distributed.checkpoint.state_dict import StateDictOptions
 
                 state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
                 results[path]["adapter"] = f"{out}.{path}"
                 model.save_pretrained(results[path]["adapter"], state_dict=state, is_main_process=rank == 0)
+                # and the sharded training checkpoint (torch.distributed.checkpoint, each rank writing its shards)
+                results[path]["sharded"] = f"{out}.{path}.dcp"
+                dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=results[path]["sharded"])
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -215,10 +238,11 @@ def distributed_run(request, tmp_path_factory):
 
 @functools.cache
 def single_process_run(path):
-    """(fastft ops run, losses, trained weights) of `path` trained in this process on every rank's rows in turn."""
+    """(fastft ops run, losses, trained weights, input groups) of `path` trained in this process on every rank's
+    rows in turn."""
     model, run = model_for(path), {}
     ops = fastft_ops_run(lambda: run.update(losses=train(model, path, range(WORLD))))
-    return ops, run["losses"], trained_weights(model)
+    return ops, run["losses"], trained_weights(model), input_groups(model)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -226,11 +250,12 @@ def test_distributed_training_matches_one_process(distributed_run, path):
     wrapper, results = distributed_run
     if wrapper == "ddp" and path in MIXED_PRECISION:
         pytest.skip("FSDP2's mixed precision policy")
-    ops, losses, expected = single_process_run(MIXED_PRECISION.get(path, path))
+    ops, losses, expected, groups = single_process_run(MIXED_PRECISION.get(path, path))
     tolerance = BF16_TOLERANCE if path in MIXED_PRECISION else 1e-5
     for rank_results in results:
         result = rank_results[path]
         assert result["ops"] == ops and ops, (result["ops"], ops)  # the same fused ops ran
+        assert result["groups"] == groups and all(groups.values()), result["groups"]  # input groups kept grouping
         assert torch.allclose(result["losses"], losses, rtol=tolerance, atol=0), (result["losses"], losses)
         if path in MIXED_PRECISION:  # and the forward did run in bf16
             assert not torch.allclose(result["losses"], losses, rtol=1e-5, atol=0), (result["losses"], losses)
@@ -244,6 +269,15 @@ def test_distributed_training_matches_one_process(distributed_run, path):
             if name in expected:
                 assert (param - expected[name]).norm() <= 1e-5 * expected[name].norm(), name
         assert sum(name in expected for name, _ in loaded.named_parameters()) == len(expected)
+        # and the sharded checkpoint loads into a plain peft model in one process: the weights trained under FSDP2
+        plain = get_peft_model(small_llama(), lora_config(path))
+        state = {"model": get_model_state_dict(plain)}
+        dcp.load(state, checkpoint_id=results[0][path]["sharded"])
+        set_model_state_dict(plain, state["model"])
+        trained = {name: param for name, param in plain.named_parameters() if param.requires_grad}
+        assert trained.keys() == results[0][path]["weights"].keys()
+        for name, param in trained.items():
+            assert torch.equal(param, results[0][path]["weights"][name]), name
     if wrapper == "ddp":  # every rank holds the same (averaged) gradients after each backward
         for step_grads in zip(results[0][path]["grads"], results[1][path]["grads"]):
             for g0, g1 in zip(*step_grads):
