@@ -29,7 +29,7 @@ FEW_ROWS = 16  # rows of x (tokens) up to which a call takes the decode path
 
 
 def _traced_or_recorded(x: Tensor) -> bool:
-    return (torch.is_grad_enabled() or type(x) is not torch.Tensor or torch.is_autocast_enabled()
+    return (torch.is_grad_enabled() or type(x) is not torch.Tensor or torch.is_autocast_enabled(x.device.type)
             or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0)
 
 

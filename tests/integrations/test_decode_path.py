@@ -53,6 +53,8 @@ def test_decode_steps_give_peft_outputs_and_tokens(decode_calls):
     assert torch.equal(generated[0], generated[1])
     decode_calls["dense"] = 0
     assert_close(logits(patched, ids(2, 9)), logits(reference, ids(2, 9)))  # 18 rows: the general path
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the general path (peft's casts)
+        assert torch.allclose(logits(patched, ids(1, 2)), logits(reference, ids(1, 2)), rtol=2e-2, atol=2e-2)
     with torch.enable_grad():
         patched(input_ids=ids(1, 3)).logits.sum().backward()  # autograd: the general path
     assert decode_calls["dense"] == 0
