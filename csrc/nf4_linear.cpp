@@ -101,6 +101,21 @@ FASTFT_AVX2 void grad_input_direct_columns(const Packed4bit& w, const T* dy, int
     for (int64_t j = 0; j < width; ++j) dx[m * K + k0 + j] = from_float<T>(acc[m * width + j]);
 }
 
+// The fp32 LUT values of the 64 codes held in 32 consecutive bytes, as four vectors of 16 elements in order.
+FASTFT_AVX512 inline void lut64(const uint8_t* bytes, __m512 lut, __m512 values[4]) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);  // element 2i of byte i
+  const __m256i low = _mm256_and_si256(raw, mask);                         // element 2i + 1
+  // per 128-bit lane, unpacklo interleaves bytes 0-7 (elements 0-15 of the lane), unpackhi bytes 8-15
+  const __m256i first = _mm256_unpacklo_epi8(high, low);   // elements 0-15 | 32-47
+  const __m256i second = _mm256_unpackhi_epi8(high, low);  // elements 16-31 | 48-63
+  values[0] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(first)), lut);
+  values[1] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(second)), lut);
+  values[2] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(first, 1)), lut);
+  values[3] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(second, 1)), lut);
+}
+
 // linear_direct_rows, 16 lanes (K and the blocksize multiples of 16).
 template <int MR, typename T>
 FASTFT_AVX512 void linear_direct_rows_avx512(const Packed4bit& w, const T* x, int64_t K, int64_t N, int64_t n0,
@@ -113,16 +128,29 @@ FASTFT_AVX512 void linear_direct_rows_avx512(const Packed4bit& w, const T* x, in
     for (int64_t k = 0; k < K;) {
       const int64_t block = (base + k) / w.blocksize;
       const int64_t stop = std::min(K, (block + 1) * w.blocksize - base);
-      __m512 part[MR];
-      for (int m = 0; m < MR; ++m) part[m] = _mm512_setzero_ps();
+      // Four sums per row of x, one per 16-element quarter of each 64-element run: four independent FMA chains
+      // (one chain waits on the FMA latency at M = 1), and 32 bytes of codes decoded per load.
+      __m512 part[MR][4];
+      for (int m = 0; m < MR; ++m)
+        for (int q = 0; q < 4; ++q) part[m][q] = _mm512_setzero_ps();
+      for (; k + 64 <= stop; k += 64) {
+        __m512 values[4];
+        lut64(w.bytes + (base + k) / 2, lut, values);
+        for (int q = 0; q < 4; ++q)
+          for (int m = 0; m < MR; ++m)
+            part[m][q] = _mm512_fmadd_ps(values[q], load16(x + m * K + k + 16 * q), part[m][q]);
+      }
       for (; k < stop; k += 16) {
         uint64_t eight_bytes;
         std::memcpy(&eight_bytes, w.bytes + (base + k) / 2, 8);
         const __m512 values = lut16(eight_bytes, lut);
-        for (int m = 0; m < MR; ++m) part[m] = _mm512_fmadd_ps(values, load16(x + m * K + k), part[m]);
+        for (int m = 0; m < MR; ++m) part[m][0] = _mm512_fmadd_ps(values, load16(x + m * K + k), part[m][0]);
       }
       const __m512 scale = _mm512_set1_ps(w.scales(block));
-      for (int m = 0; m < MR; ++m) acc[m] = _mm512_fmadd_ps(part[m], scale, acc[m]);
+      for (int m = 0; m < MR; ++m) {
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(part[m][0], part[m][1]), _mm512_add_ps(part[m][2], part[m][3]));
+        acc[m] = _mm512_fmadd_ps(sum, scale, acc[m]);
+      }
     }
     const float b = bias != nullptr ? static_cast<float>(bias[n]) : 0.f;
     for (int m = 0; m < MR; ++m) y[m * N + n] = from_float<T>(_mm512_reduce_add_ps(acc[m]) + b);

@@ -25,6 +25,7 @@ class _StorageView:
         self.statistics = (quant_state.absmax, quant_state.offset if quant_state.nested else None,
                            quant_state.state2 if quant_state.nested else None, quant_state.nested)
         self.state = nf4.NF4State.from_bnb(quant_state)
+        self.checked: tuple | None = None  # the codes' (address, size, dtype, device, contiguity) last validated
 
     def matches(self, quant_state) -> bool:
         return (self.quant_state is quant_state and self.absmax is quant_state.absmax
@@ -102,6 +103,19 @@ def linear4bit_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         base.compute_type_is_set = True
     state = nf4_state(base)  # first: it may convert base.weight back to the standard layout
     return nf4_linear_forward(x, nf4.packed_bytes(base.weight.data), state, base.bias, base.compute_dtype)
+
+
+def checked_operands(base: nn.Module) -> tuple[torch.Tensor, nf4.NF4State]:
+    """(packed codes, NF4State) of a bitsandbytes Linear4bit's weight for the fused kernel, validated
+    (`NF4State.validate`) once per storage: again whenever the state or the codes' memory changed."""
+    state = nf4_state(base)
+    packed = nf4.packed_bytes(base.weight.data)
+    view = base.__dict__["_fastft_nf4_view"]
+    key = (packed.data_ptr(), packed.numel(), packed.dtype, packed.device, packed.is_contiguous())
+    if view.checked != key:
+        state.validate(packed)
+        view.checked = key
+    return packed, state
 
 
 def keep_standard_layout(base: nn.Module) -> None:

@@ -19,7 +19,7 @@ import torch
 from peft.tuners.lora import layer as peft_lora
 from torch import nn
 
-from fastft.integrations import bnb
+from fastft.integrations import bnb, peft_decode
 from fastft.integrations.class_swap import original_class, restore_classes, swap_class
 from fastft.integrations.peft_nf4 import LoraNF4Linear
 from fastft.integrations.report import PatchReport
@@ -162,6 +162,10 @@ def _add_lora(layer, x, result, cast_result_per_adapter: bool, in_place: bool):
 
 
 def _lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if not args and not kwargs:
+        out = peft_decode.dense_forward(self, x)  # a decode step's few rows under no grad, else None
+        if out is not None:
+            return out
     dora = _single_dora_adapter(self, kwargs) if not args and not kwargs else None
     if dora is not None:
         self._check_forward_args(x)
@@ -179,6 +183,10 @@ def _lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
 
 
 def _lora_linear4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if not args and not kwargs:
+        out = peft_decode.linear4bit_forward(self, x)  # a decode step's few rows under no grad, else None
+        if out is not None:
+            return out
     base = self.get_base_layer()
     if args or kwargs or torch.is_autocast_enabled():
         return original_class(self).forward(self, x, *args, **kwargs)

@@ -10,8 +10,8 @@ from fastft import nf4
 from fastft.ops import use_backend
 
 # (out_features, in_features, blocksize): K % 8 == 0 takes the vectorized kernels, the others the ragged paths;
-# 77 * 33 elements make blocks straddle rows.
-WEIGHTS = ((96, 128, 64), (130, 72, 32), (33, 77, 64), (64, 200, 128))
+# 77 * 33 elements make blocks straddle rows; 240 * 24 with blocks of 128: runs of 64 elements and of 16 (AVX-512).
+WEIGHTS = ((96, 128, 64), (130, 72, 32), (33, 77, 64), (64, 200, 128), (24, 240, 128))
 ROWS = (1, 3, 4, 5, 17, 70)
 
 
