@@ -87,7 +87,9 @@ void move_rows(const at::Tensor& src, const at::Tensor& dst, const std::vector<i
     const S* s = src.const_data_ptr<S>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "routed_lora rows", [&] {
       scalar_t* d = dst.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width)),
+      // Threads only for copies of over 2^20 elements: below that one core moves the rows in well under a
+      // millisecond, and a parallel region on a busy machine can cost more than the copy.
+      at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, width)),
                        [&](int64_t begin, int64_t end) {
                          for (int64_t i = begin; i < end; ++i) {
                            const int64_t from = GATHER ? index[i] : i, to = GATHER ? i : index[i];
