@@ -7,7 +7,8 @@ block through the bottleneck kernel entries of the routing table (`bottleneck_ad
 on CPU for fp32 blocks of at least 1024 rows, Triton on CUDA, ATen otherwise), one scatter of the results; rows of
 route -1 pass unchanged. A block of one adapter's rows is exactly those kernels' input, so the op has no kernel of
 its own: a dedicated one would only save the G - 1 extra launches per call. activations are indices into
-ACTIVATIONS; a missing bias is an empty tensor; parallel[g]: adapter g reads `source` (the sublayer's input rows), else `output`.
+ACTIVATIONS; a missing bias is an empty tensor; parallel[g]: adapter g reads `source` (the sublayer's input rows),
+else `output`.
 Saved for backward: output, source and the route (nothing per adapter: the pre-activations are recomputed, one
 rank-r GEMM per block).
 """
