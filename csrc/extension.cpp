@@ -8,6 +8,7 @@
 #include "lora_cpu.h"
 #include "nf4_cpu.h"
 #include "qat_cpu.h"
+#include "routed_lora_cpu.h"
 
 namespace fastft {
 namespace {
@@ -48,6 +49,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_down", &fastft::lora_down_cpu, "u = [dropout_g(x) @ A_g^T]_g over row chunks");
   m.def("lora_down_backward", &fastft::lora_down_backward_cpu,
         "(dx, dA) of lora_down, each when asked for: dx = sum_g dropout_g(du_g @ A_g), dA = [du_g^T @ dropout_g(x)]_g");
+  m.def("routed_lora", &fastft::routed_lora_cpu,
+        "delta = [scale_g (x_g A_g^T) B_g^T]_g with the rows grouped by route (adapter id, -1: none) in one call");
+  m.def("routed_lora_backward", &fastft::routed_lora_backward_cpu,
+        "(dx if want_x, [dA_g], [dB_g]) of routed_lora, the same grouping, U_g recomputed");
   m.def("bottleneck_adapter", &fastft::bottleneck_adapter_cpu,
         "(out, z): z = v @ w_down^T + b_down, out = residual + scale * (act(z) @ w_up^T + b_up) (fp32)");
   m.def("bottleneck_backward", &fastft::bottleneck_backward_cpu,

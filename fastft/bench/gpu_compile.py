@@ -183,6 +183,28 @@ def _qat_cases(full: bool):
             yield f"fake_quant_linear x={quantize_x} w={quantize_w}", SHORT[dtype], fused
 
 
+def _routed_lora_cases(full: bool):
+    from fastft.kernels import routed_lora
+
+    def run(x_dtype, a_dtype, rank, count=4):
+        rank_tile = routed_lora.block_r([rank])
+        block_m = routed_lora.block_m(rank_tile, a_dtype)
+        tiles = TOKENS // block_m + count
+        routing = routed_lora.Routing(meta(TOKENS, dtype=torch.int64), meta(count + 1, dtype=torch.int32),
+                                      meta(tiles, 3, dtype=torch.int32), block_m, True)
+        x, a, b = meta(TOKENS, HIDDEN, dtype=x_dtype), meta(count * rank, HIDDEN, dtype=a_dtype), meta(
+            HIDDEN, count * rank, dtype=a_dtype)
+        offsets, scales = meta(count + 1, dtype=torch.int32), meta(count)
+        routed_lora.routed_lora(x, a, b, offsets, scales, routing, rank_tile)
+        routed_lora.routed_lora_backward(meta(TOKENS, HIDDEN, dtype=a_dtype), x, a, b, offsets, scales, routing,
+                                         rank_tile, True)
+
+    for rank in (16, 64, 128) if full else (16, 128):
+        for x_dtype, a_dtype in ((BF16, F32), (F32, F32), (BF16, BF16)) if full else ((F32, F32), (BF16, BF16)):
+            yield (f"routed_lora r={rank}", f"x={SHORT[x_dtype]} A={SHORT[a_dtype]}",
+                   lambda x=x_dtype, a=a_dtype, r=rank: run(x, a, r))
+
+
 def _ewc_cases(full: bool):
     from fastft.kernels import ewc
 
@@ -195,7 +217,8 @@ def _ewc_cases(full: bool):
         yield f"ewc_penalty storage={SHORT[storage_dtype]}", SHORT[param_dtype], run
 
 
-CASES = (_nf4_cases, _lora_cases, _bottleneck_cases, _distillation_cases, _logprobs_cases, _qat_cases, _ewc_cases)
+CASES = (_nf4_cases, _lora_cases, _bottleneck_cases, _distillation_cases, _logprobs_cases, _qat_cases, _ewc_cases,
+         _routed_lora_cases)
 
 
 def collect(full: bool, only: tuple[str, ...] = ()) -> list[Launch]:

@@ -23,7 +23,9 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastft.ops import routed_lora as routed_ops
+from fastft.formats.bottleneck import ACTIVATIONS
+from fastft.ops import routed_bottleneck as routed_ops
+from fastft.ops import routed_lora as routed_lora_ops
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -51,7 +53,7 @@ def _routed_forward(layer: nn.Module, adapters: Sequence[str], route: Tensor, x:
     As = [layer.lora_A[a].weight for a in adapters]
     Bs = [layer.lora_B[a].weight for a in adapters]
     scales = [float(layer.scaling[a]) for a in adapters]
-    delta = routed_ops.routed_lora(rows.to(As[0].dtype), As, Bs, scales, per_token)
+    delta = routed_lora_ops.routed_lora(rows.to(As[0].dtype), As, Bs, scales, per_token)
     return (result.reshape(-1, result.shape[-1]) + delta.to(result.dtype)).reshape(result.shape)
 
 
@@ -84,10 +86,33 @@ def routed_lora(model: nn.Module, adapters: Sequence[str], task_ids) -> Iterator
 
 
 def _routed_slot_run(slot, adapters: Sequence[str], route: Tensor, output: Tensor, source: Optional[Tensor]):
-    """The slot's adapters per batch row: rows grouped by task once (a stable sort), each task's block through its
-    adapter (fastft's fused bottleneck op), one scatter back; rows of task -1 pass unchanged."""
+    """The slot's adapters per batch row in one fastft::routed_bottleneck call (rows grouped by task inside the op,
+    forward and backward); rows of task -1, or of a task without an adapter in this slot, pass unchanged. Adapters
+    with a LayerNorm run block by block through their modules instead (the op has no norm)."""
     if output.shape[0] != route.shape[0]:
         raise ValueError(f"routed adapters: output has {output.shape[0]} rows, task_ids {route.shape[0]}")
+    present = [name in slot.adapters for name in adapters]
+    modules = [slot.adapters[name] if here else None for name, here in zip(adapters, present)]
+    if any(m is not None and m.norm is not None for m in modules):
+        return _routed_slot_blocks(slot, adapters, route, output, source)
+    used = [i for i, here in enumerate(present) if here]
+    if not used:
+        return output
+    remap = torch.full((len(adapters) + 1,), -1, dtype=torch.int64, device=route.device)
+    remap[torch.tensor(used, device=route.device) + 1] = torch.arange(len(used), device=route.device)
+    per_token = remap[route + 1].repeat_interleave(output[0].numel() // output.shape[-1])
+    chosen = [modules[i] for i in used]
+    parallel = [adapters[i] in slot.parallel for i in used]
+    bias = lambda b, w: b if b is not None else w.new_empty(0)  # noqa: E731  (the op's "no bias")
+    return routed_ops.routed_bottleneck(
+        output, source if any(parallel) else None, [m.down.weight for m in chosen],
+        [bias(m.down.bias, m.down.weight) for m in chosen], [m.up.weight for m in chosen],
+        [bias(m.up.bias, m.up.weight) for m in chosen], [ACTIVATIONS.index(m.activation) for m in chosen],
+        [m.scale for m in chosen], parallel, per_token)
+
+
+def _routed_slot_blocks(slot, adapters: Sequence[str], route: Tensor, output: Tensor, source: Optional[Tensor]):
+    """Rows grouped by task once (a stable sort), each task's block through its adapter module, one scatter back."""
     order = torch.argsort(route, stable=True)
     sizes = torch.bincount(route + 1, minlength=len(adapters) + 1).tolist()
     blocks = output.index_select(0, order).split(sizes)

@@ -66,6 +66,18 @@ def lora_down_backward(du, x, A_cat, ranks, p, seeds, want_x, want_A):
     return tuple(native_extension().lora_down_backward(du, x, A_cat, ranks, p, seeds, want_x, want_A))
 
 
+# Per-sample routed LoRA (csrc/routed_lora.cpp) ---------------------------------------------------------------------------
+@register_kernel("routed_lora", NATIVE)
+def routed_lora(x, lora_As, lora_Bs, scales, route):
+    return native_extension().routed_lora(x, list(lora_As), list(lora_Bs), list(scales), route)
+
+
+@register_kernel("routed_lora_backward", NATIVE)
+def routed_lora_backward(dy, x, lora_As, lora_Bs, scales, route, want_x):
+    return tuple(native_extension().routed_lora_backward(dy, x, list(lora_As), list(lora_Bs), list(scales), route,
+                                                         want_x))
+
+
 # Bottleneck adapters (csrc/bottleneck.cpp) ----------------------------------------------------------------------------
 # Mirrors kMaxRank and kMinTokens of csrc/bottleneck.cpp: narrower bottlenecks over at least this many tokens are
 # faster in the C++ kernels; others run ATen's GEMMs (as fast there).

@@ -8,6 +8,7 @@ lora_grad_x / lora_grad_a (the two parts of lora_down_backward): each is one ste
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 
@@ -75,6 +76,39 @@ def lora_down_backward(du, x, A_cat, ranks, p, seeds, want_x, want_A):
     grad_x = kernels.lora_grad_x(du, A_cat, group, x.dtype) if want_x else None
     grad_A = kernels.lora_grad_a(du, x.reshape(-1, x.shape[-1]).contiguous(), group) if want_A else None
     return grad_x, grad_A
+
+
+# Per-sample routed LoRA (kernels/routed_lora.py) -------------------------------------------------------------------
+def _routed_fits(x, lora_As, *_) -> bool:
+    return x.dtype != torch.float64 and lora_As[0].dtype != torch.float64
+
+
+def _routed_inputs(lora_As, lora_Bs, scales, route, device):
+    """(A_cat, B_cat, rank offsets, scales, Routing, rank tile) as the kernels take them."""
+    kernels = _kernels("routed_lora")
+    ranks = [A.shape[0] for A in lora_As]
+    offsets = torch.tensor([0, *itertools.accumulate(ranks)], dtype=torch.int32, device=device)
+    rank_tile = kernels.block_r(ranks)
+    routing = kernels.Routing.of(route, len(ranks), kernels.block_m(rank_tile, lora_As[0].dtype))
+    return (torch.cat(lora_As).contiguous(), torch.cat(lora_Bs, dim=1).contiguous(), offsets,
+            torch.tensor(scales, dtype=torch.float32, device=device), routing, rank_tile)
+
+
+@register_kernel("routed_lora", TRITON, supports=_routed_fits, declines="fp64")
+def routed_lora(x, lora_As, lora_Bs, scales, route):
+    return _kernels("routed_lora").routed_lora(x.contiguous(), *_routed_inputs(lora_As, lora_Bs, scales, route,
+                                                                              x.device))
+
+
+@register_kernel("routed_lora_backward", TRITON, supports=lambda dy, x, lora_As, *_: _routed_fits(x, lora_As),
+                 declines="fp64")
+def routed_lora_backward(dy, x, lora_As, lora_Bs, scales, route, want_x):
+    ranks = [A.shape[0] for A in lora_As]
+    dx, da, db = _kernels("routed_lora").routed_lora_backward(
+        dy.to(lora_As[0].dtype).contiguous(), x.contiguous(),
+        *_routed_inputs(lora_As, lora_Bs, scales, route, x.device), want_x)
+    # separate tensors, not views of one (a custom op's outputs may not alias each other)
+    return dx, [d.clone() for d in da.split(ranks)], [d.clone() for d in db.split(ranks, dim=1)]
 
 
 # Bottleneck adapters (kernels/bottleneck.py) ----------------------------------------------------------------------
