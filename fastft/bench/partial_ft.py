@@ -7,6 +7,9 @@
   (the frozen linear layers in 4-bit NF4, the bottom run under torch.no_grad) + the fused loss. Plain
   transformers: the same parameters trainable (the head untied the same way), the rest fp32 with requires_grad off.
 
+Plain transformers steps torch.optim.AdamW after backward; fastft steps the same AdamW per parameter inside backward
+(fastft.methods.optim_in_backward.AdamWInBackward: no gradient is kept past its parameter's step, no clipping).
+
 The weights are copied out of the checkpoint's memory map after loading (file pages of weights that fastft
 replaced by 4-bit copies would otherwise stay resident while the map lives). Peak RSS is the process's high-water mark during the training steps (reset after loading the model, so the
 transient of loading and quantizing the fp32 checkpoint does not count); time is the median step after a warm-up.
@@ -64,8 +67,11 @@ def setup(case: str, variant: str):
 
 
 def run_case(case: str, variant: str, steps: int, tokens: int = 256, batch: int = 2) -> dict:
+    from fastft.methods.optim_in_backward import AdamWInBackward
+
     model = setup(case, variant)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (AdamWInBackward if variant == "fastft" else torch.optim.AdamW)(trainable, lr=1e-5)
     ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark from here on: the training steps
     times = []
@@ -99,7 +105,8 @@ def run(machine: Machine, steps: int = 2, rounds: int = 2, progress=print) -> li
     rows = []
     for case in CASES:
         ours, theirs = measured[case, "fastft"], measured[case, "transformers"]
-        what = "full fine-tuning" if case == "full" else "top-4-layers fine-tuning (fastft: 4-bit frozen part)"
+        what = ("full fine-tuning" if case == "full" else "top-4-layers fine-tuning (fastft: 4-bit frozen part)"
+                ) + " (fastft: AdamW in backward)"
         row = Row(f"SmolLM2-135M {what} step, 2x256 tokens ({ours['trainable'] / 1e6:.1f}M trainable; peak RSS "
                   f"{ours['peak_rss_mib']:.0f} vs {theirs['peak_rss_mib']:.0f} MiB = "
                   f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x)", ours["step_ms"], "plain transformers",

@@ -10,9 +10,10 @@ gradients (4 bytes per trainable parameter) and AdamW's per-step temporaries ove
 
     trainer = Trainer(model, args, ..., optimizers=(adamw_in_backward_for_trainer(model, args), None))
 
-The update is torch.optim.AdamW's own (one AdamW per parameter, the single-tensor path, the same state keys, so a
-checkpoint's optimizer state loads into plain AdamW and back) with the hyperparameters of the parameter's group read
-at each step (LR schedulers work on `param_groups` as usual). It equals AdamW stepped after backward exactly when
+The update is torch.optim.AdamW's single-tensor formula, applied in slices of 2^20 elements so that its
+temporaries stay small, with AdamW's state keys (step, exp_avg, exp_avg_sq: a checkpoint's optimizer state loads
+into plain AdamW and back) and the hyperparameters of the parameter's group read at each step (LR schedulers work
+on `param_groups` as usual). It equals AdamW stepped after backward exactly when
 nothing between backward and the step looks at all gradients together:
 - global gradient-norm clipping needs every gradient before any parameter moves: not possible here (clipping
   after backward would see no gradient); `adamw_in_backward_for_trainer` refuses max_grad_norm > 0;
@@ -30,11 +31,24 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-_HYPER = ("lr", "betas", "eps", "weight_decay")
+CHUNK = 1 << 20  # elements per slice of the update: AdamW's temporaries are 2 x 4 MiB, not 2 x the parameter
+
+
+def _adamw_update(param, grad, exp_avg, exp_avg_sq, step: float, group: dict) -> None:
+    """torch.optim.AdamW's single-tensor update (decoupled weight decay, no amsgrad), in place, on one slice.
+    Every operation is elementwise, so the slices together give the same numbers as the whole tensor."""
+    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
 
 
 class AdamWInBackward(torch.optim.Optimizer):
-    """torch.optim.AdamW (amsgrad off, fp32 math as in AdamW) stepped per parameter inside backward.
+    """torch.optim.AdamW (amsgrad off) stepped per parameter inside backward.
 
     params: parameters or param groups, as for AdamW; the hyperparameters default to AdamW's. A parameter listed
     twice (tied weights) gets one hook and one state. State per parameter: step, exp_avg, exp_avg_sq (AdamW's).
@@ -46,18 +60,15 @@ class AdamWInBackward(torch.optim.Optimizer):
             raise ValueError(f"lr must be a float >= 0, got {lr!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self._group_of: dict[nn.Parameter, int] = {}  # index into param_groups (load_state_dict replaces the dicts)
-        self._inner: dict[nn.Parameter, torch.optim.AdamW] = {}
         self._stepped: set[nn.Parameter] = set()
         self._handles = []
         for index, group in enumerate(self.param_groups):
             for param in group["params"]:
-                if param in self._inner:
+                if param in self._group_of:
                     continue
                 if not param.requires_grad:
                     raise ValueError("params must require grad: a frozen parameter never gets a gradient to step on")
-                inner = torch.optim.AdamW([param], **{k: group[k] for k in _HYPER}, foreach=False, fused=False)
-                inner.state = self.state  # one state dict: state_dict() / load_state_dict() see every parameter
-                self._inner[param], self._group_of[param] = inner, index
+                self._group_of[param] = index
                 self._handles.append(param.register_post_accumulate_grad_hook(self._step_parameter))
 
     @torch.no_grad()
@@ -66,9 +77,19 @@ class AdamWInBackward(torch.optim.Optimizer):
             raise RuntimeError("a second backward reached a parameter before optimizer.step() closed the step: "
                                "AdamWInBackward steps in backward and cannot accumulate gradients over several "
                                "backward passes (use gradient_accumulation_steps=1, or plain AdamW)")
-        inner, group = self._inner[param], self.param_groups[self._group_of[param]]
-        inner.param_groups[0].update({k: group[k] for k in _HYPER})
-        inner.step()
+        group, state = self.param_groups[self._group_of[param]], self.state[param]
+        if not state:  # AdamW's state, as torch.optim.AdamW initialises it
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        tensors = (param, param.grad, state["exp_avg"], state["exp_avg_sq"])
+        if all(t.is_contiguous() for t in tensors):  # chunks keep AdamW's temporaries small
+            chunks = zip(*(t.view(-1).split(CHUNK) for t in tensors))
+        else:
+            chunks = [tensors]
+        for chunk in chunks:
+            _adamw_update(*chunk, state["step"].item(), group)
         param.grad = None
         self._stepped.add(param)
 
@@ -83,11 +104,6 @@ class AdamWInBackward(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Gradients are freed as each parameter steps; this clears any left by a backward outside the hooks."""
         super().zero_grad(set_to_none=True)
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        for inner in self._inner.values():  # load_state_dict gives the optimizer a new state dict
-            inner.state = self.state
 
     def remove_hooks(self) -> None:
         """Detach the hooks: later backward passes only accumulate gradients."""
