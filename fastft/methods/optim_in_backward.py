@@ -140,4 +140,5 @@ def adamw_in_backward_for_trainer(model: nn.Module, args) -> AdamWInBackward:
             groups[name in decay].append(param)
     param_groups = [{"params": groups[decays], "weight_decay": args.weight_decay if decays else 0.0}
                     for decays in (True, False) if groups[decays]]
-    return AdamWInBackward(param_groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    return AdamWInBackward(param_groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           eps=args.adam_epsilon)

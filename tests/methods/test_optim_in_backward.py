@@ -1,8 +1,8 @@
-"""fastft.methods.optim_in_backward: AdamW stepped per parameter inside backward equals torch.optim.AdamW stepped
-after backward (fp32, 1e-5 relative, parameters and losses over several steps; full fine-tuning with a tied head and the update
-in ragged slices,
-freeze's top-k with the fused loss, param groups and an LR schedule, HF Trainer), frees the gradients, and refuses
-what it cannot do (clipping, accumulation, closures, frozen parameters)."""
+"""fastft.methods.optim_in_backward: AdamW stepped per parameter inside backward equals torch.optim.AdamW
+stepped after backward (fp32, 1e-5 relative, losses and parameters over a few steps): full fine-tuning with a tied
+head and the update in ragged slices, param groups and an LR schedule; freeze's top-k with the fused loss; a state
+dict round trip; HF Trainer. It frees the gradients, and refuses what it cannot do (clipping, accumulation,
+closures, frozen parameters)."""
 
 import copy
 
