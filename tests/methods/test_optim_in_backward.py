@@ -2,7 +2,7 @@
 stepped after backward (fp32, 1e-5 relative, losses and parameters over a few steps): full fine-tuning with a tied
 head and the update in ragged slices, param groups and an LR schedule; freeze's top-k with the fused loss; a state
 dict round trip; HF Trainer. It frees the gradients, and refuses what it cannot do (clipping, accumulation,
-closures, frozen parameters)."""
+closures, frozen parameters); its hooks come off."""
 
 import copy
 
@@ -137,6 +137,9 @@ def test_refuses_clipping_accumulation_closure_and_frozen_parameters(tmp_path):
         model(input_ids=ids(1), labels=ids(1)).loss.backward()
     with pytest.raises(ValueError, match="closure"):
         optimizer.step(lambda: 0.0)
+    optimizer.remove_hooks()  # from here on backward only accumulates gradients
+    model(input_ids=ids(2), labels=ids(2)).loss.backward()
+    assert model.lm_head.weight.grad is not None
     model.lm_head.weight.requires_grad_(False)
     with pytest.raises(ValueError, match="require grad"):
         AdamWInBackward(model.parameters(), lr=1e-3)
