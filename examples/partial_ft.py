@@ -1,5 +1,6 @@
 """Partial fine-tuning of SmolLM2-135M-Instruct: the top k decoder layers, the final norm and the head train; the
-frozen layers are held in 4-bit NF4 and run without autograd; the loss is fastft's fused cross-entropy.
+frozen layers are held in 4-bit NF4 and run without autograd; the loss is fastft's fused cross-entropy; AdamW steps
+each parameter inside backward (AdamWInBackward: no gradient outlives its step; --plain-adamw steps after backward).
 
     python examples/partial_ft.py --top-k 4 --steps 10
 """
@@ -11,6 +12,7 @@ import torch
 
 import fastft
 from fastft.methods.freeze import freeze
+from fastft.methods.optim_in_backward import AdamWInBackward
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 4 + "Two plus three is five. Seven minus four is three. ") * 8
 
@@ -35,6 +37,7 @@ def main(argv=None) -> list[float]:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--no-quantize", action="store_true", help="keep the frozen part in fp32")
+    parser.add_argument("--plain-adamw", action="store_true", help="torch.optim.AdamW stepped after backward")
     parser.add_argument("--tiny", action="store_true", help="a random 4-layer model (tests), not SmolLM2")
     args = parser.parse_args(argv)
 
@@ -42,12 +45,13 @@ def main(argv=None) -> list[float]:
     print(freeze(model, top_k=args.top_k, quantize=not args.no_quantize))
     print(fastft.patch(model, fused_loss=True))
     ids = tokenizer(TEXT, return_tensors="pt")["input_ids"][:, :args.tokens]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = (torch.optim.AdamW if args.plain_adamw else AdamWInBackward)(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     losses, start = [], time.perf_counter()
     for step in range(args.steps):
         loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        loss.backward()  # with AdamWInBackward, the parameters step here
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())

@@ -60,11 +60,12 @@ def run_suite(suite: str = "quick", out_dir: Path = Path("bench/results"), repea
     elif suite == "distributed":
         rows = distributed.run(machine, steps=repeats, progress=progress)
     elif suite == "methods":
-        from fastft.bench import partial_ft, upft_step
+        from fastft.bench import partial_ft, prefix_step, upft_step
 
         rows = methods.run(machine, repeats=repeats, progress=progress)
         rows += partial_ft.run(machine, steps=max(1, repeats // 2), rounds=1, progress=progress)
         rows += upft_step.run(machine, repeats=max(1, repeats // 2), progress=progress)
+        rows += prefix_step.run(machine, repeats=max(1, repeats // 2), progress=progress)
     elif suite == "preference":
         from fastft.bench import trl_step
 

@@ -7,9 +7,15 @@
   (the frozen linear layers in 4-bit NF4, the bottom run under torch.no_grad) + the fused loss. Plain
   transformers: the same parameters trainable (the head untied the same way), the rest fp32 with requires_grad off.
 
+Plain transformers steps torch.optim.AdamW after backward; fastft steps the same AdamW per parameter inside backward
+(fastft.methods.optim_in_backward.AdamWInBackward: no gradient is kept past its parameter's step, no clipping).
+
 The weights are copied out of the checkpoint's memory map after loading (file pages of weights that fastft
-replaced by 4-bit copies would otherwise stay resident while the map lives). Peak RSS is the process's high-water mark during the training steps (reset after loading the model, so the
-transient of loading and quantizing the fp32 checkpoint does not count); time is the median step after a warm-up.
+replaced by 4-bit copies would otherwise stay resident while the map lives). Peak RSS is the process's high-water
+mark during the training steps (reset after loading the model, so the transient of loading and quantizing the fp32
+checkpoint does not count); the JSON line also gives the high-water mark of each stage (forward, backward,
+optimizer step) and the resident set after loading and between steps (weights, AdamW's state, the process's own).
+Time is the median step after a warm-up.
 
     python -m fastft.bench.partial_ft --case top4 --variant fastft   # one case, prints a JSON line
 """
@@ -32,11 +38,19 @@ CASES = ("full", "top4")
 VARIANTS = ("transformers", "fastft")
 
 
-def _vm_hwm_mib() -> float:
+def _status_mib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmHWM")
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _vm_hwm_mib() -> float:
+    return _status_mib("VmHWM")
+
+
+def _vm_rss_mib() -> float:
+    return _status_mib("VmRSS")
 
 
 def setup(case: str, variant: str):
@@ -64,20 +78,35 @@ def setup(case: str, variant: str):
 
 
 def run_case(case: str, variant: str, steps: int, tokens: int = 256, batch: int = 2) -> dict:
+    from fastft.methods.optim_in_backward import AdamWInBackward
+
     model = setup(case, variant)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (AdamWInBackward if variant == "fastft" else torch.optim.AdamW)(trainable, lr=1e-5)
     ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
-    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark from here on: the training steps
-    times = []
+    times, stages = [], {}
+
+    def stage(name):  # the high-water mark since the last stage, then a fresh mark from the current RSS
+        stages[name] = max(stages.get(name, 0.0), _vm_hwm_mib())
+        Path("/proc/self/clear_refs").write_text("5")
+
+    stages["model loaded"] = _vm_rss_mib()  # the transient of loading and quantizing does not count
+    Path("/proc/self/clear_refs").write_text("5")
     for step in range(steps + 1):  # the first step warms up (and allocates AdamW's state)
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        stage("forward")
+        loss.backward()
+        del loss
+        stage("backward")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        stage("optimizer step")
         if step:
             times.append(time.perf_counter() - start)
-    return {"step_ms": sorted(times)[len(times) // 2] * 1e3, "peak_rss_mib": _vm_hwm_mib(),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return {"step_ms": sorted(times)[len(times) // 2] * 1e3,
+            "peak_rss_mib": max(v for k, v in stages.items() if k != "model loaded"), "stages_rss_mib": stages,
+            "resting_rss_mib": _vm_rss_mib(), "trainable": sum(p.numel() for p in trainable)}
 
 
 def run(machine: Machine, steps: int = 2, rounds: int = 2, progress=print) -> list[Row]:
@@ -99,7 +128,8 @@ def run(machine: Machine, steps: int = 2, rounds: int = 2, progress=print) -> li
     rows = []
     for case in CASES:
         ours, theirs = measured[case, "fastft"], measured[case, "transformers"]
-        what = "full fine-tuning" if case == "full" else "top-4-layers fine-tuning (fastft: 4-bit frozen part)"
+        what = ("full fine-tuning" if case == "full" else "top-4-layers fine-tuning (fastft: 4-bit frozen part)"
+                ) + " (fastft: AdamW in backward)"
         row = Row(f"SmolLM2-135M {what} step, 2x256 tokens ({ours['trainable'] / 1e6:.1f}M trainable; peak RSS "
                   f"{ours['peak_rss_mib']:.0f} vs {theirs['peak_rss_mib']:.0f} MiB = "
                   f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x)", ours["step_ms"], "plain transformers",

@@ -7,6 +7,8 @@ trains, built only from fastft.nn, fastft.losses and the public functions (fastf
 - distillation.py: the distillation loss of a causal LM against a teacher and its Trainer.
 - freeze.py: full / partial fine-tuning, `freeze` (top k layers or name patterns + the head trainable; the frozen
   part optionally 4-bit and run without autograd below the lowest trainable layer).
+- optim_in_backward.py: AdamW stepped per parameter inside backward (gradients freed as they are produced; no
+  global clipping, no accumulation), with a helper for HF Trainer.
 - preference.py: DPO's losses (every TRL loss_type) and KTO's on per-token log-probabilities; reference_free.py:
   ORPO and CPO / SimPO / AlphaPO; grpo.py: GRPO's policy loss (every TRL loss_type); each also from hidden states
   + head weight through fastft::fused_linear_logprobs (no logits).
