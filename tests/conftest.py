@@ -40,9 +40,11 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def causal_lm_losses(model, batch, steps: int, lr: float = 1e-3) -> list[float]:
-    """Per-step losses of `steps` AdamW steps on a causal LM over batch(step) (labels = inputs)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+def causal_lm_losses(model, batch, steps: int, lr: float = 1e-3, optimizer=None) -> list[float]:
+    """Per-step losses of `steps` optimizer steps (a new AdamW at `lr`, or `optimizer` carried across calls) on a
+    causal LM over batch(step) (labels = inputs)."""
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for step in range(steps):
         ids = batch(step)

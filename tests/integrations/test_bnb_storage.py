@@ -15,7 +15,7 @@ from peft import get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastft
-from conftest import bnb_standard_layout
+from conftest import bnb_standard_layout, causal_lm_losses
 from fastft import nf4
 from fastft.integrations.bnb import nf4_state
 from test_lora_patch import VOCAB, batch, lora_config
@@ -90,17 +90,10 @@ def logits(model, disable=False):
         return model(input_ids=batch(7)).logits
 
 
-def train_steps(model, optimizer, steps=1):
+def train_steps(model, optimizer):
+    """One training step's loss (the optimizer persists across the test's phases)."""
     model.train()
-    losses = []
-    for step in range(steps):
-        ids = batch(step)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return causal_lm_losses(model, batch, 1, optimizer=optimizer)
 
 
 def close(a, b, rel=1e-5):

@@ -249,7 +249,7 @@ def single_process_run(path):
 def test_distributed_training_matches_one_process(distributed_run, path):
     wrapper, results = distributed_run
     if wrapper == "ddp" and path in MIXED_PRECISION:
-        pytest.skip("FSDP2's mixed precision policy")
+        pytest.skip("MixedPrecisionPolicy is FSDP2's: these paths have no DDP run")
     ops, losses, expected, groups = single_process_run(MIXED_PRECISION.get(path, path))
     tolerance = BF16_TOLERANCE if path in MIXED_PRECISION else 1e-5
     for rank_results in results:
