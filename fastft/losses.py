@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -43,6 +44,7 @@ from torch import Tensor
 
 from fastft.ops import distillation as ops
 from fastft.ops import logprobs as logprob_ops
+from fastft.ops import policy_logprobs as policy_ops
 
 REDUCTIONS = ("mean", "sum", "none")
 TEMPERATURE_MIN, TEMPERATURE_MAX = 0.01, 100.0
@@ -251,6 +253,77 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
     if entropy:
         return logprob.reshape(labels.shape), ent.reshape(labels.shape)
     return logprob.reshape(labels.shape)
+
+
+@dataclass
+class PolicyGradientTerms:
+    """A token-local policy-gradient loss on the log-probabilities (fastft/ops/policy_logprobs.py has the formulas):
+    sum over tokens of token_weight * policy(logprob) + kl_weight * k3 KL(logprob, ref_logprob) - entropy_weight *
+    entropy, with the ratio r = exp(logprob - old_logprob) (None: on-policy, r = 1 in value). Tensors are shaped like
+    the labels (a token's normalizer and mask go into its weights); loss_type "clip" (PPO / GRPO: clamp to
+    [1 - epsilon_low, 1 + epsilon_high], the ratio capped at delta when given), "cispo" or "sapo"."""
+
+    advantage: Tensor
+    token_weight: Tensor
+    old_logprob: Tensor | None = None
+    kl_weight: Tensor | None = None
+    ref_logprob: Tensor | None = None
+    entropy_weight: Tensor | None = None
+    loss_type: str = "clip"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    kl_bias_correction: bool = True
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+
+
+_POLICY_TENSORS = ("advantage", "token_weight", "old_logprob", "kl_weight", "ref_logprob", "entropy_weight")
+
+
+def fused_linear_policy_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, terms: PolicyGradientTerms, *,
+                                 bias: Tensor | None = None, ignore_index: int = -100,
+                                 entropy: bool = False) -> LogProbs:
+    """fused_linear_logprobs(..., details=True) for a loss that is `terms` of its log-probabilities (and entropies):
+    when autograd records the call, the gradients for hidden, weight and bias are taken in this forward pass over
+    each chunk's logits (fastft::fused_linear_policy_logprobs), and the backward hands them over when the incoming
+    gradient is the loss's (times any constant); else it warns and recomputes as fused_linear_logprobs does. Compute
+    the loss from the returned log-probabilities in plain torch (fastft.methods.grpo does)."""
+    _check_head(hidden, weight, labels, bias, ignore_index)
+    if not isinstance(terms, PolicyGradientTerms):
+        raise TypeError(f"terms must be a PolicyGradientTerms, got {type(terms).__name__}")
+    if not isinstance(entropy, bool):
+        raise TypeError(f"entropy must be a bool, got {type(entropy).__name__} {entropy!r}")
+    for name in _POLICY_TENSORS:
+        value = getattr(terms, name)
+        if value is None and name in ("advantage", "token_weight"):
+            raise ValueError(f"terms.{name} is required")
+        if value is not None and (not isinstance(value, Tensor) or value.shape != labels.shape):
+            raise ValueError(f"terms.{name} must be a tensor shaped like labels {tuple(labels.shape)}, got "
+                             f"{tuple(getattr(value, 'shape', ())) or type(value).__name__}")
+    if terms.loss_type not in policy_ops.POLICY_LOSS_TYPES:
+        raise ValueError(f"terms.loss_type must be one of {policy_ops.POLICY_LOSS_TYPES}, got {terms.loss_type!r}")
+    if (terms.kl_weight is None) != (terms.ref_logprob is None):
+        raise ValueError("terms.kl_weight and terms.ref_logprob go together: pass both or neither")
+    if terms.delta is not None and not (_is_real(terms.delta) and terms.delta > 0):
+        raise ValueError(f"terms.delta must be None or a number > 0, got {terms.delta!r}")
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1).long()
+    wants = (rows.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    if not (torch.is_grad_enabled() and any(wants)):  # nothing to differentiate: the plain forward
+        logprob, ent, top = logprob_ops.fused_linear_logprobs(rows, weight, bias, flat_labels, int(ignore_index),
+                                                              entropy)
+    else:
+        flat = {name: None if getattr(terms, name) is None else getattr(terms, name).detach().reshape(-1)
+                for name in _POLICY_TENSORS}
+        delta = math.inf if terms.delta is None else float(terms.delta)
+        logprob, ent, top, *_ = policy_ops.fused_linear_policy_logprobs(
+            rows, weight, bias, flat_labels, int(ignore_index), entropy, flat["old_logprob"], flat["advantage"],
+            flat["token_weight"], flat["kl_weight"], flat["ref_logprob"], flat["entropy_weight"], terms.loss_type,
+            float(terms.epsilon_low), float(terms.epsilon_high), delta, bool(terms.kl_bias_correction),
+            float(terms.sapo_temperature_pos), float(terms.sapo_temperature_neg), *wants)
+    return LogProbs(logprob.reshape(labels.shape), ent.reshape(labels.shape) if entropy else None,
+                    top.reshape(labels.shape))
 
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from fastft.methods.common import check_number
-from fastft.methods.preference import head_logps
+from fastft.losses import PolicyGradientTerms
+from fastft.methods.preference import head_logps, scaled_head_inputs
 
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 CLIPPED_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
@@ -124,6 +125,28 @@ def _check(per_token_logps, mask, advantages, old, ref, entropies, config, ratio
                          "(top_entropy_quantile < 1)")
 
 
+def _reduce(masked: Tensor, mask: Tensor, config: GRPOLossConfig, num_items_in_batch) -> Tensor:
+    """The loss type's reduction of the masked per-token losses (completions, tokens) to the policy loss."""
+    kind = config.loss_type
+    if kind in ("grpo", "sapo"):
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if kind == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    if kind == "dr_grpo":
+        return masked.sum() / (masked.size(0) * (config.max_completion_length or masked.size(1)))
+    if kind == "luspo":
+        return masked.sum(-1).mean()
+    if num_items_in_batch is None:  # cispo, dapo, vespo: this batch's tokens
+        return masked.sum() / mask.sum()
+    # the tokens of the whole accumulation window: already the divisor of one micro-batch's sum
+    return masked.sum() / torch.as_tensor(num_items_in_batch, dtype=masked.dtype).clamp(min=1.0)
+
+
+def _accumulation_divisor(config: GRPOLossConfig, num_items_in_batch, accumulation_steps: int) -> int:
+    token_counted = config.loss_type in ("cispo", "dapo", "vespo") and num_items_in_batch is not None
+    return 1 if token_counted else accumulation_steps
+
+
 def grpo_loss(per_token_logps: Tensor, mask: Tensor, advantages: Tensor, config: GRPOLossConfig, *,
               old_per_token_logps: Tensor | None = None, ref_per_token_logps: Tensor | None = None,
               entropies: Tensor | None = None, num_items_in_batch: float | Tensor | None = None,
@@ -193,22 +216,9 @@ def grpo_loss(per_token_logps: Tensor, mask: Tensor, advantages: Tensor, config:
     if config.beta != 0.0:
         per_token = per_token + config.beta * per_token_kl
 
-    masked = per_token * mask
-    if kind in ("grpo", "sapo"):
-        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    elif kind == "bnpo":
-        loss = masked.sum() / mask.sum().clamp(min=1.0)
-    elif kind == "dr_grpo":
-        loss = masked.sum() / (per_token.size(0) * (config.max_completion_length or per_token_logps.size(1)))
-    elif kind == "luspo":
-        loss = masked.sum(-1).mean()
-    elif num_items_in_batch is None:  # cispo, dapo, vespo: this batch's tokens
-        loss = masked.sum() / mask.sum()
-    else:  # the tokens of the whole accumulation window: already the divisor of one micro-batch's sum
-        loss = masked.sum() / torch.as_tensor(num_items_in_batch, dtype=masked.dtype).clamp(min=1.0)
+    loss = _reduce(per_token * mask, mask, config, num_items_in_batch)
     metrics["policy_loss"] = loss.detach()
-    if kind not in ("cispo", "dapo", "vespo") or num_items_in_batch is None:
-        loss = loss / accumulation_steps
+    loss = loss / _accumulation_divisor(config, num_items_in_batch, accumulation_steps)
     if config.entropy_coef != 0.0:
         effective = mask if entropy_mask is None else mask * entropy_mask
         bonus = (entropies * effective).sum() / effective.sum().clamp(min=1.0) / accumulation_steps
@@ -240,13 +250,64 @@ def grpo_loss(per_token_logps: Tensor, mask: Tensor, advantages: Tensor, config:
     return loss, metrics
 
 
+def _token_local(config: GRPOLossConfig) -> bool:
+    """Whether each token's d(loss)/d(logprob) depends on that token's log-probability only (given the masks)."""
+    return (config.loss_type != "vespo" and config.importance_sampling_level == "token"
+            and config.top_entropy_quantile == 1.0 and config.off_policy_mask_threshold is None)
+
+
+def policy_terms(mask: Tensor, advantages: Tensor, config: GRPOLossConfig, *, old_per_token_logps=None,
+                 ref_per_token_logps=None, num_items_in_batch=None, accumulation_steps: int = 1,
+                 importance_sampling_ratio=None, dtype: torch.dtype = torch.float32) -> PolicyGradientTerms:
+    """grpo_loss's loss for a token-local config (token-level ratios, no entropy masking, no off-policy mask, not
+    vespo) as per-token terms for fastft.losses.fused_linear_policy_logprobs: each token's weight is the loss type's
+    reduction's derivative (autograd of the reduction itself, so the two cannot drift apart), in dtype."""
+    mask = mask.to(dtype)
+    with torch.enable_grad():
+        unit = torch.zeros_like(mask, requires_grad=True)
+        weight, = torch.autograd.grad(_reduce(unit * mask, mask, config, num_items_in_batch), unit)
+    weight = weight / _accumulation_divisor(config, num_items_in_batch, accumulation_steps)
+    policy_weight = weight if importance_sampling_ratio is None else weight * importance_sampling_ratio
+    advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    entropy_weight = None
+    if config.entropy_coef != 0.0:
+        entropy_weight = -config.entropy_coef * mask / mask.sum().clamp(min=1.0) / accumulation_steps
+    kind = config.loss_type
+    return PolicyGradientTerms(
+        advantage=advantages.to(dtype).expand(mask.shape), token_weight=policy_weight.expand(mask.shape),
+        old_logprob=old_per_token_logps, kl_weight=None if config.beta == 0.0 else config.beta * weight,
+        ref_logprob=None if config.beta == 0.0 else ref_per_token_logps, entropy_weight=entropy_weight,
+        loss_type=kind if kind in ("cispo", "sapo") else "clip", epsilon_low=config.epsilon,
+        epsilon_high=config.epsilon_high, delta=config.delta if kind in CLIPPED_TYPES else None,
+        kl_bias_correction=config.use_bias_correction_kl, sapo_temperature_pos=config.sapo_temperature_pos,
+        sapo_temperature_neg=config.sapo_temperature_neg)
+
+
 def grpo_loss_from_hidden(hidden: Tensor, weight: Tensor, completion_ids: Tensor, mask: Tensor, advantages: Tensor,
                           config: GRPOLossConfig, *, bias: Tensor | None = None, temperature: float = 1.0,
                           **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
     """grpo_loss on the log-probabilities of completion_ids (completions, tokens) under softmax(hidden @ weight^T
-    + bias) / temperature, from fastft::fused_linear_logprobs (with the entropies when the config needs them): no
-    (tokens, vocab) logits. hidden (completions, tokens, H) holds the states that predict each completion token
-    (a causal LM's positions shifted by one, as TRL's logits_to_keep). Other keywords go to grpo_loss."""
-    logps, entropies = head_logps(hidden, weight, completion_ids, mask, bias=bias, temperature=temperature,
-                                  entropy=config.needs_entropy)
-    return grpo_loss(logps, mask, advantages, config, entropies=entropies, **kwargs)
+    + bias) / temperature, with no (tokens, vocab) logits. hidden (completions, tokens, H) holds the states that
+    predict each completion token (a causal LM's positions shifted by one, as TRL's logits_to_keep). Other keywords
+    go to grpo_loss. For a token-local config (policy_terms) the head's gradients are taken in the forward pass
+    (fastft.losses.fused_linear_policy_logprobs: one head GEMM per chunk less); otherwise through
+    fastft::fused_linear_logprobs (with the entropies when the config needs them), recomputed in backward."""
+    if not _token_local(config):
+        logps, entropies = head_logps(hidden, weight, completion_ids, mask, bias=bias, temperature=temperature,
+                                      entropy=config.needs_entropy)
+        return grpo_loss(logps, mask, advantages, config, entropies=entropies, **kwargs)
+    from fastft.losses import fused_linear_policy_logprobs
+
+    dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    shaped = hidden.new_empty(completion_ids.shape, dtype=dtype)  # stands for the log-probabilities in the checks
+    _check(shaped, mask, advantages, kwargs.get("old_per_token_logps"), kwargs.get("ref_per_token_logps"),
+           shaped if config.needs_entropy else None, config, kwargs.get("importance_sampling_ratio"),
+           kwargs.get("num_items_in_batch"), kwargs.get("accumulation_steps", 1))
+    terms = policy_terms(mask, advantages, config, dtype=dtype, **{k: kwargs[k] for k in _TERM_KEYS if k in kwargs})
+    hidden, bias, labels = scaled_head_inputs(hidden, bias, completion_ids, mask, temperature)
+    out = fused_linear_policy_logprobs(hidden, weight, labels, terms, bias=bias, entropy=config.needs_entropy)
+    return grpo_loss(out.logprob, mask, advantages, config, entropies=out.entropy, **kwargs)
+
+
+_TERM_KEYS = ("old_per_token_logps", "ref_per_token_logps", "num_items_in_batch", "accumulation_steps",
+              "importance_sampling_ratio")

@@ -69,15 +69,22 @@ def head_logps(hidden: Tensor, weight: Tensor, ids: Tensor, mask: Tensor, *, bia
     no matmul, and no (tokens, vocab) logits exist."""
     from fastft.losses import fused_linear_logprobs
 
+    hidden, bias, labels = scaled_head_inputs(hidden, bias, ids, mask, temperature)
+    out = fused_linear_logprobs(hidden, weight, labels, bias=bias, entropy=entropy)
+    return out if entropy else (out, None)
+
+
+def scaled_head_inputs(hidden: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor,
+                       temperature: float) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(hidden / temperature, bias / temperature, ids with the tokens outside mask labelled -100): a fused head's
+    inputs for softmax(logits / temperature) over the masked tokens."""
     if mask.shape != ids.shape:
         raise ValueError(f"mask must have the shape of ids {tuple(ids.shape)}, got {tuple(mask.shape)}")
     check_number("temperature", temperature)
     if temperature != 1.0:
         hidden = hidden / temperature
         bias = None if bias is None else bias / temperature
-    labels = ids.masked_fill(~mask.bool(), -100)
-    out = fused_linear_logprobs(hidden, weight, labels, bias=bias, entropy=entropy)
-    return out if entropy else (out, None)
+    return hidden, bias, ids.masked_fill(~mask.bool(), -100)
 
 
 def check_completions(token_logps: Tensor, mask: Tensor, name: str = "policy_token_logps") -> Tensor:

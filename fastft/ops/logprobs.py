@@ -24,7 +24,7 @@ grad_weight accumulator when the head is trainable.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -49,10 +49,23 @@ def _valid_rows(hidden: Tensor, labels: Tensor, ignore_index: int):
     return index, hidden.index_select(0, index), labels.index_select(0, index)
 
 
+class _Pass(NamedTuple):
+    logprob: Tensor
+    entropy: Optional[Tensor]
+    top: Tensor
+    grad_hidden: Optional[Tensor]
+    grad_weight: Optional[Tensor]
+    grad_bias: Optional[Tensor]
+    grad_logprob: Optional[Tensor]  # the d(loss)/d(logprob) the gradients were taken for (over all N rows)
+
+
 def _run(hidden, weight, bias, labels, ignore_index, want_entropy, grad_logprob, grad_entropy, want_hidden,
-         want_weight, want_bias):
+         want_weight, want_bias, token_grad=None) -> _Pass:
     """Chunked pass over the valid rows: (logprob, entropy or None, top) over all N rows and, when grad_logprob (N,) is
-    given (with grad_entropy (N,) or None), the gradients asked for (grad_hidden over all N rows)."""
+    given (with grad_entropy (N,) or None), the gradients asked for (grad_hidden over all N rows).
+    token_grad (instead of grad_logprob): an object with select(index) -> token_grad of those rows, grad(logprob,
+    r0, r1) -> d(loss)/d(logprob) of valid rows r0:r1 from their log-probabilities, and grad_entropy ((N,) or None):
+    the gradients are then taken in this same pass, each chunk's logits serving both directions."""
     dtype = _compute_dtype(hidden, weight)
     n, vocab = hidden.shape[0], weight.shape[0]
     index, rows, row_labels = _valid_rows(hidden, labels, ignore_index)
@@ -60,6 +73,10 @@ def _run(hidden, weight, bias, labels, ignore_index, want_entropy, grad_logprob,
         grad_logprob = grad_logprob.index_select(0, index)
         grad_entropy = None if grad_entropy is None else grad_entropy.index_select(0, index)
     m = rows.shape[0]
+    if token_grad is not None:
+        token_grad = token_grad if index is None else token_grad.select(index)
+        grad_logprob = torch.empty(m, dtype=dtype, device=hidden.device)  # filled chunk by chunk
+        grad_entropy = token_grad.grad_entropy
     logprob = torch.empty(m, dtype=dtype, device=hidden.device)
     entropy = torch.empty(m, dtype=dtype, device=hidden.device) if want_entropy else None
     top = torch.empty(m, dtype=dtype, device=hidden.device)
@@ -74,6 +91,9 @@ def _run(hidden, weight, bias, labels, ignore_index, want_entropy, grad_logprob,
         r1 = min(r0 + step, m)
         h = rows[r0:r1]
         z = _logits(h, weight, bias, dtype, tile[:r1 - r0])
+        if token_grad is not None:  # the log-probabilities first, then their gradient over the same logits
+            lp, _, _ = dispatch("logprob_rows", z.device.type, z, row_labels[r0:r1], False, None, None)
+            grad_logprob[r0:r1] = token_grad.grad(lp, r0, r1)
         g = None if not want_grad else grad_logprob[r0:r1].to(dtype)
         e = None if grad_entropy is None else grad_entropy[r0:r1].to(dtype)
         lp, ent, best = dispatch("logprob_rows", z.device.type, z, row_labels[r0:r1], want_entropy, g, e)
@@ -96,7 +116,10 @@ def _run(hidden, weight, bias, labels, ignore_index, want_entropy, grad_logprob,
         entropy = None if entropy is None else entropy.new_zeros(n).index_copy_(0, index, entropy)
         if grad_rows is not None:
             grad_hidden = grad_rows.new_zeros(hidden.shape).index_copy_(0, index, grad_rows)
-    return logprob, entropy, top, grad_hidden, grad_weight, grad_bias
+        if token_grad is not None:
+            grad_logprob = grad_logprob.new_zeros(n).index_copy_(0, index, grad_logprob)
+    return _Pass(logprob, entropy, top, grad_hidden, grad_weight, grad_bias,
+                 grad_logprob if token_grad is not None else None)
 
 
 def _check_labels(labels: Tensor, vocab: int, ignore_index: int) -> None:
@@ -125,8 +148,9 @@ def fused_linear_logprobs_backward(grad_logprob: Tensor, grad_entropy: Optional[
                                    weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
                                    want_hidden: bool, want_weight: bool, want_bias: bool
                                    ) -> tuple[Tensor, Tensor, Tensor]:
-    *_, grad_hidden, grad_weight, grad_bias = _run(hidden, weight, bias, labels, ignore_index, False,
-                                                     grad_logprob, grad_entropy, want_hidden, want_weight, want_bias)
+    _, _, _, grad_hidden, grad_weight, grad_bias, _ = _run(hidden, weight, bias, labels, ignore_index, False,
+                                                           grad_logprob, grad_entropy, want_hidden, want_weight,
+                                                           want_bias)
     return (_empty(hidden) if grad_hidden is None else grad_hidden,
             _empty(weight) if grad_weight is None else grad_weight.to(weight.dtype),
             _empty(hidden) if grad_bias is None else grad_bias.to(bias.dtype))
@@ -174,7 +198,7 @@ def fused_linear_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], lab
     scale = None
     if any_grad:  # d loss / d logprob of every row: -1 / denominator
         scale = (-1.0 / denominator.to(torch.float64)).to(_compute_dtype(hidden, weight)).expand(hidden.shape[0])
-    logprob, _, _, grad_hidden, grad_weight, grad_bias = _run(hidden, weight, bias, labels, ignore_index, False,
+    logprob, _, _, grad_hidden, grad_weight, grad_bias, _ = _run(hidden, weight, bias, labels, ignore_index, False,
                                                               scale, None, want_hidden, want_weight, want_bias)
     loss = (-logprob.sum() / denominator).to(logprob.dtype)
     return (loss, _empty(hidden) if grad_hidden is None else grad_hidden,

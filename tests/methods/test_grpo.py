@@ -5,6 +5,7 @@ under gradient accumulation; loss, gradients and logged metrics (fp32, 1e-5 rela
 logits path in fp64; bad input."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -142,6 +143,41 @@ def test_from_hidden_matches_logits_path_fp64():
     assert rel_error(loss, expected) < 1e-12
     for a, e in zip(ours, theirs):
         assert rel_error(a, e) < 1e-10
+
+
+@pytest.mark.parametrize("loss_type", [t for t in GRPO_LOSS_TYPES if t != "vespo"])
+def test_token_local_losses_take_gradients_in_forward(loss_type):
+    """grpo_loss_from_hidden on a token-local config (fastft.losses.fused_linear_policy_logprobs: no recompute, no
+    warning) vs grpo_loss on the logits path: loss and gradients in fp64, off-policy ratios, delta, KL, entropy
+    bonus, per-token sampler ratios, accumulation."""
+    g = torch.Generator().manual_seed(0)
+    b, t, h, v = 3, 6, 8, 33
+    hidden = torch.randn(b, t, h, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.ones(b, t)
+    mask[2, 3:] = 0
+    logp = torch.log_softmax(hidden @ weight.t() / 0.7, -1)
+    token_logps = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask
+    noise = lambda: torch.randn(b, t, generator=g, dtype=torch.float64)  # noqa: E731
+    kwargs = dict(old_per_token_logps=token_logps.detach() + 0.3 * noise(),
+                  ref_per_token_logps=token_logps.detach() + 0.2 * noise(), accumulation_steps=2,
+                  importance_sampling_ratio=torch.exp(0.1 * noise()))
+    advantages = torch.randn(b, generator=g, dtype=torch.float64)
+    config = GRPOLossConfig(loss_type=loss_type, beta=0.1, entropy_coef=0.05, epsilon_high=0.28,
+                            delta=1.4 if loss_type == "grpo" else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, metrics = grpo_loss_from_hidden(hidden, weight, ids, mask, advantages, config, temperature=0.7,
+                                              **kwargs)
+        ours = torch.autograd.grad(loss, (hidden, weight))
+    entropies = -(logp.exp() * logp).sum(-1)
+    expected, expected_metrics = grpo_loss(token_logps, mask, advantages, config, entropies=entropies, **kwargs)
+    theirs = torch.autograd.grad(expected, (hidden, weight))
+    assert rel_error(loss, expected) < 1e-12
+    for a, e in zip(ours, theirs):
+        assert rel_error(a, e) < 1e-10
+    assert metrics.keys() == expected_metrics.keys()
 
 
 def test_bad_input():
