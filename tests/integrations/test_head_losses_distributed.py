@@ -3,7 +3,9 @@
 own ("fsdp2-head": its forward never runs, so only fastft's gather gives the loss the whole head, trl#3368's case).
 TRL's DPO and GRPO losses on fastft's head (`fastft.patch(trainer)`), fastft's fused causal-LM and distillation losses,
 and fastft::fused_linear_logprobs called directly train a LoRA on lm_head (or, for the op, the whole model): 5 SGD
-steps give the losses and trained weights of one process accumulating the same per-rank batches (fp32, 1e-5)."""
+steps give the losses and trained weights of one process accumulating the same per-rank batches (fp32, 1e-5). With
+the head sharded on its own, each step also runs the loss under torch.no_grad (a reference / old-policy / eval pass):
+fastft reshards the head after such a use, and leaves a head gathered for a pending backward gathered."""
 
 import copy
 import functools
@@ -132,14 +134,35 @@ def logprobs_op_loss(model, inputs):
     return -F.logsigmoid(0.1 * (chosen - rejected)).mean()
 
 
-def train(model, loss_fn, case, ranks):
-    """Losses of STEPS SGD steps, each the mean over `ranks` of their batches' losses (see test_distributed.train)."""
+def head_is_sharded(model):
+    """Whether FSDP2 holds the head's parameters as shards (DTensors): its gathered copy freed."""
+    from torch.distributed.tensor import DTensor
+
+    return all(isinstance(param, DTensor) for param in model.get_output_embeddings().parameters())
+
+
+def train(model, loss_fn, case, ranks, no_grad_passes=None):
+    """Losses of STEPS SGD steps, each the mean over `ranks` of their batches' losses (see test_distributed.train).
+    With `no_grad_passes` ({"resharded": [], "kept": []}), each step also computes the loss under torch.no_grad (as
+    a reference, old-policy or eval pass would) before its forward, appending to "resharded" whether the head
+    (sharded on its own) is sharded after it, and again between its forward and backward, appending to "kept"
+    whether the head is still gathered for that backward. Not on the distillation case: its loss runs the student's
+    whole forward, lm_head's included (logits_to_keep=1), after which FSDP2 reshards the head, freeing the gathered
+    weight that the pending backward holds, whoever gathers it."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     losses = []
     for _ in range(STEPS):
         total = 0.0
         for rank in ranks:
+            if no_grad_passes is not None:
+                with torch.no_grad():
+                    loss_fn(model, batch(case, rank))
+                no_grad_passes["resharded"].append(head_is_sharded(model))
             loss = loss_fn(model, batch(case, rank))
+            if no_grad_passes is not None and case != "distillation":
+                with torch.no_grad():
+                    loss_fn(model, batch(case, rank))
+                no_grad_passes["kept"].append(not head_is_sharded(model))
             (loss / WORLD if len(ranks) > 1 else loss).backward()
             total = total + loss.detach() / len(ranks)
         optimizer.step()
@@ -177,9 +200,13 @@ def _worker(rank, port, out):
                     if layout == "fsdp2-head":
                         fully_shard(model.get_output_embeddings())
                     fully_shard(model)
-                losses = train(model, loss_fn, case, [rank])
+                # the head sharded on its own and read through fastft's head_weight (logprobs-op unshards it itself)
+                no_grad_passes = ({"resharded": [], "kept": []} if layout == "fsdp2-head" and case != "logprobs-op"
+                                  else None)
+                losses = train(model, loss_fn, case, [rank], no_grad_passes)
                 dist.all_reduce(losses)
-                results[layout, case] = {"losses": losses / WORLD, "weights": trained_weights(model)}
+                results[layout, case] = {"losses": losses / WORLD, "weights": trained_weights(model),
+                                         "no_grad_passes": no_grad_passes}
         results["refusal"] = sharded_weight_refusal(model)
         torch.save(results, f"{out}.{rank}")
     finally:
@@ -210,6 +237,10 @@ def test_fused_head_losses_under_ddp_and_fsdp2_match_one_process(distributed_run
         assert result["weights"].keys() == expected.keys()
         for name, weight in result["weights"].items():
             assert (weight - expected[name]).norm() <= 1e-5 * expected[name].norm(), name
+        passes = result["no_grad_passes"]
+        if passes is not None:  # the no-grad passes resharded the head, or kept it gathered for the backward to come
+            assert len(passes["resharded"]) == STEPS and all(passes["resharded"]), passes
+            assert len(passes["kept"]) == (0 if case == "distillation" else STEPS) and all(passes["kept"]), passes
 
 
 def test_a_head_shard_is_refused_with_a_clear_error(distributed_run):
