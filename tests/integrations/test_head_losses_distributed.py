@@ -98,8 +98,9 @@ def teacher():
     return tiny_llama(1).eval().requires_grad_(False)
 
 
-def model_for(case):
-    """(model, loss function of a batch) of one case, identically initialised in every process."""
+def model_for(case, distillation_teacher=None):
+    """(model, loss function of a batch) of one case, identically initialised in every process; the distillation
+    case's teacher is `distillation_teacher` (default: teacher(), whole)."""
     if case in ("dpo-trainer", "grpo-trainer"):
         trainer, head_options = list(trainers().items())[case == "grpo-trainer"]
         trainer.model = trainer_model(head_options)
@@ -115,8 +116,8 @@ def model_for(case):
 
         model = lora_model()
         fastft.patch(model)
-        return model, lambda model, inputs: distillation_loss(model, teacher(), inputs, beta=0.5, temperature=2.0,
-                                                              alpha=0.5)
+        return model, lambda model, inputs: distillation_loss(model, distillation_teacher or teacher(), inputs,
+                                                              beta=0.5, temperature=2.0, alpha=0.5)
     model = tiny_llama(0)  # fused_linear_logprobs on the model's own head, whole model trained: a DPO-style loss
     return model, logprobs_op_loss
 
@@ -182,29 +183,36 @@ def sharded_weight_refusal(model):
     return None
 
 
+def shard(model, head_apart):
+    """FSDP2's fully_shard per decoder layer, on lm_head alone if `head_apart`, and on the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    if head_apart:
+        fully_shard(model.get_output_embeddings())
+    return fully_shard(model)
+
+
 def _worker(rank, port, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        from torch.distributed.fsdp import fully_shard
-
         results = {}
         for layout in LAYOUTS:
             for case in CASES:
-                model, loss_fn = model_for(case)
-                if layout == "ddp":
-                    model = DistributedDataParallel(model)
-                else:
-                    for layer in decoder_layers(model):
-                        fully_shard(layer)
-                    if layout == "fsdp2-head":
-                        fully_shard(model.get_output_embeddings())
-                    fully_shard(model)
+                # with the head sharded on its own, the teacher too: its head is read under torch.no_grad
+                sharded_teacher = (shard(copy.deepcopy(teacher()), head_apart=True)
+                                   if (layout, case) == ("fsdp2-head", "distillation") else None)
+                model, loss_fn = model_for(case, sharded_teacher)
+                model = DistributedDataParallel(model) if layout == "ddp" else shard(model, layout == "fsdp2-head")
                 # the head sharded on its own and read through fastft's head_weight (logprobs-op unshards it itself)
                 no_grad_passes = ({"resharded": [], "kept": []} if layout == "fsdp2-head" and case != "logprobs-op"
                                   else None)
                 losses = train(model, loss_fn, case, [rank], no_grad_passes)
                 dist.all_reduce(losses)
+                if sharded_teacher is not None:  # resharded after each read, yet its copy served the backwards
+                    no_grad_passes["teacher resharded"] = [head_is_sharded(sharded_teacher)]
                 results[layout, case] = {"losses": losses / WORLD, "weights": trained_weights(model),
                                          "no_grad_passes": no_grad_passes}
         results["refusal"] = sharded_weight_refusal(model)
@@ -241,6 +249,8 @@ def test_fused_head_losses_under_ddp_and_fsdp2_match_one_process(distributed_run
         if passes is not None:  # the no-grad passes resharded the head, or kept it gathered for the backward to come
             assert len(passes["resharded"]) == STEPS and all(passes["resharded"]), passes
             assert len(passes["kept"]) == (0 if case == "distillation" else STEPS) and all(passes["kept"]), passes
+            if case == "distillation":  # and the sharded teacher's head
+                assert passes["teacher resharded"] == [True], passes
 
 
 def test_a_head_shard_is_refused_with_a_clear_error(distributed_run):
