@@ -47,9 +47,8 @@ def head_weight(head: nn.Module) -> tuple[Tensor, Tensor | None]:
     gathered = gather_sharded_head(head)
     weight, bias = _applied_weight(head)
     if gathered and not torch.is_grad_enabled():
-        storages = {param.untyped_storage().data_ptr() for param in head.parameters()}
-        weight, bias = (t.clone() if t is not None and t.untyped_storage().data_ptr() in storages else t
-                        for t in (weight, bias))
+        params = [id(param) for param in head.parameters()]
+        weight, bias = (t.clone() if id(t) in params else t for t in (weight, bias))
         for module in gathered:
             module.reshard()
     return weight, bias
