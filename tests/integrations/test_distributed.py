@@ -1,6 +1,7 @@
 """fastft under torch.distributed (gloo, 2 processes on 127.0.0.1): DDP and FSDP2 (`fully_shard` per decoder layer
 and on the root) give the single-process run's losses and trained weights on the same global batch, and DDP
-leaves the same gradients on every rank, for each fused path. One pair of processes per wrapper runs every path."""
+leaves the same gradients on every rank, for each fused path, also with activation checkpointing (HF's or torch's
+checkpoint_wrapper). One pair of processes per wrapper runs every path."""
 
 import collections
 import datetime
