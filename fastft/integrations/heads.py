@@ -37,6 +37,29 @@ def gather_sharded_head(head: nn.Module) -> list[nn.Module]:
     return gathered
 
 
+def gather_in_backward(head: nn.Module, *outputs: Tensor | None) -> None:
+    """FSDP2: make the backward of `outputs` (computed from head_weight(head) with gradients enabled) gather the
+    head again before it runs, as FSDP2 does for a module's own outputs. Autograd keeps the gathered parameters,
+    and anything that reshards the head before that backward frees them: a forward of the head module itself
+    (FSDP2 reshards a non-root module after its forward), or its reshard(). Gathering an unsharded head is a no-op.
+    Nothing for heads that no FSDP2 module of their own shards, nor for outputs that need no gradient."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [module for module in head.modules() if isinstance(module, FSDPModule)]
+    if not modules:
+        return
+
+    def gather(grad):
+        for module in modules:
+            module.unshard()
+
+    for output in outputs:
+        if output is not None and output.requires_grad:
+            output.register_hook(gather)
+
+
 def head_weight(head: nn.Module) -> tuple[Tensor, Tensor | None]:
     """(weight, bias) an output head effectively applies: nn.Linear as is; NF4Linear and bitsandbytes 4-bit
     dequantized; a peft LoRA head merged as W + sum(scale * B @ A) (differentiable in A and B, so LoRA on lm_head
