@@ -29,7 +29,7 @@ def _fused_loss_forward(self, *args, labels=None, **kwargs):
         return original.forward(self, *args, labels=labels, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from fastft.integrations.heads import head_weight
+    from fastft.integrations.heads import gather_in_backward, head_weight
 
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
@@ -42,9 +42,11 @@ def _fused_loss_forward(self, *args, labels=None, **kwargs):
     hidden = outputs.last_hidden_state
     if shift_labels is None:  # position t predicts token t + 1, as transformers' ForCausalLMLoss
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    weight, bias = head_weight(self.get_output_embeddings())
+    head = self.get_output_embeddings()
+    weight, bias = head_weight(head)
     loss = fused_linear_cross_entropy(hidden, weight, shift_labels.to(hidden.device), bias=bias,
                                       ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
+    gather_in_backward(head, loss)
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                   hidden_states=outputs.hidden_states if wants_hidden_states else None,
                                   attentions=outputs.attentions)

@@ -110,7 +110,7 @@ def _fastft_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=
         return type(self).forward(self, *args, **kwargs)  # the class's forward: fastft's fused loss if patched
     from trl.trainer.utils import FusedCausalLMOutput
 
-    from fastft.integrations.heads import head_weight
+    from fastft.integrations.heads import gather_in_backward, head_weight
     from fastft.losses import fused_linear_logprobs
 
     kwargs["use_cache"] = False
@@ -130,6 +130,7 @@ def _fastft_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=
     outputs = options["outputs"]
     with torch.autocast(hidden.device.type, enabled=False):
         out = fused_linear_logprobs(hidden, weight, labels, bias=bias, entropy="entropy" in outputs, details=True)
+    gather_in_backward(head, out.logprob, out.entropy)
     mask = labels != -100
     mean_logits = is_top1 = None
     if "mean_logits" in outputs:

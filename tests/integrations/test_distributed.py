@@ -1,7 +1,9 @@
 """fastft under torch.distributed (gloo, 2 processes on 127.0.0.1): DDP and FSDP2 (`fully_shard` per decoder layer
 and on the root) give the single-process run's losses and trained weights on the same global batch, and DDP
-leaves the same gradients on every rank, for each fused path. One pair of processes per wrapper runs every path."""
+leaves the same gradients on every rank, for each fused path, also with activation checkpointing (HF's or torch's
+checkpoint_wrapper). One pair of processes per wrapper runs every path."""
 
+import collections
 import datetime
 import functools
 import os
@@ -24,15 +26,25 @@ import fastft
 from conftest import bnb_standard_layout
 
 VOCAB, WORLD, STEPS = 128, 2, 5
-PATHS = ("lora", "lora-fused-loss", "lora-checkpointed", "lora-checkpoint-wrapper", "dora", "qlora-nf4", "qlora-bnb",
-         "qlora-bnb-bf16-storage", "adapters", "qat",
-         "distillation", "lora-bf16-params", "qlora-nf4-bf16-params")
+PATHS = ("lora", "lora-fused-loss", "lora-checkpointed", "lora-checkpoint-wrapper", "dora", "qlora-nf4",
+         "qlora-nf4-checkpoint-wrapper", "qlora-bnb", "qlora-bnb-checkpointed", "qlora-bnb-bf16-storage", "adapters",
+         "adapters-checkpointed", "qat", "qat-checkpoint-wrapper", "distillation", "distillation-checkpointed",
+         "lora-bf16-params", "qlora-nf4-bf16-params")
 SAVED = ("lora", "dora")  # paths whose FSDP2 checkpoint is loaded back in one process with plain peft
+# Activation checkpointing of every decoder layer, HF's ("-checkpointed": gradient_checkpointing_enable, as Trainer
+# calls it, after fastft.patch) or torch's ("-checkpoint-wrapper": checkpoint_wrapper, as FSDP2 recipes apply it,
+# before fully_shard). Its single-process counterpart is the path without checkpointing: the recomputed forward
+# must give the same losses and weights (1e-5).
+CHECKPOINTED = {"lora-checkpointed": "lora-fused-loss", "lora-checkpoint-wrapper": "lora-fused-loss",
+                "qlora-nf4-checkpoint-wrapper": "qlora-nf4", "qlora-bnb-checkpointed": "qlora-bnb",
+                "adapters-checkpointed": "adapters", "qat-checkpoint-wrapper": "qat",
+                "distillation-checkpointed": "distillation"}
 # FSDP2's MixedPrecisionPolicy: bf16 parameters in forward and backward, gradients reduced and kept in fp32 (the
 # 4-bit codes stay uint8). Its single-process counterpart is the path's fp32 run: bf16 rounding (2^-9 relative per
 # operation, a few hundred accumulated over the steps' matmuls) bounds the difference.
 MIXED_PRECISION = {"lora-bf16-params": "lora", "qlora-nf4-bf16-params": "qlora-nf4"}
 BF16_TOLERANCE = 3e-2
+COUNTERPART = {**MIXED_PRECISION, **CHECKPOINTED}
 pytestmark = pytest.mark.slow
 
 
@@ -75,18 +87,24 @@ def lora_config(path):
 
 def model_for(path):
     """The model of one fastft path, identically initialised in every process."""
-    path = MIXED_PRECISION.get(path, path)
+    model = base_model_for(COUNTERPART.get(path, path))
+    if path.endswith("-checkpointed"):  # HF's activation checkpointing of every decoder layer
+        transformers_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        transformers_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif path.endswith("-checkpoint-wrapper"):  # torch's checkpoint_wrapper around every decoder layer
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, check_fn=lambda module: type(module).__name__ == "LlamaDecoderLayer")
+    return model
+
+
+def base_model_for(path):
+    """model_for(path) of a path without checkpointing or mixed precision."""
     model = small_llama()
     lora = lora_config(path)
-    if path in ("lora", "lora-fused-loss", "lora-checkpointed", "lora-checkpoint-wrapper", "dora", "distillation"):
-        if path == "lora-checkpointed":  # activation checkpointing of every decoder layer (HF's)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if path in ("lora", "lora-fused-loss", "dora", "distillation"):
         model = get_peft_model(model, lora)
-        fastft.patch(model, fused_loss=path in ("lora-fused-loss", "lora-checkpointed", "lora-checkpoint-wrapper"))
-        if path == "lora-checkpoint-wrapper":  # torch's checkpoint_wrapper around every decoder layer (FSDP2 recipes')
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-            apply_activation_checkpointing(model, check_fn=lambda module: type(module).__name__ == "LlamaDecoderLayer")
+        fastft.patch(model, fused_loss=path == "lora-fused-loss")
     elif path == "qlora-nf4":
         model = fastft.quantize_model(model, blocksize=32)
         model = get_peft_model(model, fastft.lora_config_for_nf4(lora, model))
@@ -124,9 +142,9 @@ def rank_rows(rank):
 
 
 def loss_of(model, path, ids):
-    """The training loss of one batch: the model's causal-LM loss, or on the "distillation" path fastft's fused
+    """The training loss of one batch: the model's causal-LM loss, or on the "distillation" paths fastft's fused
     distillation loss against teacher_llama() (the loss reads the student's lm_head weight outside its forward)."""
-    if path != "distillation":
+    if COUNTERPART.get(path, path) != "distillation":
         return model(input_ids=ids, labels=ids).loss
     from fastft.methods.distillation import distillation_loss
 
@@ -156,13 +174,14 @@ def train(model, path, ranks, on_backward=None):
 
 
 def trained_weights(model):
-    """Trainable weights by name, unwrapped and whole (FSDP2's DTensor shards gathered)."""
+    """Trainable weights by name, unwrapped (DDP's module, checkpoint_wrapper's wrapped module: the names of its
+    state dict) and whole (FSDP2's DTensor shards gathered)."""
     full = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
             data = param.detach()
             data = data.full_tensor() if hasattr(data, "full_tensor") else data
-            full[name.removeprefix("module.")] = data.clone()
+            full[name.removeprefix("module.").replace("_checkpoint_wrapped_module.", "")] = data.clone()
     return full
 
 
@@ -173,10 +192,10 @@ def input_groups(model):
 
 
 def fastft_ops_run(fn):
-    """fn() under the profiler; the names of the fastft ops it ran."""
+    """fn() under the profiler; how many times it ran each fastft op, by name."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         fn()
-    return {event.name for event in profile.events() if event.name.startswith("fastft::")}
+    return collections.Counter(event.name for event in profile.events() if event.name.startswith("fastft::"))
 
 
 def _worker(rank, port, wrapper, out):
@@ -250,11 +269,14 @@ def test_distributed_training_matches_one_process(distributed_run, path):
     wrapper, results = distributed_run
     if wrapper == "ddp" and path in MIXED_PRECISION:
         pytest.skip("MixedPrecisionPolicy is FSDP2's: these paths have no DDP run")
-    ops, losses, expected, groups = single_process_run(MIXED_PRECISION.get(path, path))
+    ops, losses, expected, groups = single_process_run(COUNTERPART.get(path, path))
     tolerance = BF16_TOLERANCE if path in MIXED_PRECISION else 1e-5
     for rank_results in results:
         result = rank_results[path]
-        assert result["ops"] == ops and ops, (result["ops"], ops)  # the same fused ops ran
+        assert result["ops"].keys() == ops.keys() and ops, (result["ops"], ops)  # the same fused ops ran
+        if path in CHECKPOINTED:  # and the decoder layers' ones ran again in backward (recomputed)
+            without = rank_results[CHECKPOINTED[path]]["ops"]
+            assert result["ops"].total() > without.total(), (result["ops"], without)
         assert result["groups"] == groups and all(groups.values()), result["groups"]  # input groups kept grouping
         assert torch.allclose(result["losses"], losses, rtol=tolerance, atol=0), (result["losses"], losses)
         if path in MIXED_PRECISION:  # and the forward did run in bf16

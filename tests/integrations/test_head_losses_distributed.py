@@ -3,7 +3,10 @@
 own ("fsdp2-head": its forward never runs, so only fastft's gather gives the loss the whole head, trl#3368's case).
 TRL's DPO and GRPO losses on fastft's head (`fastft.patch(trainer)`), fastft's fused causal-LM and distillation losses,
 and fastft::fused_linear_logprobs called directly train a LoRA on lm_head (or, for the op, the whole model): 5 SGD
-steps give the losses and trained weights of one process accumulating the same per-rank batches (fp32, 1e-5)."""
+steps give the losses and trained weights of one process accumulating the same per-rank batches (fp32, 1e-5). With
+the head sharded on its own, each step also runs the loss under torch.no_grad (a reference / old-policy / eval pass):
+fastft reshards the head after such a use, leaves a head gathered for a pending backward gathered, and gathers it
+again in that backward when something else (FSDP2, after a forward of the head itself) resharded it meanwhile."""
 
 import copy
 import functools
@@ -96,8 +99,9 @@ def teacher():
     return tiny_llama(1).eval().requires_grad_(False)
 
 
-def model_for(case):
-    """(model, loss function of a batch) of one case, identically initialised in every process."""
+def model_for(case, distillation_teacher=None):
+    """(model, loss function of a batch) of one case, identically initialised in every process; the distillation
+    case's teacher is `distillation_teacher` (default: teacher(), whole)."""
     if case in ("dpo-trainer", "grpo-trainer"):
         trainer, head_options = list(trainers().items())[case == "grpo-trainer"]
         trainer.model = trainer_model(head_options)
@@ -113,8 +117,8 @@ def model_for(case):
 
         model = lora_model()
         fastft.patch(model)
-        return model, lambda model, inputs: distillation_loss(model, teacher(), inputs, beta=0.5, temperature=2.0,
-                                                              alpha=0.5)
+        return model, lambda model, inputs: distillation_loss(model, distillation_teacher or teacher(), inputs,
+                                                              beta=0.5, temperature=2.0, alpha=0.5)
     model = tiny_llama(0)  # fused_linear_logprobs on the model's own head, whole model trained: a DPO-style loss
     return model, logprobs_op_loss
 
@@ -132,14 +136,35 @@ def logprobs_op_loss(model, inputs):
     return -F.logsigmoid(0.1 * (chosen - rejected)).mean()
 
 
-def train(model, loss_fn, case, ranks):
-    """Losses of STEPS SGD steps, each the mean over `ranks` of their batches' losses (see test_distributed.train)."""
+def head_is_sharded(model):
+    """Whether FSDP2 holds the head's parameters as shards (DTensors): its gathered copy freed."""
+    from torch.distributed.tensor import DTensor
+
+    return all(isinstance(param, DTensor) for param in model.get_output_embeddings().parameters())
+
+
+def train(model, loss_fn, case, ranks, no_grad_passes=None):
+    """Losses of STEPS SGD steps, each the mean over `ranks` of their batches' losses (see test_distributed.train).
+    With `no_grad_passes` ({"resharded": [], "kept": []}), each step also computes the loss under torch.no_grad (as
+    a reference, old-policy or eval pass would) before its forward, appending to "resharded" whether the head
+    (sharded on its own) is sharded after it, and again between its forward and backward, appending to "kept"
+    whether the head is still gathered for that backward (on the distillation case, whose loss runs the student's
+    whole forward, lm_head's included (logits_to_keep=1), FSDP2 reshards it after that forward: the backward
+    gathers it again)."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     losses = []
     for _ in range(STEPS):
         total = 0.0
         for rank in ranks:
+            if no_grad_passes is not None:
+                with torch.no_grad():
+                    loss_fn(model, batch(case, rank))
+                no_grad_passes["resharded"].append(head_is_sharded(model))
             loss = loss_fn(model, batch(case, rank))
+            if no_grad_passes is not None:
+                with torch.no_grad():
+                    loss_fn(model, batch(case, rank))
+                no_grad_passes["kept"].append(not head_is_sharded(model))
             (loss / WORLD if len(ranks) > 1 else loss).backward()
             total = total + loss.detach() / len(ranks)
         optimizer.step()
@@ -159,27 +184,38 @@ def sharded_weight_refusal(model):
     return None
 
 
+def shard(model, head_apart):
+    """FSDP2's fully_shard per decoder layer, on lm_head alone if `head_apart`, and on the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    if head_apart:
+        fully_shard(model.get_output_embeddings())
+    return fully_shard(model)
+
+
 def _worker(rank, port, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        from torch.distributed.fsdp import fully_shard
-
         results = {}
         for layout in LAYOUTS:
             for case in CASES:
-                model, loss_fn = model_for(case)
-                if layout == "ddp":
-                    model = DistributedDataParallel(model)
-                else:
-                    for layer in decoder_layers(model):
-                        fully_shard(layer)
-                    if layout == "fsdp2-head":
-                        fully_shard(model.get_output_embeddings())
-                    fully_shard(model)
-                losses = train(model, loss_fn, case, [rank])
+                # with the head sharded on its own, the teacher too: its head is read under torch.no_grad
+                sharded_teacher = (shard(copy.deepcopy(teacher()), head_apart=True)
+                                   if (layout, case) == ("fsdp2-head", "distillation") else None)
+                model, loss_fn = model_for(case, sharded_teacher)
+                model = DistributedDataParallel(model) if layout == "ddp" else shard(model, layout == "fsdp2-head")
+                # the head sharded on its own and read through fastft's head_weight (logprobs-op unshards it itself)
+                no_grad_passes = ({"resharded": [], "kept": []} if layout == "fsdp2-head" and case != "logprobs-op"
+                                  else None)
+                losses = train(model, loss_fn, case, [rank], no_grad_passes)
                 dist.all_reduce(losses)
-                results[layout, case] = {"losses": losses / WORLD, "weights": trained_weights(model)}
+                if sharded_teacher is not None:  # resharded after each read, yet its copy served the backwards
+                    no_grad_passes["teacher resharded"] = [head_is_sharded(sharded_teacher)]
+                results[layout, case] = {"losses": losses / WORLD, "weights": trained_weights(model),
+                                         "no_grad_passes": no_grad_passes}
         results["refusal"] = sharded_weight_refusal(model)
         torch.save(results, f"{out}.{rank}")
     finally:
@@ -210,6 +246,13 @@ def test_fused_head_losses_under_ddp_and_fsdp2_match_one_process(distributed_run
         assert result["weights"].keys() == expected.keys()
         for name, weight in result["weights"].items():
             assert (weight - expected[name]).norm() <= 1e-5 * expected[name].norm(), name
+        passes = result["no_grad_passes"]
+        if passes is not None:  # the no-grad passes resharded the head, or kept it gathered for the backward to come
+            assert len(passes["resharded"]) == STEPS and all(passes["resharded"]), passes
+            kept = case != "distillation"  # not when the no-grad pass ran the head's own forward (FSDP2 reshards it)
+            assert passes["kept"] == [kept] * STEPS, passes
+            if case == "distillation":  # and the sharded teacher's head
+                assert passes["teacher resharded"] == [True], passes
 
 
 def test_a_head_shard_is_refused_with_a_clear_error(distributed_run):
