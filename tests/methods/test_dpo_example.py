@@ -1,5 +1,5 @@
-"""examples/dpo_with_trl.py runs (on a random-init 2-layer model with SmolLM2's tokenizer) with fastft's head in
-place of TRL's, and prints its per-step figures."""
+"""examples/dpo_with_trl.py and examples/grpo_with_trl.py run (on a random-init 2-layer model with SmolLM2's
+tokenizer) with fastft's head in place of TRL's, and print their per-step figures."""
 
 import subprocess
 import sys
@@ -8,6 +8,15 @@ from pathlib import Path
 
 def test_example_script_runs():
     script = Path(__file__).parents[2] / "examples" / "dpo_with_trl.py"
+    result = subprocess.run([sys.executable, str(script), "--tiny", "--max-steps", "2"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "TRL fused LM heads: 1 of 1 on fastft::fused_linear_logprobs" in result.stdout
+    assert "step 2: loss" in result.stdout and "2 steps" in result.stdout
+
+
+def test_grpo_example_script_runs():
+    script = Path(__file__).parents[2] / "examples" / "grpo_with_trl.py"
     result = subprocess.run([sys.executable, str(script), "--tiny", "--max-steps", "2"], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
