@@ -301,6 +301,8 @@ def fused_linear_policy_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor,
         if value is not None and (not isinstance(value, Tensor) or value.shape != labels.shape):
             raise ValueError(f"terms.{name} must be a tensor shaped like labels {tuple(labels.shape)}, got "
                              f"{tuple(getattr(value, 'shape', ())) or type(value).__name__}")
+        if value is not None and value.device != labels.device:
+            raise ValueError(f"terms.{name} must be on labels' device {labels.device}, got {value.device}")
     if terms.loss_type not in policy_ops.POLICY_LOSS_TYPES:
         raise ValueError(f"terms.loss_type must be one of {policy_ops.POLICY_LOSS_TYPES}, got {terms.loss_type!r}")
     if (terms.kl_weight is None) != (terms.ref_logprob is None):
