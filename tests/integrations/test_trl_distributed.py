@@ -1,9 +1,15 @@
 """Under DDP (gloo, 2 processes on 127.0.0.1), the gradients of a DPO loss on fastft's fused head (TRL's fused-head
 contract, fastft::fused_linear_logprobs underneath) reach DDP's all-reduce: every rank ends with the mean of the
 ranks' single-process gradients (Liger's fused DPO loss skips the sync: trl#7245). Both ways the head is installed:
-in place of TRL's (DPO, GRPO, KTO, ...) and on a model without one (ORPO / CPO, fastft/integrations/trl_pairwise.py)."""
+in place of TRL's (DPO, GRPO, KTO, ...) and on a model without one (ORPO / CPO, fastft/integrations/trl_pairwise.py).
+A whole patched ORPOTrainer launched by torchrun on 2 processes trains as in one process (orpo_under_torchrun.py;
+CPOTrainer takes the same patched path)."""
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +87,29 @@ def test_fused_dpo_gradients_are_all_reduced(tmp_path):
                 mean = (local[0][name] + local[1][name]) / 2
                 assert rel_error(grad, mean) < 1e-5, (head, name)
                 assert rel_error(grad, local[rank][name]) > 1e-3  # not the rank's own gradient
+
+
+def test_patched_orpo_trainer_under_torchrun_trains_as_one_process(tmp_path):
+    """3 ORPO steps with fastft.patch(trainer): 2 DDP processes of 1 pair each vs 1 process of 2 pairs (equal token
+    counts): the same logged losses and trained LoRA weights (1e-5), the same weights on both ranks."""
+    here = Path(__file__).parent
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
+    for world in (1, WORLD):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [torchrun, "--nnodes=1", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
+                   f"--master_port={port}", "orpo_under_torchrun.py", "orpo", str(tmp_path)]
+        result = subprocess.run(command, cwd=here, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    alone = torch.load(tmp_path / "orpo-world1-rank0.pt")
+    ranks = [torch.load(tmp_path / f"orpo-world{WORLD}-rank{rank}.pt") for rank in range(WORLD)]
+    initial = dict(model("pairwise").named_parameters())
+    assert len(alone["losses"]) == 3 and len(alone["weights"]) == 8
+    for rank in ranks:
+        assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(rank["losses"], alone["losses"], strict=True))
+        for name, weight in alone["weights"].items():
+            assert rel_error(rank["weights"][name], weight) < 1e-5, name
+            assert torch.equal(rank["weights"][name], ranks[0]["weights"][name]), name
+            assert not torch.equal(weight, initial[name].detach()), name  # trained
