@@ -154,15 +154,16 @@ def _setup(ctx, inputs, output):
 
 
 def _match(incoming: Optional[Tensor], predicted: Optional[Tensor], scale: float) -> bool:
-    """Whether incoming == scale * predicted elementwise within _MATCH_RTOL of the larger (absent means zero)."""
-    if incoming is None and predicted is None:
+    """Whether incoming == scale * predicted elementwise within _MATCH_RTOL of the larger (None stands for zeros)."""
+    if incoming is None:
+        return predicted is None or scale == 0.0 or not bool(predicted.any())
+    if predicted is None:
+        return not bool(incoming.any())
+    if not incoming.numel():
         return True
-    if incoming is None or predicted is None:
-        present = predicted if incoming is None else incoming
-        return not bool(present.any()) or (incoming is None and scale == 0.0)
     expected = predicted.to(incoming.dtype) * scale
-    bound = _MATCH_RTOL * torch.maximum(incoming.abs(), expected.abs()) + _MATCH_RTOL * 1e-3 * float(
-        incoming.abs().max())
+    floor = _MATCH_RTOL * 1e-3 * float(incoming.abs().max())  # tokens far below the largest: absolute slack
+    bound = _MATCH_RTOL * torch.maximum(incoming.abs(), expected.abs()) + floor
     return bool(((incoming - expected).abs() <= bound).all())
 
 
@@ -228,6 +229,10 @@ def _backward(ctx, grad_logprob, grad_entropy, *_):
         grad_entropy = None
     if grad_logprob is None and grad_entropy is None:
         return (None,) * 22
+    # rows labelled ignore_index take no gradient whatever comes in for them: compare the others only
+    valid = labels != ctx.ignore_index
+    grad_logprob, grad_entropy = (None if g is None else torch.where(valid, g, 0.0) for g in (grad_logprob,
+                                                                                           grad_entropy))
     args = (grad_logprob, grad_entropy, predicted, entropy_weight, *grads, hidden, weight, bias, labels,
             ctx.ignore_index)
     if all(g is None or type(g) is torch.Tensor for g in (grad_logprob, grad_entropy)):

@@ -140,6 +140,17 @@ def test_no_grad_and_frozen_head():
     assert rel_error(grad_h, theirs[0]) < 1e-5
 
 
+def test_all_rows_ignored():
+    h, w, b, _, terms = make(torch.float32)
+    labels = torch.full(h.shape[:-1], -100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fused_linear_policy_logprobs(h, w, labels, terms, bias=b, entropy=True)
+        grads = torch.autograd.grad(policy_loss(out.logprob, out.entropy, terms), (h, w, b), allow_unused=True)
+    assert not out.logprob.any() and not out.entropy.any()
+    assert all(g is None or not g.any() for g in grads)
+
+
 def test_gradcheck_and_opcheck():
     h, w, b, labels, terms = make(torch.float64, tokens=(7,), hidden=5, vocab=11)
     fn = lambda x, y, z: policy_loss(*fused_linear_policy_logprobs(x, y, labels, terms, bias=z, entropy=True)[:2],
