@@ -4,6 +4,8 @@
                                                    labels, beta=0.5, temperature=2.0)
     loss = fastft.losses.fused_linear_cross_entropy(hidden, lm_head_weight, labels)  # F.cross_entropy's value
     logprob = fastft.losses.fused_linear_logprobs(hidden, lm_head_weight, labels)  # log softmax(logits)[label]
+    out = fastft.losses.fused_linear_policy_logprobs(hidden, lm_head_weight, labels, PolicyGradientTerms(...))
+    # the same log-probabilities, the gradients of a token-local policy loss on them taken in the forward pass
 
 Semantics are TRL's generalized JSD and Hinton's KD (fastft/reference/distillation.py): soft term JSD(beta)
 between teacher and student at temperature T (beta=0 forward KL(P||Q), beta=1 reverse KL(Q||P)), times T^2 when
