@@ -26,25 +26,30 @@ import fastft
 from conftest import bnb_standard_layout
 
 VOCAB, WORLD, STEPS = 128, 2, 5
-PATHS = ("lora", "lora-fused-loss", "lora-checkpointed", "lora-checkpoint-wrapper", "dora", "qlora-nf4",
+PATHS = ("lora", "lora-fused-loss", "lora-checkpointed", "lora-checkpoint-wrapper", "dora", "dora-checkpointed",
+         "qlora-nf4",
          "qlora-nf4-checkpoint-wrapper", "qlora-bnb", "qlora-bnb-checkpointed", "qlora-bnb-bf16-storage", "adapters",
          "adapters-checkpointed", "qat", "qat-checkpoint-wrapper", "distillation", "distillation-checkpointed",
-         "lora-bf16-params", "qlora-nf4-bf16-params")
+         "lora-bf16-params", "qlora-nf4-bf16-params", "qlora-nf4-bf16-params-checkpoint-wrapper")
 SAVED = ("lora", "dora")  # paths whose FSDP2 checkpoint is loaded back in one process with plain peft
 # Activation checkpointing of every decoder layer, HF's ("-checkpointed": gradient_checkpointing_enable, as Trainer
 # calls it, after fastft.patch) or torch's ("-checkpoint-wrapper": checkpoint_wrapper, as FSDP2 recipes apply it,
 # before fully_shard). Its single-process counterpart is the path without checkpointing: the recomputed forward
 # must give the same losses and weights (1e-5).
 CHECKPOINTED = {"lora-checkpointed": "lora-fused-loss", "lora-checkpoint-wrapper": "lora-fused-loss",
+                "dora-checkpointed": "dora", "qlora-nf4-bf16-params-checkpoint-wrapper": "qlora-nf4-bf16-params",
                 "qlora-nf4-checkpoint-wrapper": "qlora-nf4", "qlora-bnb-checkpointed": "qlora-bnb",
                 "adapters-checkpointed": "adapters", "qat-checkpoint-wrapper": "qat",
                 "distillation-checkpointed": "distillation"}
 # FSDP2's MixedPrecisionPolicy: bf16 parameters in forward and backward, gradients reduced and kept in fp32 (the
 # 4-bit codes stay uint8). Its single-process counterpart is the path's fp32 run: bf16 rounding (2^-9 relative per
 # operation, a few hundred accumulated over the steps' matmuls) bounds the difference.
-MIXED_PRECISION = {"lora-bf16-params": "lora", "qlora-nf4-bf16-params": "qlora-nf4"}
+MIXED_PRECISION = {"lora-bf16-params": "lora", "qlora-nf4-bf16-params": "qlora-nf4",
+                   "qlora-nf4-bf16-params-checkpoint-wrapper": "qlora-nf4"}
 BF16_TOLERANCE = 3e-2
-COUNTERPART = {**MIXED_PRECISION, **CHECKPOINTED}
+# The single-process run a path is compared with: for a mixed-precision path with checkpointing, the fp32 run
+# without either (its checkpointing is checked against the same run's mixed-precision path without it).
+COUNTERPART = {**CHECKPOINTED, **MIXED_PRECISION}
 pytestmark = pytest.mark.slow
 
 
