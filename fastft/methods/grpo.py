@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fastft.methods.common import check_number
-from fastft.losses import PolicyGradientTerms
+from fastft.losses import PolicyGradientTerms, fused_linear_policy_logprobs
 from fastft.methods.preference import head_logps, scaled_head_inputs
 
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
@@ -296,8 +296,6 @@ def grpo_loss_from_hidden(hidden: Tensor, weight: Tensor, completion_ids: Tensor
         logps, entropies = head_logps(hidden, weight, completion_ids, mask, bias=bias, temperature=temperature,
                                       entropy=config.needs_entropy)
         return grpo_loss(logps, mask, advantages, config, entropies=entropies, **kwargs)
-    from fastft.losses import fused_linear_policy_logprobs
-
     dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
     shaped = hidden.new_empty(completion_ids.shape, dtype=dtype)  # stands for the log-probabilities in the checks
     _check(shaped, mask, advantages, kwargs.get("old_per_token_logps"), kwargs.get("ref_per_token_logps"),

@@ -16,10 +16,11 @@ and the gradients for hidden / weight / bias are taken over the same logits tile
   d(loss)/d(logprob) (N,), grad_hidden, grad_weight, grad_bias): the first three as fastft::fused_linear_logprobs
   returns them (the loss itself is computed by the caller from them, in plain torch). Saved for backward: the inputs,
   the predicted d(loss)/d(logprob) and the gradients.
-- Backward compares the incoming d(loss)/d(logprob) and d(loss)/d(entropy) with the prediction: when they are c times
-  it (elementwise within 1e-5 relative; c = 1 for the loss itself, another c when it is scaled), the saved gradients
-  times c are the answer; otherwise (the log-probabilities went into more than the predicted loss) a warning says so
-  and the gradients are recomputed as fastft::fused_linear_logprobs does (one more head GEMM per chunk). In eager
+- Backward compares the incoming d(loss)/d(logprob) and d(loss)/d(entropy) with the prediction (rows labelled
+  ignore_index left out; a few host syncs per call): when they are c times it (elementwise within 1e-5 relative;
+  c = 1 for the loss itself, another c when it is scaled), the saved gradients times c are the answer; otherwise
+  (the log-probabilities went into more than the predicted loss) a warning says so and the gradients are
+  recomputed as fastft::fused_linear_logprobs does (one more head GEMM per chunk). In eager
   mode the decision is taken in Python and a gradient handed over as is is not copied; a traced backward
   (torch.compile) runs it inside fastft::fused_linear_policy_logprobs_backward, whose outputs are copies.
 Peak extra memory: fused_linear_logprobs's, with the gradients held from forward to backward.
