@@ -1,7 +1,8 @@
 """fastft's fused preference and head-reading losses under DDP ("ddp") and FSDP2 (gloo, 2 processes on 127.0.0.1):
 `fully_shard` per decoder layer and on the root, with the head in the root's group ("fsdp2-root") or sharded on its
 own ("fsdp2-head": its forward never runs, so only fastft's gather gives the loss the whole head, trl#3368's case).
-TRL's DPO and GRPO losses on fastft's head (`fastft.patch(trainer)`), fastft's fused causal-LM and distillation losses,
+TRL's DPO and GRPO losses on fastft's head (`fastft.patch(trainer)`), fastft's fused causal-LM loss (on a dense head,
+and on a 4-bit head: fastft's NF4 storage, its packed codes sharded by FSDP2), the distillation loss,
 and fastft::fused_linear_logprobs called directly train a LoRA on lm_head (or, for the op, the whole model): 5 SGD
 steps give the losses and trained weights of one process accumulating the same per-rank batches (fp32, 1e-5). With
 the head sharded on its own, each step also runs the loss under torch.no_grad (a reference / old-policy / eval pass):
@@ -29,7 +30,7 @@ from trl_fixtures import preference_dataset, text_dataset, tiny_llama, tokenizer
 
 WORLD, STEPS = 2, 5
 LAYOUTS = ("ddp", "fsdp2-root", "fsdp2-head")
-CASES = ("dpo-trainer", "grpo-trainer", "fused-loss", "distillation", "logprobs-op")
+CASES = ("dpo-trainer", "grpo-trainer", "fused-loss", "fused-loss-4bit-head", "distillation", "logprobs-op")
 COMMON = dict(output_dir="/tmp/fastft-fsdp2-test", report_to=[], use_cpu=True, per_device_train_batch_size=2,
               logging_steps=1, save_strategy="no", bf16=False, dataloader_num_workers=0)
 pytestmark = pytest.mark.slow
@@ -110,6 +111,13 @@ def model_for(case, distillation_teacher=None):
         return trainer.model, lambda model, inputs: compute(model, copy.copy(inputs))
     if case == "fused-loss":
         model = lora_model()
+        fastft.patch(model, fused_loss=True)
+        return model, lambda model, inputs: model(**inputs).loss
+    if case == "fused-loss-4bit-head":  # QLoRA with the head quantized too: fastft's NF4 storage, sharded by FSDP2
+        model = fastft.quantize_model(tiny_llama(0), blocksize=32, skip=())
+        assert isinstance(model.lm_head, fastft.nn.NF4Linear)
+        model = get_peft_model(model, fastft.lora_config_for_nf4(
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False)))
         fastft.patch(model, fused_loss=True)
         return model, lambda model, inputs: model(**inputs).loss
     if case == "distillation":
