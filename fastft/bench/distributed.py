@@ -59,7 +59,7 @@ def _model(base: str):
                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
                                               bnb_4bit_quant_storage=torch.float32)
             model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.float32)
-    return get_peft_model(model, lora)
+    return get_peft_model(model, lora).train()  # from_pretrained returns eval mode
 
 
 def _counting_all_gather():

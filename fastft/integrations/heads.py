@@ -95,7 +95,7 @@ def _applied_weight(head: nn.Module) -> tuple[Tensor, Tensor | None]:
         from fastft.integrations.bnb import nf4_state
 
         state = nf4_state(head)  # first: it may convert the weight back to bitsandbytes' standard layout
-        return nf4.dequantize(head.weight.data, state), head.bias
+        return nf4.dequantize(nf4.packed_bytes(head.weight.data), state), head.bias  # any quant_storage
     if isinstance(head, nn.Linear):
         return head.weight, head.bias
     raise TypeError(f"no known weight for an output head of type {type(head).__name__}")

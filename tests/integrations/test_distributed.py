@@ -31,6 +31,7 @@ PATHS = ("lora", "lora-fused-loss", "lora-checkpointed", "lora-checkpoint-wrappe
          "qlora-nf4-checkpoint-wrapper", "qlora-bnb", "qlora-bnb-checkpointed", "qlora-bnb-bf16-storage", "adapters",
          "adapters-checkpointed", "qat", "qat-checkpoint-wrapper", "distillation", "distillation-checkpointed",
          "lora-bf16-params", "qlora-nf4-bf16-params", "qlora-nf4-bf16-params-checkpoint-wrapper")
+FUSED_LOSS = ("lora-fused-loss", "qlora-nf4", "qlora-bnb", "qlora-bnb-bf16-storage")  # fastft.patch(fused_loss=True)
 SAVED = ("lora", "dora")  # paths whose FSDP2 checkpoint is loaded back in one process with plain peft
 # Activation checkpointing of every decoder layer, HF's ("-checkpointed": gradient_checkpointing_enable, as Trainer
 # calls it, after fastft.patch) or torch's ("-checkpoint-wrapper": checkpoint_wrapper, as FSDP2 recipes apply it,
@@ -75,7 +76,7 @@ def bitsandbytes_llama(storage=torch.float32):
                                           bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=storage)
         model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization, dtype=torch.float32)
     torch.manual_seed(0)
-    return bnb_standard_layout(model)
+    return bnb_standard_layout(model).train()  # from_pretrained returns eval mode; the fused loss is training's
 
 
 @functools.cache
@@ -279,6 +280,8 @@ def test_distributed_training_matches_one_process(distributed_run, path):
     for rank_results in results:
         result = rank_results[path]
         assert result["ops"].keys() == ops.keys() and ops, (result["ops"], ops)  # the same fused ops ran
+        if COUNTERPART.get(path, path) in FUSED_LOSS:  # the fused loss among them (models in training mode)
+            assert "fastft::fused_linear_nll" in ops, ops
         if path in CHECKPOINTED:  # and the decoder layers' ones ran again in backward (recomputed)
             without = rank_results[CHECKPOINTED[path]]["ops"]
             assert result["ops"].total() > without.total(), (result["ops"], without)

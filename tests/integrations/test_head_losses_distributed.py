@@ -2,7 +2,7 @@
 `fully_shard` per decoder layer and on the root, with the head in the root's group ("fsdp2-root") or sharded on its
 own ("fsdp2-head": its forward never runs, so only fastft's gather gives the loss the whole head, trl#3368's case).
 TRL's DPO and GRPO losses on fastft's head (`fastft.patch(trainer)`), fastft's fused causal-LM loss (on a dense head,
-and on a 4-bit head: fastft's NF4 storage, its packed codes sharded by FSDP2), the distillation loss,
+and on a 4-bit head: fastft's NF4 storage and bitsandbytes', their codes sharded by FSDP2), the distillation loss,
 and fastft::fused_linear_logprobs called directly train a LoRA on lm_head (or, for the op, the whole model): 5 SGD
 steps give the losses and trained weights of one process accumulating the same per-rank batches (fp32, 1e-5). With
 the head sharded on its own, each step also runs the loss under torch.no_grad (a reference / old-policy / eval pass):
@@ -11,6 +11,8 @@ again in that backward when something else (FSDP2, after a forward of the head i
 
 import copy
 import functools
+import os
+import tempfile
 
 import pytest
 import torch
@@ -19,18 +21,22 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 import fastft
 from fastft.integrations.trl import trl_head_options
 from fastft.losses import fused_linear_logprobs
+from conftest import bnb_standard_layout
 from test_distributed import decoder_layers, free_port, trained_weights
 from trl_fixtures import preference_dataset, text_dataset, tiny_llama, tokenizer
 
 WORLD, STEPS = 2, 5
 LAYOUTS = ("ddp", "fsdp2-root", "fsdp2-head")
-CASES = ("dpo-trainer", "grpo-trainer", "fused-loss", "fused-loss-4bit-head", "distillation", "logprobs-op")
+CASES = ("dpo-trainer", "grpo-trainer", "fused-loss", "fused-loss-4bit-head", "fused-loss-bnb-4bit-head", "distillation",
+         "logprobs-op")
 COMMON = dict(output_dir="/tmp/fastft-fsdp2-test", report_to=[], use_cpu=True, per_device_train_batch_size=2,
               logging_steps=1, save_strategy="no", bf16=False, dataloader_num_workers=0)
 pytestmark = pytest.mark.slow
@@ -94,6 +100,24 @@ def batch(case, rank):
     return {"input_ids": ids, "labels": labels}
 
 
+def bitsandbytes_with_4bit_head():
+    """tiny_llama(0) loaded by transformers + bitsandbytes in 4 bits, lm_head included (no skipped modules), the
+    codes held in fp32 (`bnb_4bit_quant_storage`) so that FSDP2 shards them; bitsandbytes' standard layout on every
+    CPU (conftest.bnb_standard_layout)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        # written by every rank (save_pretrained writes on rank 0 only once a process group exists)
+        dense = tiny_llama(0)
+        dense.config.save_pretrained(tmp)
+        save_file(dense.state_dict(), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32,
+                                          llm_int8_skip_modules=[])
+        model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization, dtype=torch.float32)
+    assert type(model.lm_head).__name__ == "Linear4bit"
+    torch.manual_seed(0)
+    return bnb_standard_layout(model).train()  # from_pretrained returns eval mode; the fused loss is training's
+
+
 @functools.cache
 def teacher():
     torch.manual_seed(1)
@@ -118,6 +142,11 @@ def model_for(case, distillation_teacher=None):
         assert isinstance(model.lm_head, fastft.nn.NF4Linear)
         model = get_peft_model(model, fastft.lora_config_for_nf4(
             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False)))
+        fastft.patch(model, fused_loss=True)
+        return model, lambda model, inputs: model(**inputs).loss
+    if case == "fused-loss-bnb-4bit-head":  # the same on bitsandbytes' storage (fp32 codes, as FSDP-QLoRA loads them)
+        model = get_peft_model(bitsandbytes_with_4bit_head(), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False))
         fastft.patch(model, fused_loss=True)
         return model, lambda model, inputs: model(**inputs).loss
     if case == "distillation":
