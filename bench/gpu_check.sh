@@ -7,7 +7,8 @@
 # that bench/gpu_wheels.sh saved in .whl/ are installed into a private folder first. Steps:
 # 1. the Triton tests (tests/ops -m triton_interpreter: reference vs Triton, every op, fp32 / fp16 / bf16) on CUDA
 #    tensors (FASTFT_TEST_DEVICE=cuda), autotuning on;
-# 2. the same kernels at the heuristic configurations (FASTFT_AUTOTUNE=0), the NF4 and LoRA tests only;
+# 2. the same kernels at the heuristic configurations (FASTFT_AUTOTUNE=0), the NF4 and LoRA tests only, then the
+#    kernels on tensors of more than 2^31 elements (tests/ops/test_large_offsets_cuda.py, ~40 GiB of GPU memory);
 # 3. the GPU benchmark suite (fastft/bench/gpu.py): time, TFLOP/s or GB/s against the measured peak, peak memory,
 #    against bitsandbytes / torchao / peft / Liger / plain torch; results under bench/results/gpu-<date>/ (JSON +
 #    Markdown), or under $OUT when it is set.
@@ -37,10 +38,13 @@ $PY -P -c 'import torch, triton, fastft; print("torch", torch.__version__, "cuda
 triton.__version__, "fastft", fastft.__file__)' | tee -a "$OUT_DIR/gpu.txt" || exit 1
 echo "== 1. the Triton tests on CUDA (autotuned)"
 FASTFT_TEST_DEVICE=cuda timeout 240 $PYTEST -q -p no:cacheprovider tests/ops -m triton_interpreter \
-  --junitxml="$OUT_DIR/tests-cuda.xml" 2>&1 | tee "$OUT_DIR/tests-cuda.txt" || status=1
-echo "== 2. NF4 / LoRA tests at the heuristic configurations"
+  --ignore=tests/ops/test_large_offsets_cuda.py --junitxml="$OUT_DIR/tests-cuda.xml" 2>&1 \
+  | tee "$OUT_DIR/tests-cuda.txt" || status=1
+echo "== 2. NF4 / LoRA tests at the heuristic configurations; tensors of more than 2^31 elements"
 FASTFT_TEST_DEVICE=cuda FASTFT_AUTOTUNE=0 timeout 90 $PYTEST -q -p no:cacheprovider tests/ops/test_nf4_triton.py \
   tests/ops/test_lora_triton.py 2>&1 | tee "$OUT_DIR/tests-heuristic.txt" || status=1
+FASTFT_TEST_DEVICE=cuda FASTFT_AUTOTUNE=0 timeout 120 $PYTEST -q -p no:cacheprovider \
+  tests/ops/test_large_offsets_cuda.py 2>&1 | tee "$OUT_DIR/tests-large-offsets.txt" || status=1
 echo "== 3. benchmarks on CUDA"
 timeout 150 $PY -P -m fastft.bench.gpu "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench.txt" || status=1
 echo "results in $OUT_DIR (exit $status)"
