@@ -239,7 +239,10 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
     entropy -sum p log p. Returns a tensor shaped like labels, or (entropy=True) the pair (logprob, entropy), or
     (details=True) a LogProbs. fp32 (fp64 for fp64 inputs); tokens
     labelled ignore_index get 0 and cost no matmul. Differentiable in hidden, weight and bias (and through the
-    entropy); under torch.no_grad nothing is kept for backward. labels are used as given: for a causal LM's next
+    entropy); under torch.no_grad nothing is kept for backward. With a frozen head (weight and bias without
+    gradient: LoRA, QLoRA, a reference model), the forward also takes each token's d logprob / d hidden (tokens x H,
+    in the log-probabilities' dtype), so that a loss on the log-probabilities backpropagates without a head GEMM
+    (two head GEMMs in all instead of three); a gradient through the entropy recomputes. labels are used as given: for a causal LM's next
     token, shift them first (labels[..., 1:] against hidden[..., :-1, :]). labels must lie in [0, V) or equal
     ignore_index."""
     _check_head(hidden, weight, labels, bias, ignore_index)
@@ -247,8 +250,11 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     rows = hidden.reshape(-1, hidden.shape[-1])
-    logprob, ent, top = logprob_ops.fused_linear_logprobs(rows, weight, bias, labels.reshape(-1).long(),
-                                                          int(ignore_index), entropy)
+    # a frozen head (no gradient for weight nor bias): the hidden states' gradient is taken in the forward pass
+    frozen_head = not weight.requires_grad and not (bias is not None and bias.requires_grad)
+    logprob, ent, top, _ = logprob_ops.fused_linear_logprobs(
+        rows, weight, bias, labels.reshape(-1).long(), int(ignore_index), entropy,
+        torch.is_grad_enabled() and rows.requires_grad and frozen_head)
     if details:
         return LogProbs(logprob.reshape(labels.shape), ent.reshape(labels.shape) if entropy else None,
                         top.reshape(labels.shape))
@@ -315,8 +321,8 @@ def fused_linear_policy_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor,
     flat_labels = labels.reshape(-1).long()
     wants = (rows.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     if not (torch.is_grad_enabled() and any(wants)):  # nothing to differentiate: the plain forward
-        logprob, ent, top = logprob_ops.fused_linear_logprobs(rows, weight, bias, flat_labels, int(ignore_index),
-                                                              entropy)
+        logprob, ent, top, _ = logprob_ops.fused_linear_logprobs(rows, weight, bias, flat_labels, int(ignore_index),
+                                                                 entropy)
     else:
         flat = {name: None if getattr(terms, name) is None else getattr(terms, name).detach().reshape(-1)
                 for name in _POLICY_TENSORS}

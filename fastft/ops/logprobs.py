@@ -9,11 +9,17 @@ logits tile is about _TILE_BYTES (one tile allocated per call and reused); per c
 d(logits) over the tile, which goes straight into grad_hidden (dz @ W) and, only when asked, grad_weight (dz^T h,
 fp32 accumulator) and grad_bias. A bf16/fp16 head is upcast one vocabulary tile at a time.
 
-- fastft::fused_linear_logprobs(hidden, weight, bias, labels, ignore_index, want_entropy) -> (logprob (N,),
-  entropy (N,) or (0,), top (N,): each row's largest log-probability, not differentiable; logprob >= top says the
-  label is a most likely token), fp32 (fp64 for fp64 inputs). Saved for backward: the inputs only (no per-token tensor);
-  backward (fastft::fused_linear_logprobs_backward) recomputes each chunk's logits. Under torch.no_grad, or when
-  no input requires grad (a reference or old-policy pass), nothing is saved.
+- fastft::fused_linear_logprobs(hidden, weight, bias, labels, ignore_index, want_entropy, hidden_grad_in_forward)
+  -> (logprob (N,), entropy (N,) or (0,), top (N,): each row's largest log-probability, not differentiable; logprob
+  >= top says the label is a most likely token; dlogprob_dhidden (N, H) or (0,)), fp32 (fp64 for fp64 inputs).
+  Saved for backward: the inputs; backward (fastft::fused_linear_logprobs_backward) recomputes each chunk's
+  logits. With hidden_grad_in_forward (for a frozen head: the caller sets it when only hidden will need a
+  gradient), the forward also takes each row's d logprob / d hidden = W[label] - softmax(z) @ W over the same
+  chunk's logits (one GEMM more in forward), and a backward whose loss reaches the log-probabilities only is the
+  chain rule row by row, grad_logprob[:, None] * dlogprob_dhidden: 2 head GEMMs in all instead of 3, for any loss
+  on the log-probabilities (DPO's, KTO's, GRPO's: the gradient of one row's log-probability depends on that row
+  only). A gradient through the entropy recomputes as without it. Under torch.no_grad, or when no input requires
+  grad (a reference or old-policy pass), nothing is saved.
 - fastft::fused_linear_nll(hidden, weight, bias, labels, ignore_index, denominator, want_*) -> (loss, grad_hidden,
   grad_weight, grad_bias): the same chunks reduced to sum(-logprob) / denominator (the causal-LM cross-entropy),
   with the gradients computed in the forward pass (one logits GEMM per chunk instead of two) and scaled by the
@@ -60,12 +66,13 @@ class _Pass(NamedTuple):
 
 
 def _run(hidden, weight, bias, labels, ignore_index, want_entropy, grad_logprob, grad_entropy, want_hidden,
-         want_weight, want_bias, token_grad=None) -> _Pass:
+         want_weight, want_bias, token_grad=None, hidden_grad_dtype=None) -> _Pass:
     """Chunked pass over the valid rows: (logprob, entropy or None, top) over all N rows and, when grad_logprob (N,) is
     given (with grad_entropy (N,) or None), the gradients asked for (grad_hidden over all N rows).
     token_grad (instead of grad_logprob): an object with select(index) -> token_grad of those rows, grad(logprob,
     r0, r1) -> d(loss)/d(logprob) of valid rows r0:r1 from their log-probabilities, and grad_entropy ((N,) or None):
-    the gradients are then taken in this same pass, each chunk's logits serving both directions."""
+    the gradients are then taken in this same pass, each chunk's logits serving both directions.
+    hidden_grad_dtype: grad_hidden's dtype (default: hidden's)."""
     dtype = _compute_dtype(hidden, weight)
     n, vocab = hidden.shape[0], weight.shape[0]
     index, rows, row_labels = _valid_rows(hidden, labels, ignore_index)
@@ -81,7 +88,7 @@ def _run(hidden, weight, bias, labels, ignore_index, want_entropy, grad_logprob,
     entropy = torch.empty(m, dtype=dtype, device=hidden.device) if want_entropy else None
     top = torch.empty(m, dtype=dtype, device=hidden.device)
     want_grad = grad_logprob is not None
-    grad_rows = torch.empty(m, hidden.shape[1], dtype=hidden.dtype, device=hidden.device) \
+    grad_rows = torch.empty(m, hidden.shape[1], dtype=hidden_grad_dtype or hidden.dtype, device=hidden.device) \
         if want_grad and want_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_grad and want_weight else None
     grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if want_grad and want_bias else None
@@ -128,19 +135,26 @@ def _check_labels(labels: Tensor, vocab: int, ignore_index: int) -> None:
 
 @torch.library.custom_op("fastft::fused_linear_logprobs", mutates_args=())
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
-                          want_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+                          want_entropy: bool, hidden_grad_in_forward: bool = False
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_labels(labels, weight.shape[0], ignore_index)
-    logprob, entropy, top, *_ = _run(hidden, weight, bias, labels, ignore_index, want_entropy, None, None, False,
-                                     False, False)
-    return logprob, _empty(logprob) if entropy is None else entropy, top
+    unit = None
+    if hidden_grad_in_forward:  # d logprob / d hidden of each row, over the same chunks' logits
+        unit = torch.ones(hidden.shape[0], dtype=_compute_dtype(hidden, weight), device=hidden.device)
+    logprob, entropy, top, dlogprob_dhidden, *_ = _run(hidden, weight, bias, labels, ignore_index, want_entropy, unit,
+                                                       None, hidden_grad_in_forward, False, False,
+                                                       hidden_grad_dtype=_compute_dtype(hidden, weight))
+    return (logprob, _empty(logprob) if entropy is None else entropy, top,
+            _empty(logprob) if dlogprob_dhidden is None else dlogprob_dhidden)
 
 
 @fused_linear_logprobs.register_fake
-def _(hidden, weight, bias, labels, ignore_index, want_entropy):
+def _(hidden, weight, bias, labels, ignore_index, want_entropy, hidden_grad_in_forward=False):
     dtype = _compute_dtype(hidden, weight)
     n = hidden.shape[0]
     return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n if want_entropy else 0, dtype=dtype),
-            hidden.new_empty(n, dtype=dtype))
+            hidden.new_empty(n, dtype=dtype), hidden.new_empty(hidden.shape if hidden_grad_in_forward else 0,
+                                                               dtype=dtype))
 
 
 @torch.library.custom_op("fastft::fused_linear_logprobs_backward", mutates_args=())
@@ -164,26 +178,30 @@ def _(grad_logprob, grad_entropy, hidden, weight, bias, labels, ignore_index, wa
 
 
 def _logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, _ = inputs
-    ctx.save_for_backward(hidden, weight, bias, labels)
+    hidden, weight, bias, labels, ignore_index, *_ = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[3])
     ctx.ignore_index = ignore_index
-    ctx.mark_non_differentiable(output[2])
+    ctx.mark_non_differentiable(output[2], output[3])
     ctx.set_materialize_grads(False)
 
 
-def _logprobs_backward(ctx, grad_logprob, grad_entropy, _):
-    hidden, weight, bias, labels = ctx.saved_tensors
+def _logprobs_backward(ctx, grad_logprob, grad_entropy, _top, _dlogprob_dhidden):
+    hidden, weight, bias, labels, dlogprob_dhidden = ctx.saved_tensors
     wants = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
     if grad_logprob is None and grad_entropy is None:
-        return None, None, None, None, None, None
-    if grad_logprob is None:
-        grad_logprob = torch.zeros(hidden.shape[0], dtype=grad_entropy.dtype, device=hidden.device)
+        return (None,) * 7
     if grad_entropy is not None and not grad_entropy.numel():
         grad_entropy = None
+    if dlogprob_dhidden.numel() and grad_entropy is None and not (wants[1] or wants[2]):
+        # the forward took d logprob / d hidden: the chain rule row by row, no GEMM
+        grad_hidden = (grad_logprob.to(dlogprob_dhidden.dtype)[:, None] * dlogprob_dhidden).to(hidden.dtype)
+        return (grad_hidden if wants[0] else None,) + (None,) * 6
+    if grad_logprob is None:
+        grad_logprob = torch.zeros(hidden.shape[0], dtype=grad_entropy.dtype, device=hidden.device)
     grads = fused_linear_logprobs_backward(grad_logprob, grad_entropy, hidden, weight, bias, labels,
                                            ctx.ignore_index, *wants)
     grad_hidden, grad_weight, grad_bias = (g if want else None for g, want in zip(grads, wants))
-    return grad_hidden, grad_weight, grad_bias, None, None, None
+    return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 fused_linear_logprobs.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)

@@ -53,6 +53,39 @@ def test_values_and_gradients_match_reference(backend, dtype, bias):
     assert (ours[0][labels == -100] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("bias", (True, False))
+def test_frozen_head_takes_the_hidden_gradient_in_forward(backend, dtype, bias, monkeypatch):
+    """A frozen head (weight and bias without gradient): the forward also takes d logprob / d hidden, so a loss on
+    the log-probabilities backpropagates without another head GEMM (the backward op never runs); a loss through the
+    entropy recomputes as with a trainable head. Values and gradients are the reference's either way."""
+    h, w, b, labels = make(dtype, bias=bias)
+    w.requires_grad_(False)
+    if b is not None:
+        b.requires_grad_(False)
+    recomputes = []
+    backward_op = ops.fused_linear_logprobs_backward
+    monkeypatch.setattr(ops, "fused_linear_logprobs_backward", lambda *a: recomputes.append(1) or backward_op(*a))
+    elp, eent, leaves64 = reference(h, w, b, labels)
+    g = torch.Generator().manual_seed(1)
+    glp, gent = torch.randn(labels.shape, generator=g), torch.randn(labels.shape, generator=g)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 1e-2)
+    for through_entropy in (False, True):
+        lp, ent = fused_linear_logprobs(h, w, labels, bias=b, entropy=True)
+        assert rel_error(lp, elp) < max(tol, 1e-5) and rel_error(ent, eent) < max(tol, 1e-5)
+        loss, expected_loss = (lp * glp.to(lp.dtype)).sum(), (elp * glp.double()).sum()
+        if through_entropy:
+            loss, expected_loss = loss + (ent * gent.to(ent.dtype)).sum(), expected_loss + (eent * gent.double()).sum()
+        (grad,) = torch.autograd.grad(loss, [h])
+        (expected,) = torch.autograd.grad(expected_loss, [leaves64[0]], retain_graph=True)
+        assert grad.dtype == dtype and rel_error(grad, expected) < tol
+        assert (grad[labels == -100] == 0).all()
+        assert recomputes == ([1] if through_entropy else [])
+    with torch.no_grad():  # nothing to differentiate: no d logprob / d hidden taken
+        assert not ops.fused_linear_logprobs(h.reshape(-1, h.shape[-1]), w, b, labels.reshape(-1), -100, False,
+                                             False)[3].numel()
+
+
 @pytest.mark.parametrize("vocab", (1, 17, 1001))
 def test_row_kernel_matches_reference(backend, vocab):
     """The native row step (AVX-512 / AVX2 / scalar as the CPU allows) on a tile with large offsets, ragged V."""
@@ -134,10 +167,14 @@ def test_gradcheck_and_opcheck():
     fn = lambda x, y, z: fused_linear_logprobs(x, y, labels, bias=z, entropy=True)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (h, w, b))
     assert torch.autograd.gradcheck(lambda x, y: fused_linear_logprobs(x, y, labels), (h, w))
+    frozen = w.detach(), b.detach()  # the hidden gradient taken in forward
+    assert torch.autograd.gradcheck(lambda x: fused_linear_logprobs(x, *frozen[:1], labels, bias=frozen[1]), (h,))
     flat = labels.reshape(-1)
     with use_backend("native"):
-        torch.library.opcheck(torch.ops.fastft.fused_linear_logprobs.default, (h.float(), w.float(), b.float(), flat,
-                                                                               -100, True))
+        for hidden_grad_in_forward in (False, True):
+            torch.library.opcheck(torch.ops.fastft.fused_linear_logprobs.default,
+                                  (h.float(), w.float().detach(), b.float().detach(), flat, -100, True,
+                                   hidden_grad_in_forward))
         torch.library.opcheck(torch.ops.fastft.fused_linear_nll.default,
                               (h, w, b, flat, -100, torch.tensor(4.0, dtype=torch.float64), True, True, True))
 

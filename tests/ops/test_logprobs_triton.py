@@ -34,9 +34,13 @@ def test_kernel_matches_reference(vocab):
         ours = torch.autograd.grad((out.logprob * glp).sum() + (out.entropy * gent).sum(), [h, w, b])
         loss = fused_linear_cross_entropy(h, w, labels, bias=b)
         ours_ce = torch.autograd.grad(loss, [h, w, b])
+        frozen = fused_linear_logprobs(h, w.detach(), labels, bias=b.detach())  # hidden gradient taken in forward
+        (ours_frozen,) = torch.autograd.grad((frozen * glp).sum(), [h])
     leaves = [t.detach().double().requires_grad_() for t in (h, w, b)]
     lp, ent, top = fused_linear_logprobs_ref(*leaves[:2], leaves[2], labels)
     theirs = torch.autograd.grad((lp * glp.double()).sum() + (ent * gent.double()).sum(), leaves, retain_graph=True)
+    (expected_frozen,) = torch.autograd.grad((lp * glp.double()).sum(), leaves[:1], retain_graph=True)
+    assert rel_error(ours_frozen, expected_frozen) < 1e-5
     assert rel_error(out.logprob, lp) < 1e-5 and rel_error(out.entropy, ent) < 1e-5 and rel_error(out.top, top) < 1e-5
     for a, e in zip(ours, theirs):
         assert rel_error(a, e) < 1e-5
