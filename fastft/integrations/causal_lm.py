@@ -2,15 +2,18 @@
 states by `fastft.losses.fused_linear_cross_entropy`, so the (tokens, vocab) fp32 logits, their log-softmax and
 their gradient (three tensors of tokens x vocab x 4 bytes each in transformers' loss) never exist.
 
-The class of the causal-LM instance is swapped for a subclass (per instance, reversible). In training, when labels
-are given, its forward runs the decoder under lm_head (`model.base_model`) and the fused loss on its last hidden
-states, and returns `logits=None` (as Liger-Kernel's fused cross-entropy does); in eval mode, without labels, or with
-arguments it does not handle, it is transformers' own forward. Only model types whose logits are exactly
+The class of the causal-LM instance is swapped for a subclass (per instance, reversible). When labels are given and
+a backward may follow (training mode, or gradients enabled: an eval-mode Fisher estimate, a training loop that never
+called model.train() on a model from from_pretrained, which returns eval mode), its forward runs the decoder under
+lm_head (`model.base_model`) and the fused loss on its last hidden states, and returns `logits=None` (as
+Liger-Kernel's fused cross-entropy does in training); in eval mode under torch.no_grad (evaluation: transformers'
+loss and the logits), without labels, or with arguments it does not handle, it is transformers' own forward. Only model types whose logits are exactly
 `lm_head(last hidden state)` are patched (no logit scaling or soft-capping).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -24,8 +27,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 def _fused_loss_forward(self, *args, labels=None, **kwargs):
     original = original_class(self)
-    if (labels is None or not self.training or args or kwargs.get("return_dict") is False
-            or kwargs.get("logits_to_keep", 0) != 0):
+    if (labels is None or not (self.training or torch.is_grad_enabled()) or args
+            or kwargs.get("return_dict") is False or kwargs.get("logits_to_keep", 0) != 0):
         return original.forward(self, *args, labels=labels, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 

@@ -209,9 +209,18 @@ def test_lora_model_training_and_what_the_outputs_hold():
     assert patched(input_ids=ids).logits.shape == (2, 16, VOCAB)  # no labels: transformers' forward
     patched.eval()
     reference_model.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # evaluation: transformers' forward, logits included
         evaluated, expected = patched(input_ids=ids, labels=ids), reference_model(input_ids=ids, labels=ids)
     assert evaluated.logits.shape == (2, 16, VOCAB) and torch.allclose(evaluated.loss, expected.loss, rtol=1e-5)
+    # eval mode with gradients (a Fisher estimate, a loop that never called train()): the fused loss, same gradients
+    fused = patched(input_ids=ids, labels=ids)
+    assert fused.logits is None and torch.allclose(fused.loss, expected.loss, rtol=1e-5)
+    fused.loss.backward()
+    reference_model(input_ids=ids, labels=ids).loss.backward()
+    theirs = dict(reference_model.named_parameters())
+    for name, param in patched.named_parameters():
+        if param.requires_grad:
+            assert rel_error(param.grad, theirs[name].grad) < 1e-5, name
     assert fastft.unpatch(patched) == 15
     assert type(patched.base_model.model) is LlamaForCausalLM
 
