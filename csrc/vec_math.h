@@ -9,7 +9,9 @@
 
 namespace fastft {
 #ifdef FASTFT_X86
+// exp(x), ~1e-7 relative; exactly 0 below -87.3 (exp(-inf) = 0, as libm: 0 * log 0 stays NaN, as in torch).
 FASTFT_AVX2 inline __m256 exp8(__m256 x) {
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -24,7 +26,7 @@ FASTFT_AVX2 inline __m256 exp8(__m256 x) {
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(pow2)));
 }
 
 FASTFT_AVX2 inline double hsum_pd(__m256d v) {
@@ -44,7 +46,9 @@ FASTFT_AVX2 inline float hmax(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
+// exp8's 16-lane version.
 FASTFT_AVX512 inline __m512 exp16(__m512 x) {
+  const __mmask16 finite_range = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_NLT_UQ);  // not below (or NaN)
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -58,7 +62,7 @@ FASTFT_AVX512 inline __m512 exp16(__m512 x) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2));
+  return _mm512_maskz_mul_ps(finite_range, y, _mm512_castsi512_ps(pow2));
 }
 
 FASTFT_AVX512 inline __m512d add16_pd(__m512d acc, __m512 v) {

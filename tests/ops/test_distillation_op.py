@@ -79,6 +79,29 @@ def test_native_row_kernel_matches_the_torch_path(beta, temperature):
         assert rel_error(ours, theirs) < 1e-5
 
 
+@pytest.mark.parametrize("beta", (0.0, 0.5, 1.0))
+def test_minus_infinity_student_logits_as_the_reference(beta):
+    """A student logit of -inf (a vocabulary entry masked in the head): its probability is exactly 0 on every CPU
+    path (the vector exp flushes underflow to 0), so the loss is what the reference's torch formulas give: +inf for
+    KL(teacher || student) (beta 0), NaN where the student's terms hold 0 * log 0 (the mixture, the reverse KL);
+    the vocabulary long enough for whole and partial vector tiles."""
+    from fastft.ops import use_backend
+
+    sh, sw, th, tw, labels, _, _ = inputs(torch.float32, tokens=(5,), vocab=37)
+    sw = sw.detach().clone()
+    sw[3], sw[20] = -float("inf"), -float("inf")  # with positive hidden values: -inf logits in rows whose h > 0
+    sh = sh.detach().abs() + 0.1
+    results = {}
+    for name in ("native", "reference"):
+        with use_backend(name):
+            results[name] = fused_linear_distillation(sh, sw, th, tw, labels, beta=beta, temperature=2.0, alpha=1.0,
+                                                      reduction="none")
+    ours, theirs = results["native"], results["reference"]
+    assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
+    finite = theirs.isfinite()
+    assert rel_error(ours[finite], theirs[finite]) < 1e-5
+
+
 def test_beta_endpoints_are_exact_kl_directions():
     s, t = torch.randn(5, 11, dtype=torch.float64), torch.randn(5, 11, dtype=torch.float64)
     p, q = t.softmax(-1), s.softmax(-1)
