@@ -35,6 +35,10 @@ from fastft.bench.harness import Machine, Row, compare_ms, peak_rss_above_now_mi
 H, V = 2048, 32000
 SHAPES = {"dpo": (4, 1024), "grpo": (8, 512), "kto": (4, 1024), "orpo": (4, 1024)}  # (sequences, tokens)
 IMPLS = ("fastft", "trl", "liger")
+# The floor of DPO without a (tokens, V) tensor: its head GEMMs alone, each at full size (one product of all tokens:
+# no chunking is faster), 5 of them (the reference's forward; the policy's forward, its recompute in backward, d
+# hidden, d W) against TRL's 4 (the same without the recompute: TRL keeps the logits).
+FLOOR = "gemm-floor"
 BETA = {"dpo": 0.1, "grpo": 0.04, "kto": 0.1, "orpo": 0.1}
 
 
@@ -124,13 +128,29 @@ def loss_fn(kind: str, impl: str, inputs):
     return run
 
 
+def _gemm_floor(inputs):
+    """A callable running DPO's head GEMMs alone (FLOOR), returning a 0-d tensor with nothing to backpropagate."""
+    hidden, weight, _, ref_hidden, ref_weight, _ = inputs
+    h, ref_h, w, ref_w = (t.detach().reshape(-1, H) if t.dim() == 3 else t.detach()
+                          for t in (hidden, ref_hidden, weight, ref_weight))
+
+    def run():
+        ref_h @ ref_w.t()  # the reference's forward
+        h @ w.t()  # the policy's forward
+        z = h @ w.t()  # recomputed in backward: stands for d(logits)
+        z @ w  # d hidden
+        z.t() @ h  # d weight
+        return torch.zeros((), requires_grad=True)
+    return run
+
+
 def _measure(kind: str, impl: str, repeats: int) -> dict:
     """Best time (ms) and largest peak RSS above the inputs (MiB) over `repeats` fwd+bwd calls (the first one
     included: at these sizes one call takes tens of seconds on a 2-core CPU)."""
     import time
 
     inputs = _inputs(kind)
-    fn = loss_fn(kind, impl, inputs)
+    fn = _gemm_floor(inputs) if impl == FLOOR else loss_fn(kind, impl, inputs)
     times, peaks = [], []
 
     def step():
@@ -160,10 +180,14 @@ def run_losses(machine: Machine, repeats: int = 2, progress=print, kinds=tuple(S
         b, t = SHAPES[kind]
         progress(f"{kind} loss fwd+bwd, {b} x {t} tokens, H={H}, V={V} (one process per implementation)")
         results = {}
-        for impl in IMPLS:
+        for impl in IMPLS + ((FLOOR,) if kind == "dpo" else ()):
             results[impl] = measure(kind, impl, repeats)
             progress(f"  -> {impl}: {results[impl]}")
         ours = results["fastft"]
+        if kind == "dpo":  # peer / floor: the most any implementation keeping no logits can gain over TRL here
+            rows.append(Row(f"{kind} head GEMMs alone, 5 at full size (the floor without logits)",
+                            results[FLOOR]["ms"], "TRL logits path", results["trl"]["ms"],
+                            machine.gemm_ms(5 * 2 * b * t * H * V)))
         for peer in ("trl", "liger"):
             mem_target, time_target = targets.get((kind, peer), (None, None))
             name = "TRL logits path" if peer == "trl" else "Liger fused (eager)"
@@ -205,7 +229,7 @@ def run_ignored_rows(machine: Machine, repeats: int = 3, tokens: int = 2048, lab
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kind", choices=tuple(SHAPES), required=True)
-    parser.add_argument("--impl", choices=IMPLS, required=True)
+    parser.add_argument("--impl", choices=IMPLS + (FLOOR,), required=True)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     print(json.dumps(_measure(args.kind, args.impl, args.repeats)))

@@ -38,8 +38,12 @@ from torch import Tensor
 from fastft.ops.distillation import _compute_dtype, _logits, _times_weight, check_values, chunk_rows
 from fastft.ops.routing import dispatch
 
-# Chunks of 256 rows at V = 32000 (see fastft/ops/distillation.py for the chunk-size measurements).
+# Chunks of 256 rows at V = 32000 (see fastft/ops/distillation.py for the chunk-size measurements). A recomputing
+# backward that accumulates the head's gradient takes 4x taller chunks: each chunk's d W += dz^T h reads and writes
+# the whole (V, H) fp32 accumulator for a reduction only a chunk deep; DPO's loss on 4 x 1024 tokens (H = 2048,
+# V = 32000, fp32) took 19.0 s instead of 22.5 s with them, for 112 MiB more at peak (fastft/bench/preference.py).
 _TILE_BYTES = 32 << 20
+_WEIGHT_GRAD_TILE_BYTES = 128 << 20
 
 
 def _empty(like: Tensor) -> Tensor:  # a distinct tensor each: op outputs may not alias one another
@@ -66,13 +70,14 @@ class _Pass(NamedTuple):
 
 
 def _run(hidden, weight, bias, labels, ignore_index, want_entropy, grad_logprob, grad_entropy, want_hidden,
-         want_weight, want_bias, token_grad=None, hidden_grad_dtype=None) -> _Pass:
+         want_weight, want_bias, token_grad=None, hidden_grad_dtype=None, tile_bytes=None) -> _Pass:
     """Chunked pass over the valid rows: (logprob, entropy or None, top) over all N rows and, when grad_logprob (N,) is
     given (with grad_entropy (N,) or None), the gradients asked for (grad_hidden over all N rows).
     token_grad (instead of grad_logprob): an object with select(index) -> token_grad of those rows, grad(logprob,
     r0, r1) -> d(loss)/d(logprob) of valid rows r0:r1 from their log-probabilities, and grad_entropy ((N,) or None):
     the gradients are then taken in this same pass, each chunk's logits serving both directions.
-    hidden_grad_dtype: grad_hidden's dtype (default: hidden's)."""
+    hidden_grad_dtype: grad_hidden's dtype (default: hidden's); tile_bytes: the logits tile's size (default
+    _TILE_BYTES)."""
     dtype = _compute_dtype(hidden, weight)
     n, vocab = hidden.shape[0], weight.shape[0]
     index, rows, row_labels = _valid_rows(hidden, labels, ignore_index)
@@ -92,7 +97,7 @@ def _run(hidden, weight, bias, labels, ignore_index, want_entropy, grad_logprob,
         if want_grad and want_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_grad and want_weight else None
     grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if want_grad and want_bias else None
-    step = max(1, min(m, chunk_rows(vocab, _TILE_BYTES, torch.finfo(dtype).bits // 8)))
+    step = max(1, min(m, chunk_rows(vocab, tile_bytes or _TILE_BYTES, torch.finfo(dtype).bits // 8)))
     tile = torch.empty(step if m else 0, vocab, dtype=dtype, device=hidden.device)
     for r0 in range(0, m, step):
         r1 = min(r0 + step, m)
@@ -162,9 +167,9 @@ def fused_linear_logprobs_backward(grad_logprob: Tensor, grad_entropy: Optional[
                                    weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
                                    want_hidden: bool, want_weight: bool, want_bias: bool
                                    ) -> tuple[Tensor, Tensor, Tensor]:
-    _, _, _, grad_hidden, grad_weight, grad_bias, _ = _run(hidden, weight, bias, labels, ignore_index, False,
-                                                           grad_logprob, grad_entropy, want_hidden, want_weight,
-                                                           want_bias)
+    _, _, _, grad_hidden, grad_weight, grad_bias, _ = _run(
+        hidden, weight, bias, labels, ignore_index, False, grad_logprob, grad_entropy, want_hidden, want_weight,
+        want_bias, tile_bytes=_WEIGHT_GRAD_TILE_BYTES if want_weight else None)
     return (_empty(hidden) if grad_hidden is None else grad_hidden,
             _empty(weight) if grad_weight is None else grad_weight.to(weight.dtype),
             _empty(hidden) if grad_bias is None else grad_bias.to(bias.dtype))

@@ -109,12 +109,14 @@ def test_many_chunks_and_ignored_rows_skip_the_head(monkeypatch):
     logits = ops._logits
     monkeypatch.setattr(ops, "_logits", lambda h, *a: rows_seen.append(h.shape[0]) or logits(h, *a))
     monkeypatch.setattr(ops, "_TILE_BYTES", 10 * 1001 * 4)  # 10-row chunks
+    monkeypatch.setattr(ops, "_WEIGHT_GRAD_TILE_BYTES", 15 * 1001 * 4)  # 15-row chunks in a backward taking d W
     h, w, b, labels = make(torch.float32, ignored=100)
     lp = fused_linear_logprobs(h, w, labels, bias=b)
     valid = int((labels != -100).sum())
     assert sum(rows_seen) == valid and max(rows_seen) == 10
+    rows_seen.clear()
     lp.sum().backward()
-    assert sum(rows_seen) == 2 * valid
+    assert sum(rows_seen) == valid and max(rows_seen) == 15
     elp, _, leaves64 = reference(h, w, b, labels)
     elp.sum().backward()
     assert rel_error(lp, elp) < 1e-5 and rel_error(h.grad, leaves64[0].grad) < 1e-5
