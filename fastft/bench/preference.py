@@ -28,7 +28,6 @@ import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from fastft.bench.harness import Machine, Row, compare_ms, peak_rss_above_now_mib
 
