@@ -130,8 +130,8 @@ def loss_fn(kind: str, impl: str, inputs):
 def _gemm_floor(inputs):
     """A callable running DPO's head GEMMs alone (FLOOR), returning a 0-d tensor with nothing to backpropagate."""
     hidden, weight, _, ref_hidden, ref_weight, _ = inputs
-    h, ref_h, w, ref_w = (t.detach().reshape(-1, H) if t.dim() == 3 else t.detach()
-                          for t in (hidden, ref_hidden, weight, ref_weight))
+    h, ref_h = hidden.detach().reshape(-1, H), ref_hidden.reshape(-1, H)
+    w, ref_w = weight.detach(), ref_weight
 
     def run():
         ref_h @ ref_w.t()  # the reference's forward

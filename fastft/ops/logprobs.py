@@ -143,12 +143,12 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
                           want_entropy: bool, hidden_grad_in_forward: bool = False
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_labels(labels, weight.shape[0], ignore_index)
-    unit = None
-    if hidden_grad_in_forward:  # d logprob / d hidden of each row, over the same chunks' logits
-        unit = torch.ones(hidden.shape[0], dtype=_compute_dtype(hidden, weight), device=hidden.device)
+    dtype = _compute_dtype(hidden, weight)
+    # with hidden_grad_in_forward: d logprob / d hidden of each row (a unit incoming gradient), same chunks' logits
+    unit = torch.ones(hidden.shape[0], dtype=dtype, device=hidden.device) if hidden_grad_in_forward else None
     logprob, entropy, top, dlogprob_dhidden, *_ = _run(hidden, weight, bias, labels, ignore_index, want_entropy, unit,
                                                        None, hidden_grad_in_forward, False, False,
-                                                       hidden_grad_dtype=_compute_dtype(hidden, weight))
+                                                       hidden_grad_dtype=dtype)
     return (logprob, _empty(logprob) if entropy is None else entropy, top,
             _empty(logprob) if dlogprob_dhidden is None else dlogprob_dhidden)
 

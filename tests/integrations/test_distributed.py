@@ -61,19 +61,22 @@ def small_llama(intermediate_size=96):
                                         max_position_embeddings=64))
 
 
-def bitsandbytes_llama(storage=torch.float32):
-    """small_llama loaded in 4 bits by transformers + bitsandbytes as FSDP-QLoRA recipes load it: the 4-bit codes
-    held in a float dtype (`bnb_4bit_quant_storage`: the model's, or bf16 as most recipes), so that FSDP shards them
-    with the other parameters."""
+def bitsandbytes_llama(storage=torch.float32, dense=None, skip_modules=None):
+    """`dense` (default: small_llama with K multiples of 64, see test_qlora_patch.py) loaded in 4 bits by
+    transformers + bitsandbytes as FSDP-QLoRA recipes load it: the 4-bit codes held in a float dtype
+    (`bnb_4bit_quant_storage`: the model's, or bf16 as most recipes), so that FSDP shards them with the other
+    parameters. skip_modules: bitsandbytes' llm_int8_skip_modules (None: transformers' default, lm_head kept
+    dense; [] quantizes lm_head too)."""
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
         # written by every rank (save_pretrained writes on rank 0 only once a process group exists)
-        dense = small_llama(intermediate_size=128)  # K multiples of 64: see test_qlora_patch.py
+        dense = small_llama(intermediate_size=128) if dense is None else dense
         dense.config.save_pretrained(tmp)
         save_file(dense.state_dict(), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=storage)
+                                          bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=storage,
+                                          llm_int8_skip_modules=skip_modules)
         model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization, dtype=torch.float32)
     torch.manual_seed(0)
     return bnb_standard_layout(model).train()  # from_pretrained returns eval mode; the fused loss is training's

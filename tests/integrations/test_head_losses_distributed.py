@@ -11,8 +11,6 @@ again in that backward when something else (FSDP2, after a forward of the head i
 
 import copy
 import functools
-import os
-import tempfile
 
 import pytest
 import torch
@@ -21,16 +19,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 import fastft
 from fastft.integrations.trl import trl_head_options
 from fastft.losses import fused_linear_logprobs
-from conftest import bnb_standard_layout
-from test_distributed import decoder_layers, free_port, trained_weights
+from test_distributed import bitsandbytes_llama, decoder_layers, free_port, trained_weights
 from trl_fixtures import preference_dataset, text_dataset, tiny_llama, tokenizer
 
 WORLD, STEPS = 2, 5
@@ -100,24 +95,6 @@ def batch(case, rank):
     return {"input_ids": ids, "labels": labels}
 
 
-def bitsandbytes_with_4bit_head():
-    """tiny_llama(0) loaded by transformers + bitsandbytes in 4 bits, lm_head included (no skipped modules), the
-    codes held in fp32 (`bnb_4bit_quant_storage`) so that FSDP2 shards them; bitsandbytes' standard layout on every
-    CPU (conftest.bnb_standard_layout)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        # written by every rank (save_pretrained writes on rank 0 only once a process group exists)
-        dense = tiny_llama(0)
-        dense.config.save_pretrained(tmp)
-        save_file(dense.state_dict(), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32,
-                                          llm_int8_skip_modules=[])
-        model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization, dtype=torch.float32)
-    assert type(model.lm_head).__name__ == "Linear4bit"
-    torch.manual_seed(0)
-    return bnb_standard_layout(model).train()  # from_pretrained returns eval mode; the fused loss is training's
-
-
 @functools.cache
 def teacher():
     torch.manual_seed(1)
@@ -145,7 +122,9 @@ def model_for(case, distillation_teacher=None):
         fastft.patch(model, fused_loss=True)
         return model, lambda model, inputs: model(**inputs).loss
     if case == "fused-loss-bnb-4bit-head":  # the same on bitsandbytes' storage (fp32 codes, as FSDP-QLoRA loads them)
-        model = get_peft_model(bitsandbytes_with_4bit_head(), LoraConfig(
+        model = bitsandbytes_llama(dense=tiny_llama(0), skip_modules=[])  # lm_head quantized too
+        assert type(model.lm_head).__name__ == "Linear4bit"
+        model = get_peft_model(model, LoraConfig(
             r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False))
         fastft.patch(model, fused_loss=True)
         return model, lambda model, inputs: model(**inputs).loss

@@ -119,16 +119,22 @@ def test_delta_off_policy_mask_and_sampler_ratios_match_trl(setup, loss_type):
         trainer.use_vllm = False
 
 
-def test_from_hidden_matches_logits_path_fp64():
-    """grpo_loss_from_hidden (fused op, temperature, entropies) vs log_softmax of the logits, values and
-    gradients in fp64."""
+def fp64_head_inputs(b, t, h=8, v=33):
+    """(generator for further draws, hidden (b, t, h), head (v, h), ids (b, t), mask with row 2 cut at 3), fp64."""
     g = torch.Generator().manual_seed(0)
-    b, t, h, v = 3, 5, 8, 33
     hidden = torch.randn(b, t, h, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(0, v, (b, t), generator=g)
     mask = torch.ones(b, t)
     mask[2, 3:] = 0
+    return g, hidden, weight, ids, mask
+
+
+def test_from_hidden_matches_logits_path_fp64():
+    """grpo_loss_from_hidden (fused op, temperature, entropies) vs log_softmax of the logits, values and
+    gradients in fp64."""
+    b, t = 3, 5
+    g, hidden, weight, ids, mask = fp64_head_inputs(b, t)
     advantages = torch.randn(b, generator=g, dtype=torch.float64)
     ref = torch.randn(b, t, generator=g, dtype=torch.float64) - 3
     config = GRPOLossConfig(loss_type="dapo", beta=0.1, entropy_coef=0.05, top_entropy_quantile=0.6)
@@ -150,13 +156,8 @@ def test_token_local_losses_take_gradients_in_forward(loss_type):
     """grpo_loss_from_hidden on a token-local config (fastft.losses.fused_linear_policy_logprobs: no recompute, no
     warning) vs grpo_loss on the logits path: loss and gradients in fp64, off-policy ratios, delta, KL, entropy
     bonus, per-token sampler ratios, accumulation."""
-    g = torch.Generator().manual_seed(0)
-    b, t, h, v = 3, 6, 8, 33
-    hidden = torch.randn(b, t, h, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
-    ids = torch.randint(0, v, (b, t), generator=g)
-    mask = torch.ones(b, t)
-    mask[2, 3:] = 0
+    b, t = 3, 6
+    g, hidden, weight, ids, mask = fp64_head_inputs(b, t)
     logp = torch.log_softmax(hidden @ weight.t() / 0.7, -1)
     token_logps = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask
     noise = lambda: torch.randn(b, t, generator=g, dtype=torch.float64)  # noqa: E731
