@@ -242,9 +242,9 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
     entropy); under torch.no_grad nothing is kept for backward. With a frozen head (weight and bias without
     gradient: LoRA, QLoRA, a reference model), the forward also takes each token's d logprob / d hidden (tokens x H,
     in the log-probabilities' dtype), so that a loss on the log-probabilities backpropagates without a head GEMM
-    (two head GEMMs in all instead of three); a gradient through the entropy recomputes. labels are used as given: for a causal LM's next
-    token, shift them first (labels[..., 1:] against hidden[..., :-1, :]). labels must lie in [0, V) or equal
-    ignore_index."""
+    (two head GEMMs in all instead of three); a gradient through the entropy recomputes. labels are used as given:
+    for a causal LM's next token, shift them first (labels[..., 1:] against hidden[..., :-1, :]). labels must lie
+    in [0, V) or equal ignore_index."""
     _check_head(hidden, weight, labels, bias, ignore_index)
     for name, value in (("entropy", entropy), ("details", details)):
         if not isinstance(value, bool):

@@ -7,8 +7,8 @@ a backward may follow (training mode, or gradients enabled: an eval-mode Fisher 
 called model.train() on a model from from_pretrained, which returns eval mode), its forward runs the decoder under
 lm_head (`model.base_model`) and the fused loss on its last hidden states, and returns `logits=None` (as
 Liger-Kernel's fused cross-entropy does in training); in eval mode under torch.no_grad (evaluation: transformers'
-loss and the logits), without labels, or with arguments it does not handle, it is transformers' own forward. Only model types whose logits are exactly
-`lm_head(last hidden state)` are patched (no logit scaling or soft-capping).
+loss and the logits), without labels, or with arguments it does not handle, it is transformers' own forward. Only
+model types whose logits are exactly `lm_head(last hidden state)` are patched (no logit scaling or soft-capping).
 """
 
 from __future__ import annotations
