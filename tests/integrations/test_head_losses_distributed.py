@@ -30,8 +30,8 @@ from trl_fixtures import preference_dataset, text_dataset, tiny_llama, tokenizer
 
 WORLD, STEPS = 2, 5
 LAYOUTS = ("ddp", "fsdp2-root", "fsdp2-head")
-CASES = ("dpo-trainer", "grpo-trainer", "fused-loss", "fused-loss-4bit-head", "fused-loss-bnb-4bit-head", "distillation",
-         "logprobs-op")
+CASES = ("dpo-trainer", "grpo-trainer", "fused-loss", "fused-loss-4bit-head", "fused-loss-bnb-4bit-head",
+         "distillation", "logprobs-op")
 COMMON = dict(output_dir="/tmp/fastft-fsdp2-test", report_to=[], use_cpu=True, per_device_train_batch_size=2,
               logging_steps=1, save_strategy="no", bf16=False, dataloader_num_workers=0)
 pytestmark = pytest.mark.slow
